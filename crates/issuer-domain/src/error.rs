@@ -1,0 +1,150 @@
+//! One error type for the whole domain. `ErrorCode` is the stable, documented vocabulary:
+//! the REST adapter maps it once to an HTTP status and the gRPC adapter once to a `tonic::Code`,
+//! both with exhaustive matches.
+
+use std::fmt;
+
+/// A stable error code, rendered as the `code` member of problem+json bodies and as the
+/// `ErrorInfo.reason` of gRPC errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request is malformed or fails validation; see the field violations.
+    InvalidRequest,
+    /// No valid access token: missing, expired, badly signed, wrong issuer or audience.
+    InvalidToken,
+    /// The token is valid but lacks the scope the operation needs.
+    InsufficientScope,
+    /// The resource does not exist for this tenant.
+    NotFound,
+    /// The idempotency key was used before with a different request.
+    IdempotencyKeyReused,
+    /// A resource with this identity already exists.
+    AlreadyExists,
+    /// A dependency (database) is unreachable; retry later.
+    Unavailable,
+    /// A bug or an unexpected failure; details are in the server log only.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::InsufficientScope => "insufficient_scope",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One invalid field: a dotted path into the request (`payload.mandator.organizationIdentifier`,
+/// `payload.power[0].action`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldViolation {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A domain error: a code, a message safe to show to the caller, field violations for
+/// `InvalidRequest`, and for internal errors a cause that is logged but never returned.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+    pub violations: Vec<FieldViolation>,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            violations: Vec::new(),
+            source: None,
+        }
+    }
+
+    pub fn invalid(violations: Vec<FieldViolation>) -> Self {
+        let message = match violations.as_slice() {
+            [one] => format!("{}: {}", one.field, one.message),
+            _ => format!("{} fields are invalid", violations.len()),
+        };
+        Self {
+            violations,
+            ..Self::new(ErrorCode::InvalidRequest, message)
+        }
+    }
+
+    pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::invalid(vec![FieldViolation::new(field, message)])
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    pub fn insufficient_scope(scope: &str) -> Self {
+        Self::new(
+            ErrorCode::InsufficientScope,
+            format!("the access token lacks the scope `{scope}`"),
+        )
+    }
+
+    /// An unexpected failure; `cause` goes to the log, the caller sees a generic message.
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self {
+            source: Some(cause.into()),
+            ..Self::new(ErrorCode::Internal, "internal error")
+        }
+    }
+
+    /// A dependency is down; the caller should retry.
+    pub fn unavailable(
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            source: Some(cause.into()),
+            ..Self::new(
+                ErrorCode::Unavailable,
+                "service temporarily unavailable, retry later",
+            )
+        }
+    }
+
+    /// The cause chain, for logs.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> =
+            self.source.as_deref().map(|e| e as _);
+        while let Some(e) = cur {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cur = e.source();
+        }
+        out
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,116 @@
+//! Ports: what the use cases need from the outside world. Adapters implement them
+//! (`issuer-store` for `Store`, `issuer-lock` for `IdempotencyLock`, `issuer-auth` for
+//! `CodeSealer`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::{
+    error::Result,
+    ids::{IssuanceId, TenantId},
+    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Tenant},
+};
+
+/// Durable state. Every read and write of tenant data is scoped by `TenantId`; the only
+/// unscoped lookups are those a caller makes before it knows its tenant (a client id at the
+/// token endpoint, an offer id from a wallet).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reachability check for readiness.
+    async fn ping(&self) -> Result<()>;
+
+    async fn insert_tenant(&self, tenant: &Tenant) -> Result<()>;
+    async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>>;
+    async fn count_tenants(&self) -> Result<u64>;
+
+    /// Fails with `AlreadyExists` when the client id is taken.
+    async fn insert_client(&self, client: &ApiClient) -> Result<()>;
+    async fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>>;
+    /// Replaces a client's secret hash; `false` when there is no such client in the tenant.
+    async fn update_client_secret(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        secret_hash: &str,
+    ) -> Result<bool>;
+
+    /// Inserts the issuance and its first event in one transaction. When the tenant already has
+    /// an issuance with the same `client_request_id`, nothing is written and that one is
+    /// returned: the database, not a lock, decides idempotency.
+    async fn insert_issuance(
+        &self,
+        issuance: &Issuance,
+        first_event: &IssuanceEvent,
+    ) -> Result<InsertOutcome>;
+    async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>>;
+    async fn find_issuance_by_request_id(
+        &self,
+        tenant: TenantId,
+        client_request_id: &str,
+    ) -> Result<Option<Issuance>>;
+    /// Newest first, at most `filter.limit`.
+    async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>>;
+    async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>>;
+    /// Events of one issuance with `sequence > after`, in order.
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        issuance: IssuanceId,
+        after: i64,
+    ) -> Result<Vec<IssuanceEvent>>;
+}
+
+/// A lock failed to answer (Redis down, timeout). Callers fall back to the database.
+#[derive(Debug, thiserror::Error)]
+#[error("idempotency lock unavailable: {0}")]
+pub struct LockError(pub String);
+
+/// Proof of holding a lock; releasing needs it so nobody releases a lock taken over by another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken(pub String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    Acquired(LockToken),
+    /// Still held by someone else after waiting.
+    Busy,
+}
+
+/// Short-lived mutual exclusion per idempotency key. It only spares duplicate work and lets a
+/// concurrent duplicate wait for the first request; correctness never depends on it.
+#[async_trait]
+pub trait IdempotencyLock: Send + Sync + 'static {
+    /// Takes `key` for `ttl`, waiting up to `wait` while another holder has it.
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<LockAttempt, LockError>;
+    /// Releases `key` if `token` still holds it.
+    async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError>;
+    async fn ping(&self) -> Result<(), LockError>;
+}
+
+/// Encrypts secrets that must be shown again later (the pre-authorized code in a repeatedly
+/// fetched offer) so the database alone never reveals them.
+pub trait CodeSealer: Send + Sync + 'static {
+    fn seal(&self, plaintext: &str) -> String;
+    fn open(&self, sealed: &str) -> Result<String>;
+}
+
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}

@@ -1,0 +1,401 @@
+//! The issuance use cases shared by the gRPC and REST adapters: create (idempotent), get, list,
+//! and the wallet's credential-offer lookup.
+//!
+//! Idempotency (DESIGN §5): the unique (tenant, client_request_id) constraint in the store is the
+//! guarantee. The lock only lets a concurrent duplicate wait for the first request instead of
+//! doing the work again; when the lock is unavailable the store still decides.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    catalog::Catalog,
+    create::ValidCreate,
+    error::{Error, ErrorCode, Result},
+    ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code},
+    model::{
+        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, event_kind,
+    },
+    ports::{Clock, CodeSealer, IdempotencyLock, LockAttempt, Store},
+};
+
+/// Who is calling: taken only from a verified access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub tenant_id: TenantId,
+    pub client_id: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Principal {
+    pub fn require(&self, scope: Scope) -> Result<()> {
+        if self.scopes.contains(&scope) {
+            Ok(())
+        } else {
+            Err(Error::insufficient_scope(scope.as_str()))
+        }
+    }
+}
+
+/// The result of a create: the issuance and whether it already existed (a replay).
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    pub issuance: Issuance,
+    pub replayed: bool,
+}
+
+/// List parameters as the caller sent them; validated here for both adapters.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub page_size: Option<i64>,
+    pub page_token: Option<String>,
+    pub status: Option<String>,
+    pub client_request_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub issuances: Vec<Issuance>,
+    pub next_page_token: Option<String>,
+}
+
+/// Tunables of the create path.
+#[derive(Debug, Clone)]
+pub struct IdempotencySettings {
+    /// How long a lock holder may take before the lock lapses.
+    pub lock_ttl: Duration,
+    /// How long a concurrent duplicate waits for the first request.
+    pub lock_wait: Duration,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        Self {
+            lock_ttl: Duration::from_secs(30),
+            lock_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+pub const MAX_PAGE_SIZE: i64 = 200;
+
+pub struct IssuanceService {
+    store: Arc<dyn Store>,
+    lock: Arc<dyn IdempotencyLock>,
+    sealer: Arc<dyn CodeSealer>,
+    clock: Arc<dyn Clock>,
+    catalog: Arc<Catalog>,
+    public_url: String,
+    idempotency: IdempotencySettings,
+}
+
+impl IssuanceService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        lock: Arc<dyn IdempotencyLock>,
+        sealer: Arc<dyn CodeSealer>,
+        clock: Arc<dyn Clock>,
+        catalog: Arc<Catalog>,
+        public_url: &str,
+        idempotency: IdempotencySettings,
+    ) -> Self {
+        Self {
+            store,
+            lock,
+            sealer,
+            clock,
+            catalog,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            idempotency,
+        }
+    }
+
+    /// The credential issuer identifier, `{public}/issuer`.
+    pub fn credential_issuer(&self) -> String {
+        format!("{}/issuer", self.public_url)
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// `openid-credential-offer://?credential_offer_uri=<percent-encoded offer URL>`.
+    pub fn credential_offer_uri(&self, issuance: &Issuance) -> String {
+        let url = format!(
+            "{}/oid4vci/v1/credential-offer/{}",
+            self.credential_issuer(),
+            issuance.offer_id
+        );
+        format!(
+            "openid-credential-offer://?credential_offer_uri={}",
+            percent_encode(&url)
+        )
+    }
+
+    /// Creates an offer, or returns the existing one for a replayed `client_request_id`.
+    pub async fn create(&self, who: &Principal, body: &Value) -> Result<CreateOutcome> {
+        who.require(Scope::IssuanceWrite)?;
+        let tenant = self.store.get_tenant(who.tenant_id).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidToken,
+                "the token's tenant no longer exists",
+            )
+        })?;
+        let request = ValidCreate::parse(body, &self.catalog, &tenant)?;
+        let fingerprint = request.fingerprint();
+        let crid = request.client_request_id.as_str();
+
+        if let Some(existing) = self
+            .store
+            .find_issuance_by_request_id(tenant.id, crid)
+            .await?
+        {
+            return replay(existing, &fingerprint);
+        }
+
+        // Hash tag `{tenant}` keeps a tenant's keys on one Redis Cluster slot.
+        let key = format!(
+            "issuer:{{{}}}:idem:{}",
+            tenant.id,
+            URL_SAFE_NO_PAD.encode(crid)
+        );
+        let token = match self
+            .lock
+            .acquire(&key, self.idempotency.lock_ttl, self.idempotency.lock_wait)
+            .await
+        {
+            Ok(LockAttempt::Acquired(token)) => Some(token),
+            Ok(LockAttempt::Busy) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency lock unavailable; the database decides alone");
+                None
+            }
+        };
+        let result = self.create_locked(who, request, fingerprint).await;
+        if let Some(token) = token
+            && let Err(e) = self.lock.release(&key, &token).await
+        {
+            tracing::warn!(error = %e, "idempotency lock not released; it lapses by itself");
+        }
+        result
+    }
+
+    async fn create_locked(
+        &self,
+        who: &Principal,
+        request: ValidCreate,
+        fingerprint: String,
+    ) -> Result<CreateOutcome> {
+        // The first request may have finished while this one waited for the lock.
+        let crid = request.client_request_id.as_str();
+        if let Some(existing) = self
+            .store
+            .find_issuance_by_request_id(who.tenant_id, crid)
+            .await?
+        {
+            return replay(existing, &fingerprint);
+        }
+        let now = self.clock.now();
+        let code = new_pre_authorized_code();
+        let issuance = Issuance {
+            tenant_id: who.tenant_id,
+            id: IssuanceId::new(),
+            client_request_id: crid.to_owned(),
+            request_fingerprint: fingerprint.clone(),
+            credential_configuration_id: request.credential_configuration_id,
+            status: IssuanceStatus::Pending,
+            reason: None,
+            payload: Some(request.payload),
+            delivery: request.delivery,
+            email: request.email.map(|e| e.as_str().to_owned()),
+            grant_type: request.grant_type,
+            offer_id: new_offer_id(),
+            pre_authorized_code_hash: hash_code(&code),
+            pre_authorized_code_sealed: self.sealer.seal(&code),
+            expires_at: now + chrono::Duration::seconds(request.expires_in),
+            created_at: now,
+            updated_at: now,
+        };
+        let event = IssuanceEvent {
+            tenant_id: issuance.tenant_id,
+            issuance_id: issuance.id,
+            sequence: 1,
+            global_sequence: 0,
+            kind: event_kind::CREATED.to_owned(),
+            status: IssuanceStatus::Pending,
+            reason: None,
+            occurred_at: now,
+        };
+        match self.store.insert_issuance(&issuance, &event).await? {
+            InsertOutcome::Inserted(stored) => {
+                tracing::info!(
+                    tenant_id = %stored.tenant_id,
+                    issuance_id = %stored.id,
+                    client_id = %who.client_id,
+                    delivery = stored.delivery.as_str(),
+                    "issuance created"
+                );
+                Ok(CreateOutcome {
+                    issuance: stored,
+                    replayed: false,
+                })
+            }
+            InsertOutcome::Duplicate(existing) => replay(existing, &fingerprint),
+        }
+    }
+
+    /// One issuance of the caller's tenant; another tenant's is `NotFound` like a missing one.
+    pub async fn get(&self, who: &Principal, id: &str) -> Result<Issuance> {
+        who.require(Scope::IssuanceRead)?;
+        let Ok(id) = id.parse::<IssuanceId>() else {
+            return Err(Error::not_found("issuance"));
+        };
+        self.store
+            .get_issuance(who.tenant_id, id)
+            .await?
+            .ok_or_else(|| Error::not_found("issuance"))
+    }
+
+    pub async fn list(&self, who: &Principal, params: ListParams) -> Result<Page> {
+        who.require(Scope::IssuanceRead)?;
+        let mut violations = Vec::new();
+        let limit = match params.page_size {
+            None | Some(0) => DEFAULT_PAGE_SIZE,
+            Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            Some(_) => {
+                violations.push(crate::FieldViolation::new(
+                    "page_size",
+                    format!("must be from 1 to {MAX_PAGE_SIZE}"),
+                ));
+                DEFAULT_PAGE_SIZE
+            }
+        };
+        let before = match params.page_token.as_deref().filter(|t| !t.is_empty()) {
+            None => None,
+            Some(t) => match decode_page_token(t) {
+                Some(id) => Some(id),
+                None => {
+                    violations.push(crate::FieldViolation::new(
+                        "page_token",
+                        "is not a token this service issued",
+                    ));
+                    None
+                }
+            },
+        };
+        let status = match params.status.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => s
+                .parse()
+                .map_err(|m: String| violations.push(crate::FieldViolation::new("status", m)))
+                .ok(),
+        };
+        if !violations.is_empty() {
+            return Err(Error::invalid(violations));
+        }
+        let filter = ListFilter {
+            status,
+            client_request_id: params.client_request_id.filter(|s| !s.is_empty()),
+            before,
+            limit: (limit + 1) as u32,
+        };
+        let mut issuances = self.store.list_issuances(who.tenant_id, &filter).await?;
+        let next_page_token = if issuances.len() as i64 > limit {
+            issuances.truncate(limit as usize);
+            issuances
+                .last()
+                .map(|i| URL_SAFE_NO_PAD.encode(i.id.to_string()))
+        } else {
+            None
+        };
+        Ok(Page {
+            issuances,
+            next_page_token,
+        })
+    }
+
+    /// The credential offer JSON a wallet fetches from `credential_offer_uri`, while the
+    /// issuance is pending and unexpired.
+    pub async fn credential_offer(&self, offer_id: &str) -> Result<Value> {
+        let issuance = self
+            .store
+            .find_issuance_by_offer_id(offer_id)
+            .await?
+            .filter(|i| i.status == IssuanceStatus::Pending && i.expires_at > self.clock.now())
+            .ok_or_else(|| Error::not_found("credential offer"))?;
+        let code = self.sealer.open(&issuance.pre_authorized_code_sealed)?;
+        Ok(json!({
+            "credential_issuer": self.credential_issuer(),
+            "credential_configuration_ids": [issuance.credential_configuration_id],
+            "grants": {
+                PRE_AUTHORIZED_CODE_GRANT: {"pre-authorized_code": code}
+            }
+        }))
+    }
+}
+
+fn replay(existing: Issuance, fingerprint: &str) -> Result<CreateOutcome> {
+    if existing.request_fingerprint == fingerprint {
+        Ok(CreateOutcome {
+            issuance: existing,
+            replayed: true,
+        })
+    } else {
+        Err(Error::new(
+            ErrorCode::IdempotencyKeyReused,
+            "client_request_id was already used with a different request",
+        ))
+    }
+}
+
+/// SHA-256 of a pre-authorized code, base64url: what the store keeps and looks codes up by.
+pub fn hash_code(code: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(code.as_bytes()))
+}
+
+fn decode_page_token(t: &str) -> Option<IssuanceId> {
+    let bytes = URL_SAFE_NO_PAD.decode(t).ok()?;
+    std::str::from_utf8(&bytes).ok()?.parse().ok()
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offer_uri_is_percent_encoded() {
+        assert_eq!(
+            percent_encode("https://x.example/issuer/oid4vci/v1/credential-offer/a_b-c"),
+            "https%3A%2F%2Fx.example%2Fissuer%2Foid4vci%2Fv1%2Fcredential-offer%2Fa_b-c"
+        );
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let id = IssuanceId::new();
+        assert_eq!(
+            decode_page_token(&URL_SAFE_NO_PAD.encode(id.to_string())),
+            Some(id)
+        );
+        assert_eq!(decode_page_token("!!"), None);
+        assert_eq!(decode_page_token(&URL_SAFE_NO_PAD.encode("x")), None);
+    }
+}
