@@ -1,0 +1,234 @@
+//! RFC 9068 JWT access tokens for the management API.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use issuer_domain::{ids::TenantId, model::Scope, service::Principal};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::keys::SigningKey;
+
+/// Why a token was refused. The message is for logs and `error_description`; it says what is
+/// wrong without echoing the token.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(pub String);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AccessClaims {
+    iss: String,
+    sub: String,
+    aud: String,
+    exp: i64,
+    iat: i64,
+    nbf: i64,
+    jti: String,
+    client_id: String,
+    scope: String,
+    tenant_id: String,
+}
+
+/// A freshly issued token, as the token endpoint returns it.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub scope: String,
+}
+
+/// Issues and verifies access tokens with one signing key; older keys may stay for
+/// verification during rotation.
+pub struct TokenService {
+    issuer: String,
+    audience: String,
+    ttl_secs: i64,
+    signing_kid: String,
+    encoding: EncodingKey,
+    verifying: HashMap<String, DecodingKey>,
+    jwks: Value,
+}
+
+impl TokenService {
+    /// `issuer` and `audience` are compared exactly on verification.
+    pub fn new(
+        issuer: &str,
+        audience: &str,
+        ttl_secs: i64,
+        signing: &SigningKey,
+        previous: &[SigningKey],
+    ) -> Self {
+        let mut verifying = HashMap::new();
+        let mut keys = Vec::new();
+        for k in std::iter::once(signing).chain(previous) {
+            verifying.insert(k.kid().to_owned(), k.decoding_key());
+            keys.push(k.public_jwk());
+        }
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            ttl_secs,
+            signing_kid: signing.kid().to_owned(),
+            encoding: signing.encoding_key(),
+            verifying,
+            jwks: json!({ "keys": keys }),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// `{"keys": [...]}` with every verification key.
+    pub fn jwks(&self) -> &Value {
+        &self.jwks
+    }
+
+    pub fn issue(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        scopes: &[Scope],
+        now: DateTime<Utc>,
+    ) -> IssuedToken {
+        let scope = Scope::join(scopes);
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: client_id.to_owned(),
+            aud: self.audience.clone(),
+            exp: now.timestamp() + self.ttl_secs,
+            iat: now.timestamp(),
+            nbf: now.timestamp(),
+            jti: Uuid::new_v4().to_string(),
+            client_id: client_id.to_owned(),
+            scope: scope.clone(),
+            tenant_id: tenant.to_string(),
+        };
+        let mut header = Header::new(Algorithm::ES256);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(self.signing_kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .expect("ES256 signing does not fail");
+        IssuedToken {
+            access_token,
+            expires_in: self.ttl_secs,
+            scope,
+        }
+    }
+
+    /// Verifies signature, algorithm (ES256 only), `typ`, `kid`, `iss`, `aud`, `exp`, `nbf`.
+    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| TokenError(format!("malformed token: {e}")))?;
+        if header.alg != Algorithm::ES256 {
+            return Err(TokenError("unsupported token algorithm".into()));
+        }
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+        });
+        if !typ_ok {
+            return Err(TokenError(
+                "not an access token (typ must be at+jwt)".into(),
+            ));
+        }
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.verifying.get(kid))
+            .ok_or_else(|| TokenError("unknown signing key".into()))?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
+            .map_err(|e| TokenError(format!("token rejected: {e}")))?;
+        let c = data.claims;
+        let tenant_id = c
+            .tenant_id
+            .parse()
+            .map_err(|_| TokenError("token has no valid tenant".into()))?;
+        let scopes = Scope::parse_list(&c.scope).map_err(TokenError)?;
+        Ok(Principal {
+            tenant_id,
+            client_id: c.client_id,
+            scopes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(key: &SigningKey) -> TokenService {
+        TokenService::new(
+            "https://i.example/issuer",
+            "https://i.example/issuer/api",
+            300,
+            key,
+            &[],
+        )
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_carry_the_principal() {
+        let key = SigningKey::generate();
+        let s = service(&key);
+        let tenant = TenantId::new();
+        let t = s.issue(tenant, "cli_1", &[Scope::IssuanceRead], Utc::now());
+        let p = s.verify(&t.access_token).unwrap();
+        assert_eq!(
+            (p.tenant_id, p.client_id.as_str(), p.scopes),
+            (tenant, "cli_1", vec![Scope::IssuanceRead])
+        );
+    }
+
+    #[test]
+    fn refuses_expired_foreign_and_unknown_key_tokens() {
+        let key = SigningKey::generate();
+        let s = service(&key);
+        let old = s.issue(
+            TenantId::new(),
+            "c",
+            &[],
+            Utc::now() - chrono::Duration::hours(1),
+        );
+        assert!(s.verify(&old.access_token).is_err());
+        let other = service(&SigningKey::generate());
+        let foreign = other.issue(TenantId::new(), "c", &[], Utc::now());
+        assert!(s.verify(&foreign.access_token).is_err());
+        let wrong_aud = TokenService::new("https://i.example/issuer", "x", 300, &key, &[]);
+        assert!(
+            s.verify(
+                &wrong_aud
+                    .issue(TenantId::new(), "c", &[], Utc::now())
+                    .access_token
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn previous_keys_still_verify_during_rotation() {
+        let old = SigningKey::generate();
+        let new = SigningKey::generate();
+        let token = service(&old).issue(TenantId::new(), "c", &[], Utc::now());
+        let rotated = TokenService::new(
+            "https://i.example/issuer",
+            "https://i.example/issuer/api",
+            300,
+            &new,
+            &[old],
+        );
+        assert!(rotated.verify(&token.access_token).is_ok());
+        assert_eq!(rotated.jwks()["keys"].as_array().unwrap().len(), 2);
+    }
+}
