@@ -1,1 +1,78 @@
+//! The issuer service: a multi-tenant credential issuer with a gRPC API and a REST shim on one
+//! port. `run` is what both `main` and the tests call.
 
+use std::{future::Future, sync::Arc};
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod rest;
+pub mod telemetry;
+pub mod view;
+
+pub use app::App;
+pub use config::Settings;
+
+/// Builds the app from settings and serves it on `listener` until `shutdown` resolves.
+/// On the first start of an empty embedded database it creates a bootstrap tenant and client
+/// and prints their credentials once.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = App::build(settings).await?;
+    if app.settings.is_embedded()
+        && let Some(creds) = admin::bootstrap_if_empty(&app)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.chain()))?
+    {
+        print_bootstrap(&creds, &app.settings.public_url);
+    }
+    serve(Arc::new(app), listener, shutdown).await
+}
+
+/// Serves an already built app.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = router(app);
+    tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// REST routes and gRPC services (h2c and gRPC-web) on one router.
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.settings.max_body_bytes;
+    let issuances = grpc::pb::issuance_service_server::IssuanceServiceServer::new(
+        grpc::IssuanceGrpc::new(app.clone()),
+    )
+    .max_decoding_message_size(limit);
+    let grpc = tonic::service::Routes::new(issuances)
+        .into_axum_router()
+        .layer(tonic_web::GrpcWebLayer::new());
+    rest::router(app).merge(grpc)
+}
+
+fn print_bootstrap(creds: &admin::ClientCredentials, public_url: &str) {
+    // Printed, not logged: the secret must not end up in log storage.
+    println!(
+        "\nissuer: first start - created tenant \"default\" and an API client with every scope.\n\
+         The client secret is shown only this once; keep it:\n\n\
+         export ISSUER_URL={public_url}\n\
+         export ISSUER_TENANT_ID={}\n\
+         export ISSUER_CLIENT_ID={}\n\
+         export ISSUER_CLIENT_SECRET={}\n",
+        creds.tenant_id, creds.client_id, creds.client_secret
+    );
+}

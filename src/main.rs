@@ -1,1 +1,117 @@
-fn main() {}
+//! Thin entry point: parse the command line, load settings, then serve or provision.
+
+use anyhow::Context;
+use clap::Parser;
+use issuer::{
+    App, Settings, admin,
+    cli::{Cli, ClientCommand, Command, Output, TenantCommand},
+};
+use issuer_domain::ids::TenantId;
+use serde_json::json;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config)?;
+    issuer::telemetry::init(&settings);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(settings.listen_addr)
+                .await
+                .with_context(|| format!("binding {}", settings.listen_addr))?;
+            issuer::run(settings, listener, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            issuer::app::connect_store(&settings, true).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Create { name, output }) => {
+            let app = provisioning_app(settings).await?;
+            let tenant = admin::create_tenant(&app, &name)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            print(
+                output,
+                json!({"tenant_id": tenant.id.to_string(), "name": tenant.name}),
+            );
+            Ok(())
+        }
+        Command::Client(ClientCommand::Create {
+            tenant,
+            scopes,
+            output,
+        }) => {
+            let app = provisioning_app(settings).await?;
+            let creds = admin::create_client(&app, parse_tenant(&tenant)?, &scopes.0)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            print(output, serde_json::to_value(creds)?);
+            Ok(())
+        }
+        Command::Client(ClientCommand::RotateSecret {
+            tenant,
+            client,
+            output,
+        }) => {
+            let app = provisioning_app(settings).await?;
+            let creds = admin::rotate_secret(&app, parse_tenant(&tenant)?, &client)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            print(output, serde_json::to_value(creds)?);
+            Ok(())
+        }
+    }
+}
+
+async fn provisioning_app(settings: Settings) -> anyhow::Result<App> {
+    App::build(Settings {
+        migrate_on_start: true,
+        ..settings
+    })
+    .await
+}
+
+fn parse_tenant(s: &str) -> anyhow::Result<TenantId> {
+    s.parse()
+        .map_err(|_| anyhow::anyhow!("--tenant must be a tenant id (a UUID)"))
+}
+
+fn print(output: Output, value: serde_json::Value) {
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => {
+            if let Some(obj) = value.as_object() {
+                for (k, v) in obj {
+                    println!(
+                        "{k}: {}",
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

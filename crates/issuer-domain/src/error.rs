@@ -20,6 +20,10 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// A resource with this identity already exists.
     AlreadyExists,
+    /// The request body exceeds the size limit.
+    PayloadTooLarge,
+    /// The request body is not in a media type the endpoint accepts.
+    UnsupportedMediaType,
     /// A dependency (database) is unreachable; retry later.
     Unavailable,
     /// A bug or an unexpected failure; details are in the server log only.
@@ -35,6 +39,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -1,1 +1,24 @@
-//! placeholder
+//! Durable state of the issuer: the [`Store`](issuer_domain::ports::Store) port implemented on
+//! Postgres ([`PgStore`], production) and SQLite ([`SqliteStore`], single node and tests).
+//!
+//! Both backends share one schema shape (`migrations/postgres`, `migrations/sqlite`, embedded
+//! and applied by `migrate()`): every table carries `tenant_id` and leads its keys with it, so
+//! the data can later be distributed by tenant. Idempotent creation is decided by the database
+//! through the unique (tenant, client_request_id) constraint, never by a lock.
+//!
+//! Timestamps are stored at microsecond precision; the store truncates what it is given (see
+//! [`trunc_micros`]), so an entity read back equals the input after that truncation.
+//!
+//! [`conformance`] is the behaviour both backends must show, runnable against any `Store`.
+
+pub mod conformance;
+mod postgres;
+mod rows;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use rows::trunc_micros;
+pub use sqlite::SqliteStore;
+
+#[cfg(test)]
+mod tests;

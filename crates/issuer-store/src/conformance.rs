@@ -1,0 +1,783 @@
+//! A backend-independent test suite for [`Store`] implementations.
+//!
+//! Every check panics with a message naming what broke. Checks create their own tenants with
+//! fresh random ids and never assume an empty database, so they can run against a shared
+//! database and next to each other. This module is compiled in normal builds on purpose: the
+//! root package's integration tests run it against the stores they wire up.
+
+use std::{collections::HashSet, sync::Arc};
+
+use chrono::{DateTime, Duration, Timelike, Utc};
+use issuer_domain::{
+    ErrorCode,
+    ids::{IssuanceId, TenantId, random_token},
+    model::{
+        ApiClient, Delivery, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, event_kind,
+    },
+    ports::Store,
+};
+use serde_json::json;
+
+use crate::trunc_micros;
+
+/// Runs every check except the concurrency one (which needs an `Arc`; see
+/// [`run_concurrency`]).
+pub async fn run_all(store: &dyn Store) {
+    ping(store).await;
+    tenant_round_trip(store).await;
+    clients(store).await;
+    insert_returns_inserted(store).await;
+    duplicate_returns_first(store).await;
+    request_id_is_per_tenant(store).await;
+    reads_are_scoped_by_tenant(store).await;
+    find_by_offer_id(store).await;
+    list_order_and_filters(store).await;
+    list_paging(store).await;
+    first_event_written(store).await;
+    global_sequence_increases(store).await;
+    payload_round_trip(store).await;
+}
+
+/// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
+pub async fn run_concurrency(store: Arc<dyn Store>) {
+    concurrent_duplicates(store, 50).await;
+}
+
+/// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
+/// them instead of truncating.
+pub fn now_with_nanos() -> DateTime<Utc> {
+    let now = Utc::now();
+    now.with_nanosecond(now.nanosecond() / 1000 * 1000 + 789)
+        .unwrap_or(now)
+}
+
+/// What the store is expected to hand back for `issuance`: the same, at microsecond precision.
+pub fn normalized(issuance: &Issuance) -> Issuance {
+    Issuance {
+        expires_at: trunc_micros(issuance.expires_at),
+        created_at: trunc_micros(issuance.created_at),
+        updated_at: trunc_micros(issuance.updated_at),
+        ..issuance.clone()
+    }
+}
+
+/// A tenant with a fresh random id.
+pub fn sample_tenant() -> Tenant {
+    Tenant::new(format!("conformance {}", random_token(6)), now_with_nanos())
+}
+
+/// Inserts a fresh tenant and returns its id.
+pub async fn new_tenant(store: &dyn Store) -> TenantId {
+    let tenant = sample_tenant();
+    store
+        .insert_tenant(&tenant)
+        .await
+        .expect("insert_tenant failed");
+    tenant.id
+}
+
+/// A pending issuance with fresh random id, offer id and code hash, and its `created` event.
+pub fn sample_issuance(tenant: TenantId, client_request_id: &str) -> (Issuance, IssuanceEvent) {
+    let now = now_with_nanos();
+    let issuance = Issuance {
+        tenant_id: tenant,
+        id: IssuanceId::new(),
+        client_request_id: client_request_id.to_owned(),
+        request_fingerprint: random_token(32),
+        credential_configuration_id: "conformance_credential".to_owned(),
+        status: IssuanceStatus::Pending,
+        reason: None,
+        payload: Some(json!({ "given_name": "Ada", "family_name": "Lovelace" })),
+        delivery: Delivery::Email,
+        email: Some("ada@example.org".to_owned()),
+        grant_type: PRE_AUTHORIZED_CODE_GRANT.to_owned(),
+        offer_id: random_token(18),
+        pre_authorized_code_hash: random_token(32),
+        pre_authorized_code_sealed: random_token(48),
+        expires_at: now + Duration::hours(24),
+        created_at: now,
+        updated_at: now,
+    };
+    let event = first_event(&issuance);
+    (issuance, event)
+}
+
+/// The `created` event of `issuance`, as the create use case builds it.
+pub fn first_event(issuance: &Issuance) -> IssuanceEvent {
+    IssuanceEvent {
+        tenant_id: issuance.tenant_id,
+        issuance_id: issuance.id,
+        sequence: 1,
+        global_sequence: 0,
+        kind: event_kind::CREATED.to_owned(),
+        status: issuance.status,
+        reason: issuance.reason.clone(),
+        occurred_at: issuance.created_at,
+    }
+}
+
+/// A fresh `client_request_id`.
+pub fn new_request_id() -> String {
+    format!("req-{}", random_token(12))
+}
+
+async fn insert(store: &dyn Store, issuance: &Issuance, event: &IssuanceEvent) -> InsertOutcome {
+    store
+        .insert_issuance(issuance, event)
+        .await
+        .unwrap_or_else(|e| panic!("insert_issuance failed: {}", e.chain()))
+}
+
+/// Inserts a fresh issuance and returns it as stored, asserting it was new.
+async fn insert_new(store: &dyn Store, issuance: &Issuance, event: &IssuanceEvent) -> Issuance {
+    match insert(store, issuance, event).await {
+        InsertOutcome::Inserted(stored) => stored,
+        InsertOutcome::Duplicate(other) => panic!(
+            "insert of a fresh client_request_id `{}` returned Duplicate({})",
+            issuance.client_request_id, other.id
+        ),
+    }
+}
+
+async fn get(store: &dyn Store, tenant: TenantId, id: IssuanceId) -> Option<Issuance> {
+    store
+        .get_issuance(tenant, id)
+        .await
+        .unwrap_or_else(|e| panic!("get_issuance failed: {}", e.chain()))
+}
+
+async fn events(store: &dyn Store, tenant: TenantId, id: IssuanceId) -> Vec<IssuanceEvent> {
+    store
+        .list_events(tenant, id, 0)
+        .await
+        .unwrap_or_else(|e| panic!("list_events failed: {}", e.chain()))
+}
+
+async fn list(store: &dyn Store, tenant: TenantId, filter: &ListFilter) -> Vec<IssuanceId> {
+    store
+        .list_issuances(tenant, filter)
+        .await
+        .unwrap_or_else(|e| panic!("list_issuances({filter:?}) failed: {}", e.chain()))
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
+}
+
+pub async fn ping(store: &dyn Store) {
+    store
+        .ping()
+        .await
+        .unwrap_or_else(|e| panic!("ping failed: {}", e.chain()));
+}
+
+pub async fn tenant_round_trip(store: &dyn Store) {
+    let before = store.count_tenants().await.expect("count_tenants failed");
+    let tenant = Tenant {
+        default_offer_ttl_secs: 600,
+        max_offer_ttl_secs: 7200,
+        ..sample_tenant()
+    };
+    store
+        .insert_tenant(&tenant)
+        .await
+        .unwrap_or_else(|e| panic!("insert_tenant failed: {}", e.chain()));
+
+    let got = store
+        .get_tenant(tenant.id)
+        .await
+        .expect("get_tenant failed");
+    let expected = Tenant {
+        created_at: trunc_micros(tenant.created_at),
+        ..tenant.clone()
+    };
+    assert_eq!(
+        got,
+        Some(expected),
+        "get_tenant must return the inserted tenant"
+    );
+    assert_eq!(
+        store
+            .get_tenant(TenantId::new())
+            .await
+            .expect("get_tenant failed"),
+        None,
+        "get_tenant of an unknown id must be None"
+    );
+    // Other checks may insert tenants concurrently on a shared database.
+    let after = store.count_tenants().await.expect("count_tenants failed");
+    assert!(
+        after > before,
+        "count_tenants must grow after insert_tenant (before {before}, after {after})"
+    );
+}
+
+pub async fn clients(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other_tenant = new_tenant(store).await;
+    let client = ApiClient {
+        tenant_id: tenant,
+        client_id: format!("client-{}", random_token(12)),
+        secret_hash: random_token(32),
+        scopes: vec![Scope::IssuanceWrite, Scope::IssuanceRead],
+        active: true,
+        created_at: now_with_nanos(),
+    };
+    store
+        .insert_client(&client)
+        .await
+        .unwrap_or_else(|e| panic!("insert_client failed: {}", e.chain()));
+    let expected = ApiClient {
+        created_at: trunc_micros(client.created_at),
+        ..client.clone()
+    };
+    let found = store
+        .find_client(&client.client_id)
+        .await
+        .expect("find_client failed");
+    assert_eq!(
+        found,
+        Some(expected.clone()),
+        "find_client must return the inserted client"
+    );
+
+    // The client id is unique across tenants: the token endpoint looks it up without one.
+    for tenant_id in [tenant, other_tenant] {
+        let dup = ApiClient {
+            tenant_id,
+            secret_hash: random_token(32),
+            ..client.clone()
+        };
+        let err = store
+            .insert_client(&dup)
+            .await
+            .expect_err("insert_client with a taken client id must fail");
+        assert_eq!(
+            err.code,
+            ErrorCode::AlreadyExists,
+            "a taken client id must fail with AlreadyExists, got {}",
+            err.chain()
+        );
+    }
+
+    let inactive = ApiClient {
+        tenant_id: tenant,
+        client_id: format!("client-{}", random_token(12)),
+        secret_hash: random_token(32),
+        scopes: vec![],
+        active: false,
+        created_at: now_with_nanos(),
+    };
+    store
+        .insert_client(&inactive)
+        .await
+        .expect("insert_client failed");
+    assert_eq!(
+        store
+            .find_client(&inactive.client_id)
+            .await
+            .expect("find_client failed"),
+        Some(ApiClient {
+            created_at: trunc_micros(inactive.created_at),
+            ..inactive.clone()
+        }),
+        "an inactive client without scopes must round trip"
+    );
+
+    assert!(
+        store
+            .update_client_secret(tenant, &client.client_id, "new-hash")
+            .await
+            .expect("update_client_secret failed"),
+        "update_client_secret of an existing client must return true"
+    );
+    assert!(
+        !store
+            .update_client_secret(other_tenant, &client.client_id, "foreign-hash")
+            .await
+            .expect("update_client_secret failed"),
+        "update_client_secret through another tenant must return false"
+    );
+    assert!(
+        !store
+            .update_client_secret(tenant, "no-such-client", "x")
+            .await
+            .expect("update_client_secret failed"),
+        "update_client_secret of an unknown client must return false"
+    );
+    let found = store
+        .find_client(&client.client_id)
+        .await
+        .expect("find_client failed");
+    assert_eq!(
+        found,
+        Some(ApiClient {
+            secret_hash: "new-hash".to_owned(),
+            ..expected
+        }),
+        "the secret must be the one set through the owning tenant"
+    );
+    assert_eq!(
+        store
+            .find_client("no-such-client")
+            .await
+            .expect("find_client failed"),
+        None,
+        "find_client of an unknown id must be None"
+    );
+}
+
+pub async fn insert_returns_inserted(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    let stored = insert_new(store, &issuance, &event).await;
+    assert_eq!(
+        stored,
+        normalized(&issuance),
+        "insert_issuance must return the issuance as given (at microsecond precision)"
+    );
+    assert_eq!(
+        get(store, tenant, issuance.id).await,
+        Some(stored),
+        "get_issuance must return the inserted issuance"
+    );
+}
+
+pub async fn duplicate_returns_first(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let crid = new_request_id();
+    let (first, first_ev) = sample_issuance(tenant, &crid);
+    let first = insert_new(store, &first, &first_ev).await;
+
+    let (second, second_ev) = sample_issuance(tenant, &crid);
+    match insert(store, &second, &second_ev).await {
+        InsertOutcome::Duplicate(existing) => assert_eq!(
+            existing, first,
+            "a duplicate insert must return the first issuance"
+        ),
+        InsertOutcome::Inserted(_) => {
+            panic!("a second insert with the same client_request_id must return Duplicate")
+        }
+    }
+    assert_eq!(
+        get(store, tenant, second.id).await,
+        None,
+        "a duplicate insert must not write its issuance"
+    );
+    assert!(
+        events(store, tenant, second.id).await.is_empty(),
+        "a duplicate insert must not write an event"
+    );
+    assert_eq!(
+        events(store, tenant, first.id).await.len(),
+        1,
+        "a duplicate insert must not add events to the first issuance"
+    );
+    let found = store
+        .find_issuance_by_request_id(tenant, &crid)
+        .await
+        .expect("find_issuance_by_request_id failed");
+    assert_eq!(
+        found,
+        Some(first),
+        "find_issuance_by_request_id must find the first"
+    );
+}
+
+pub async fn request_id_is_per_tenant(store: &dyn Store) {
+    let crid = new_request_id();
+    let (a, b) = (new_tenant(store).await, new_tenant(store).await);
+    let (in_a, ev_a) = sample_issuance(a, &crid);
+    let (in_b, ev_b) = sample_issuance(b, &crid);
+    insert_new(store, &in_a, &ev_a).await;
+    let stored_b = match insert(store, &in_b, &ev_b).await {
+        InsertOutcome::Inserted(stored) => stored,
+        InsertOutcome::Duplicate(_) => {
+            panic!("the same client_request_id in another tenant must not be a duplicate")
+        }
+    };
+    assert_eq!(stored_b, normalized(&in_b));
+    let found = store
+        .find_issuance_by_request_id(b, &crid)
+        .await
+        .expect("find_issuance_by_request_id failed")
+        .map(|i| i.id);
+    assert_eq!(
+        found,
+        Some(in_b.id),
+        "each tenant must find its own issuance"
+    );
+}
+
+pub async fn reads_are_scoped_by_tenant(store: &dyn Store) {
+    let (owner, stranger) = (new_tenant(store).await, new_tenant(store).await);
+    let (issuance, event) = sample_issuance(owner, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+
+    assert_eq!(
+        get(store, stranger, issuance.id).await,
+        None,
+        "get_issuance through another tenant must be None"
+    );
+    assert_eq!(
+        store
+            .find_issuance_by_request_id(stranger, &issuance.client_request_id)
+            .await
+            .expect("find_issuance_by_request_id failed"),
+        None,
+        "find_issuance_by_request_id through another tenant must be None"
+    );
+    assert!(
+        list(
+            store,
+            stranger,
+            &ListFilter {
+                limit: 10,
+                ..Default::default()
+            }
+        )
+        .await
+        .is_empty(),
+        "list_issuances of another tenant must not show the issuance"
+    );
+    assert!(
+        events(store, stranger, issuance.id).await.is_empty(),
+        "list_events through another tenant must be empty"
+    );
+    assert_eq!(
+        get(store, owner, IssuanceId::new()).await,
+        None,
+        "get_issuance of an unknown id must be None"
+    );
+}
+
+pub async fn find_by_offer_id(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    let stored = insert_new(store, &issuance, &event).await;
+    let found = store
+        .find_issuance_by_offer_id(&issuance.offer_id)
+        .await
+        .expect("find_issuance_by_offer_id failed");
+    assert_eq!(
+        found,
+        Some(stored),
+        "find_issuance_by_offer_id must find the issuance"
+    );
+    let missing = store
+        .find_issuance_by_offer_id(&random_token(18))
+        .await
+        .expect("find_issuance_by_offer_id failed");
+    assert_eq!(missing, None, "an unknown offer id must find nothing");
+}
+
+pub async fn list_order_and_filters(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let mut ids = Vec::new();
+    for status in [
+        IssuanceStatus::Pending,
+        IssuanceStatus::Accepted,
+        IssuanceStatus::Pending,
+        IssuanceStatus::Rejected,
+    ] {
+        let (mut issuance, _) = sample_issuance(tenant, &new_request_id());
+        issuance.status = status;
+        let event = first_event(&issuance);
+        insert_new(store, &issuance, &event).await;
+        ids.push((issuance.id, status, issuance.client_request_id));
+    }
+    let mut newest_first: Vec<IssuanceId> = ids.iter().map(|(id, ..)| *id).collect();
+    newest_first.sort_by(|a, b| b.cmp(a));
+
+    let all = list(
+        store,
+        tenant,
+        &ListFilter {
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        all, newest_first,
+        "list_issuances must return newest (highest id) first"
+    );
+
+    let limited = list(
+        store,
+        tenant,
+        &ListFilter {
+            limit: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        limited,
+        newest_first[..2],
+        "list_issuances must honour the limit"
+    );
+
+    let pending = list(
+        store,
+        tenant,
+        &ListFilter {
+            status: Some(IssuanceStatus::Pending),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: Vec<IssuanceId> = newest_first
+        .iter()
+        .copied()
+        .filter(|id| {
+            ids.iter()
+                .any(|(i, s, _)| i == id && *s == IssuanceStatus::Pending)
+        })
+        .collect();
+    assert_eq!(
+        pending, expected,
+        "the status filter must select exactly that status"
+    );
+
+    let (wanted, _, crid) = &ids[1];
+    let by_crid = list(
+        store,
+        tenant,
+        &ListFilter {
+            client_request_id: Some(crid.clone()),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        by_crid,
+        vec![*wanted],
+        "the client_request_id filter must select one issuance"
+    );
+
+    let none = list(
+        store,
+        tenant,
+        &ListFilter {
+            client_request_id: Some(crid.clone()),
+            status: Some(IssuanceStatus::Error),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty(), "filters must combine with AND");
+}
+
+pub async fn list_paging(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let mut inserted = HashSet::new();
+    for _ in 0..5 {
+        let (issuance, event) = sample_issuance(tenant, &new_request_id());
+        insert_new(store, &issuance, &event).await;
+        inserted.insert(issuance.id);
+    }
+    let mut seen = Vec::new();
+    let mut before = None;
+    for page_no in 0.. {
+        assert!(page_no < 10, "paging through 5 issuances must end");
+        let page = list(
+            store,
+            tenant,
+            &ListFilter {
+                before,
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(page.len() <= 2, "a page must not exceed the limit");
+        let Some(last) = page.last() else { break };
+        before = Some(*last);
+        seen.extend(page);
+    }
+    assert_eq!(
+        seen.len(),
+        5,
+        "paging must yield each issuance once, got {seen:?}"
+    );
+    assert_eq!(
+        seen.iter().copied().collect::<HashSet<_>>(),
+        inserted,
+        "paging must yield exactly the tenant's issuances"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "pages must continue in newest-first order"
+    );
+}
+
+pub async fn first_event_written(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let got = events(store, tenant, issuance.id).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "an insert must write exactly one event, got {got:?}"
+    );
+    let ev = &got[0];
+    assert!(
+        ev.global_sequence > 0,
+        "the store must assign a positive global_sequence, got {}",
+        ev.global_sequence
+    );
+    let expected = IssuanceEvent {
+        global_sequence: ev.global_sequence,
+        occurred_at: trunc_micros(event.occurred_at),
+        ..event
+    };
+    assert_eq!(*ev, expected, "the stored event must be the one given");
+    assert_eq!(ev.kind, event_kind::CREATED);
+    assert_eq!(ev.sequence, 1);
+    assert!(
+        store
+            .list_events(tenant, issuance.id, 1)
+            .await
+            .expect("list_events failed")
+            .is_empty(),
+        "list_events must return only events after the given sequence"
+    );
+}
+
+pub async fn global_sequence_increases(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let mut last = 0;
+    for t in [tenant, other, tenant] {
+        let (issuance, event) = sample_issuance(t, &new_request_id());
+        insert_new(store, &issuance, &event).await;
+        let got = events(store, t, issuance.id).await;
+        let seq = got
+            .first()
+            .unwrap_or_else(|| panic!("no event written for issuance {}", issuance.id))
+            .global_sequence;
+        assert!(
+            seq > last,
+            "global_sequence must increase across issuances and tenants ({seq} after {last})"
+        );
+        last = seq;
+    }
+}
+
+pub async fn payload_round_trip(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let payloads = [
+        json!({
+            "name": "Zoë Ångström – 日本語 😀",
+            "nested": { "deeper": { "list": [1, -2, 3.5, "x", null, true, { "k": [] }] } },
+            "empty": {},
+            "quote\"and\\backslash": "line\nbreak\ttab",
+            "big": 9_007_199_254_740_993_i64,
+        }),
+        json!([{ "a": 1 }, [[], [{}]], "ü"]),
+        json!("just a string"),
+    ];
+    for payload in payloads {
+        let (mut issuance, _) = sample_issuance(tenant, &new_request_id());
+        issuance.payload = Some(payload.clone());
+        let event = first_event(&issuance);
+        let stored = insert_new(store, &issuance, &event).await;
+        assert_eq!(
+            stored.payload,
+            Some(payload.clone()),
+            "insert must return the payload"
+        );
+        let got = get(store, tenant, issuance.id)
+            .await
+            .expect("issuance vanished");
+        assert_eq!(got.payload, Some(payload), "the payload must round trip");
+    }
+
+    let (mut purged, _) = sample_issuance(tenant, &new_request_id());
+    purged.payload = None;
+    purged.email = None;
+    purged.delivery = Delivery::Qr;
+    purged.status = IssuanceStatus::Error;
+    purged.reason = Some("purged after failure".to_owned());
+    let event = first_event(&purged);
+    let stored = insert_new(store, &purged, &event).await;
+    assert_eq!(
+        stored,
+        normalized(&purged),
+        "an issuance without payload or email must round trip"
+    );
+}
+
+/// `n` tasks insert issuances sharing one `client_request_id` at once: exactly one wins, every
+/// other one gets the winner back, and only the winner's event exists.
+pub async fn concurrent_duplicates(store: Arc<dyn Store>, n: usize) {
+    let tenant = new_tenant(store.as_ref()).await;
+    let crid = new_request_id();
+    let candidates: Vec<(Issuance, IssuanceEvent)> =
+        (0..n).map(|_| sample_issuance(tenant, &crid)).collect();
+    let tasks: Vec<_> = candidates
+        .iter()
+        .cloned()
+        .map(|(issuance, event)| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert_issuance(&issuance, &event).await })
+        })
+        .collect();
+
+    let mut winners = Vec::new();
+    let mut duplicates = Vec::new();
+    for task in tasks {
+        match task.await.expect("insert task panicked") {
+            Ok(InsertOutcome::Inserted(i)) => winners.push(i),
+            Ok(InsertOutcome::Duplicate(i)) => duplicates.push(i),
+            Err(e) => panic!("a concurrent insert failed: {}", e.chain()),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one of {n} concurrent inserts must win, {} did",
+        winners.len()
+    );
+    let winner = &winners[0];
+    assert!(
+        duplicates.iter().all(|d| d == winner),
+        "every concurrent duplicate must carry the winner {}",
+        winner.id
+    );
+    assert_eq!(
+        get(store.as_ref(), tenant, winner.id).await.as_ref(),
+        Some(winner)
+    );
+    assert_eq!(
+        events(store.as_ref(), tenant, winner.id).await.len(),
+        1,
+        "the winner must have exactly one event"
+    );
+    for (loser, _) in candidates.iter().filter(|(i, _)| i.id != winner.id) {
+        assert!(
+            events(store.as_ref(), tenant, loser.id).await.is_empty(),
+            "a losing insert {} must not write an event",
+            loser.id
+        );
+    }
+    let listed = list(
+        store.as_ref(),
+        tenant,
+        &ListFilter {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        listed,
+        vec![winner.id],
+        "the tenant must hold only the winner"
+    );
+}

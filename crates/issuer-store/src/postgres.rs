@@ -1,0 +1,392 @@
+//! The production store on Postgres.
+//!
+//! Idempotency rests on the `issuances_client_request_id_key` constraint: an insert that
+//! conflicts with a concurrent one waits for it to commit, then finds its row.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use issuer_domain::{
+    Error,
+    error::Result,
+    ids::{IssuanceId, TenantId},
+    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant},
+    ports::Store,
+};
+use serde_json::Value;
+use sqlx::{
+    PgPool, Postgres, QueryBuilder, Row,
+    postgres::{PgPoolOptions, PgRow},
+    types::Json,
+};
+use uuid::Uuid;
+
+use crate::rows::{
+    self, Backend, RowAccess, client_columns, event_columns, issuance_columns, tenant_columns,
+    trunc_micros,
+};
+
+/// How long a request waits for a pooled connection. Short, so that with the database down a
+/// request fails with `Unavailable` quickly instead of piling up.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn db_error(e: sqlx::Error) -> Error {
+    rows::db_error(Backend::Postgres, e)
+}
+
+/// A [`Store`] on a Postgres connection pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects a pool of up to `max_connections`; fails if the database cannot be reached
+    /// within a few seconds.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await
+            .map_err(db_error)?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps a pool configured by the caller.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations (`migrations/postgres`) that have not run yet.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| rows::migrate_error(Backend::Postgres, e))
+    }
+}
+
+impl RowAccess for PgRow {
+    fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn text(&self, col: &str) -> Result<String, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn flag(&self, col: &str) -> Result<bool, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn json(&self, col: &str) -> Result<Option<Value>, sqlx::Error> {
+        self.try_get(col)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&self, tenant: &Tenant) -> Result<()> {
+        sqlx::query(concat!(
+            "INSERT INTO tenants (",
+            tenant_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5)"
+        ))
+        .bind(tenant.id.0)
+        .bind(&tenant.name)
+        .bind(tenant.default_offer_ttl_secs)
+        .bind(tenant.max_offer_ttl_secs)
+        .bind(trunc_micros(tenant.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            rows::conflict_or_db_error(Backend::Postgres, e, &["tenants_pkey"], || {
+                format!("tenant `{}` already exists", tenant.id)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = $1"
+        ))
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::tenant(&row))
+        .transpose()
+    }
+
+    async fn count_tenants(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        u64::try_from(n).map_err(Error::internal)
+    }
+
+    async fn insert_client(&self, client: &ApiClient) -> Result<()> {
+        let created_at = trunc_micros(client.created_at);
+        sqlx::query(concat!(
+            "INSERT INTO api_clients (",
+            client_columns!(),
+            ", updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
+        ))
+        .bind(client.tenant_id.0)
+        .bind(&client.client_id)
+        .bind(&client.secret_hash)
+        .bind(Scope::join(&client.scopes))
+        .bind(client.active)
+        .bind(created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            rows::conflict_or_db_error(
+                Backend::Postgres,
+                e,
+                &["api_clients_client_id_key", "api_clients_pkey"],
+                || format!("client `{}` already exists", client.client_id),
+            )
+        })?;
+        Ok(())
+    }
+
+    async fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            client_columns!(),
+            " FROM api_clients WHERE client_id = $1"
+        ))
+        .bind(client_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::client(&row))
+        .transpose()
+    }
+
+    async fn update_client_secret(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        secret_hash: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_clients SET secret_hash = $3, updated_at = $4 \
+             WHERE tenant_id = $1 AND client_id = $2",
+        )
+        .bind(tenant.0)
+        .bind(client_id)
+        .bind(secret_hash)
+        .bind(trunc_micros(Utc::now()))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_issuance(
+        &self,
+        issuance: &Issuance,
+        first_event: &IssuanceEvent,
+    ) -> Result<InsertOutcome> {
+        rows::check_first_event(issuance, first_event)?;
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // On a conflict with an uncommitted insert, Postgres waits for that transaction and
+        // then does nothing; no unique-violation error ever aborts this transaction.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO issuances (",
+            issuance_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
+             RETURNING ",
+            issuance_columns!()
+        ))
+        .bind(issuance.tenant_id.0)
+        .bind(issuance.id.0)
+        .bind(&issuance.client_request_id)
+        .bind(&issuance.request_fingerprint)
+        .bind(&issuance.credential_configuration_id)
+        .bind(issuance.status.as_str())
+        .bind(&issuance.reason)
+        .bind(issuance.payload.as_ref().map(Json))
+        .bind(issuance.delivery.as_str())
+        .bind(&issuance.email)
+        .bind(&issuance.grant_type)
+        .bind(&issuance.offer_id)
+        .bind(&issuance.pre_authorized_code_hash)
+        .bind(&issuance.pre_authorized_code_sealed)
+        .bind(trunc_micros(issuance.expires_at))
+        .bind(trunc_micros(issuance.created_at))
+        .bind(trunc_micros(issuance.updated_at))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+
+        let Some(row) = inserted else {
+            // Read inside the transaction rather than after it: the conflicting row is
+            // committed (READ COMMITTED gives this statement a fresh snapshot), and reusing the
+            // connection spares a second pool acquisition while a burst of duplicates holds
+            // the pool.
+            let existing = sqlx::query(concat!(
+                "SELECT ",
+                issuance_columns!(),
+                " FROM issuances WHERE tenant_id = $1 AND client_request_id = $2"
+            ))
+            .bind(issuance.tenant_id.0)
+            .bind(&issuance.client_request_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.rollback().await.map_err(db_error)?;
+            let existing = existing.ok_or_else(|| {
+                Error::internal("insert conflicted on client_request_id but no row holds it")
+            })?;
+            return Ok(InsertOutcome::Duplicate(rows::issuance(&existing)?));
+        };
+
+        sqlx::query(
+            "INSERT INTO issuance_events \
+             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(first_event.tenant_id.0)
+        .bind(first_event.issuance_id.0)
+        .bind(first_event.sequence)
+        .bind(&first_event.kind)
+        .bind(first_event.status.as_str())
+        .bind(&first_event.reason)
+        .bind(trunc_micros(first_event.occurred_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Map before committing: a decode failure must not leave a committed row behind a
+        // reported error.
+        let stored = rows::issuance(&row)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(InsertOutcome::Inserted(stored))
+    }
+
+    async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant.0)
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn find_issuance_by_request_id(
+        &self,
+        tenant: TenantId,
+        client_request_id: &str,
+    ) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = $1 AND client_request_id = $2"
+        ))
+        .bind(tenant.0)
+        .bind(client_request_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>> {
+        let mut q = QueryBuilder::<Postgres>::new(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = "
+        ));
+        q.push_bind(tenant.0);
+        if let Some(status) = filter.status {
+            q.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(crid) = &filter.client_request_id {
+            q.push(" AND client_request_id = ").push_bind(crid.as_str());
+        }
+        if let Some(before) = filter.before {
+            q.push(" AND id < ").push_bind(before.0);
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(rows::issuance)
+            .collect()
+    }
+
+    async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE offer_id = $1"
+        ))
+        .bind(offer_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        issuance: IssuanceId,
+        after: i64,
+    ) -> Result<Vec<IssuanceEvent>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM issuance_events \
+             WHERE tenant_id = $1 AND issuance_id = $2 AND sequence > $3 \
+             ORDER BY sequence"
+        ))
+        .bind(tenant.0)
+        .bind(issuance.0)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::event)
+        .collect()
+    }
+}

@@ -1,0 +1,272 @@
+//! Row → domain mapping and sqlx → domain error mapping shared by both backends.
+//!
+//! The backends store the same columns under the same names and differ only in how ids,
+//! timestamps and JSON are encoded. Each backend implements [`RowAccess`] for its row type to
+//! hide that difference, and the entity mapping is written once against the trait.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use issuer_domain::{
+    Error, ErrorCode,
+    ids::{IssuanceId, TenantId},
+    model::{ApiClient, Delivery, Issuance, IssuanceEvent, IssuanceStatus, Scope, Tenant},
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Truncates a timestamp to whole microseconds, the precision both backends store.
+///
+/// The store applies it to every timestamp it writes, so what it returns equals what it was
+/// given after this truncation; callers comparing a stored entity with their input apply it to
+/// the input.
+pub fn trunc_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+/// The columns of `issuances`, in the order both backends select and insert them.
+macro_rules! issuance_columns {
+    () => {
+        "tenant_id, id, client_request_id, request_fingerprint, credential_configuration_id, \
+         status, reason, payload, delivery, email, grant_type, offer_id, \
+         pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at"
+    };
+}
+pub(crate) use issuance_columns;
+
+macro_rules! event_columns {
+    () => {
+        "tenant_id, issuance_id, sequence, global_sequence, kind, status, reason, occurred_at"
+    };
+}
+pub(crate) use event_columns;
+
+macro_rules! tenant_columns {
+    () => {
+        "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at"
+    };
+}
+pub(crate) use tenant_columns;
+
+macro_rules! client_columns {
+    () => {
+        "tenant_id, client_id, secret_hash, scopes, active, created_at"
+    };
+}
+pub(crate) use client_columns;
+
+/// Typed column access over a backend's row.
+pub(crate) trait RowAccess {
+    fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error>;
+    fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
+    fn text(&self, col: &str) -> Result<String, sqlx::Error>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
+    fn flag(&self, col: &str) -> Result<bool, sqlx::Error>;
+    fn json(&self, col: &str) -> Result<Option<Value>, sqlx::Error>;
+
+    /// A text column holding a value of an enum-like type.
+    fn parsed<T>(&self, col: &str) -> Result<T, sqlx::Error>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.text(col)?;
+        raw.parse()
+            .map_err(|e: T::Err| decode_error(col, format!("`{raw}`: {e}")))
+    }
+}
+
+/// A decoding failure of one column, shaped like the ones sqlx reports itself.
+pub(crate) fn decode_error(col: &str, msg: impl Into<String>) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: format!("{col:?}"),
+        source: msg.into().into(),
+    }
+}
+
+pub(crate) fn tenant(row: &impl RowAccess) -> Result<Tenant, Error> {
+    let map = || -> Result<Tenant, sqlx::Error> {
+        Ok(Tenant {
+            id: TenantId(row.uuid("id")?),
+            name: row.text("name")?,
+            default_offer_ttl_secs: row.int("default_offer_ttl_secs")?,
+            max_offer_ttl_secs: row.int("max_offer_ttl_secs")?,
+            created_at: row.time("created_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+pub(crate) fn client(row: &impl RowAccess) -> Result<ApiClient, Error> {
+    let map = || -> Result<ApiClient, sqlx::Error> {
+        let scopes = row.text("scopes")?;
+        Ok(ApiClient {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            client_id: row.text("client_id")?,
+            secret_hash: row.text("secret_hash")?,
+            scopes: Scope::parse_list(&scopes)
+                .map_err(|e| decode_error("scopes", format!("`{scopes}`: {e}")))?,
+            active: row.flag("active")?,
+            created_at: row.time("created_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
+    let map = || -> Result<Issuance, sqlx::Error> {
+        Ok(Issuance {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            id: IssuanceId(row.uuid("id")?),
+            client_request_id: row.text("client_request_id")?,
+            request_fingerprint: row.text("request_fingerprint")?,
+            credential_configuration_id: row.text("credential_configuration_id")?,
+            status: row.parsed::<IssuanceStatus>("status")?,
+            reason: row.opt_text("reason")?,
+            payload: row.json("payload")?,
+            delivery: row.parsed::<Delivery>("delivery")?,
+            email: row.opt_text("email")?,
+            grant_type: row.text("grant_type")?,
+            offer_id: row.text("offer_id")?,
+            pre_authorized_code_hash: row.text("pre_authorized_code_hash")?,
+            pre_authorized_code_sealed: row.text("pre_authorized_code_sealed")?,
+            expires_at: row.time("expires_at")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+pub(crate) fn event(row: &impl RowAccess) -> Result<IssuanceEvent, Error> {
+    let map = || -> Result<IssuanceEvent, sqlx::Error> {
+        Ok(IssuanceEvent {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            issuance_id: IssuanceId(row.uuid("issuance_id")?),
+            sequence: row.int("sequence")?,
+            global_sequence: row.int("global_sequence")?,
+            kind: row.text("kind")?,
+            status: row.parsed::<IssuanceStatus>("status")?,
+            reason: row.opt_text("reason")?,
+            occurred_at: row.time("occurred_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+/// Rejects a first event that does not belong to the issuance it is written with: the
+/// foreign key would only catch a wrong issuance id if that issuance happened not to exist.
+pub(crate) fn check_first_event(issuance: &Issuance, event: &IssuanceEvent) -> Result<(), Error> {
+    if event.tenant_id != issuance.tenant_id || event.issuance_id != issuance.id {
+        return Err(Error::internal(format!(
+            "first event belongs to issuance {}/{}, not {}/{}",
+            event.tenant_id, event.issuance_id, issuance.tenant_id, issuance.id
+        )));
+    }
+    Ok(())
+}
+
+/// Which backend an error came from; SQLSTATEs and SQLite result codes share `code()`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Maps a sqlx error to the domain: failures to reach the database become `Unavailable` (the
+/// caller may retry), everything else `Internal`.
+pub(crate) fn db_error(backend: Backend, e: sqlx::Error) -> Error {
+    if is_unavailable(backend, &e) {
+        Error::unavailable(e)
+    } else {
+        Error::internal(e)
+    }
+}
+
+/// Like [`db_error`], looking through the migrator's wrapper so that an unreachable database
+/// during migration still reads as `Unavailable`.
+pub(crate) fn migrate_error(backend: Backend, e: sqlx::migrate::MigrateError) -> Error {
+    match e {
+        sqlx::migrate::MigrateError::Execute(e) => db_error(backend, e),
+        other => Error::internal(other),
+    }
+}
+
+fn is_unavailable(backend: Backend, e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let Some(code) = db.code() else { return false };
+            match backend {
+                // Class 08: connection exceptions. 57P01..57P03: admin shutdown, crash
+                // shutdown, cannot connect now (starting up or in recovery).
+                Backend::Postgres => {
+                    code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+                }
+                // SQLITE_BUSY (any extended variant) after busy_timeout ran out: another writer
+                // held the database for too long; retrying later is the right answer.
+                Backend::Sqlite => code.parse::<i32>().is_ok_and(|c| c & 0xff == SQLITE_BUSY),
+            }
+        }
+        _ => false,
+    }
+}
+
+const SQLITE_BUSY: i32 = 5;
+
+/// `AlreadyExists` when `e` is a unique violation of one of `constraints`, otherwise the usual
+/// mapping. SQLite does not report constraint names, so there any unique violation counts;
+/// callers pass only statements whose every unique constraint means "already exists".
+pub(crate) fn conflict_or_db_error(
+    backend: Backend,
+    e: sqlx::Error,
+    constraints: &[&str],
+    message: impl FnOnce() -> String,
+) -> Error {
+    if let Some(db) = e.as_database_error()
+        && db.is_unique_violation()
+        && db.constraint().is_none_or(|c| constraints.contains(&c))
+    {
+        return Error {
+            source: Some(Box::new(e)),
+            ..Error::new(ErrorCode::AlreadyExists, message())
+        };
+    }
+    db_error(backend, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trunc_micros_drops_only_sub_microsecond_digits() {
+        let t = DateTime::parse_from_rfc3339("2025-01-02T03:04:05.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let expected = DateTime::parse_from_rfc3339("2025-01-02T03:04:05.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(trunc_micros(t), expected);
+        assert_eq!(trunc_micros(expected), expected);
+    }
+
+    #[test]
+    fn connection_failures_are_unavailable() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(db_error(Backend::Postgres, io).code, ErrorCode::Unavailable);
+        assert_eq!(
+            db_error(Backend::Sqlite, sqlx::Error::PoolTimedOut).code,
+            ErrorCode::Unavailable
+        );
+        assert_eq!(
+            db_error(Backend::Postgres, sqlx::Error::RowNotFound).code,
+            ErrorCode::Internal
+        );
+    }
+}

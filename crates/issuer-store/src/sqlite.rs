@@ -1,0 +1,449 @@
+//! The single-node store on SQLite, for development, small deployments and tests.
+//!
+//! Ids are stored as lowercase hyphenated UUID text and timestamps as RFC 3339 UTC text with
+//! exactly six fractional digits, so that text order equals UUID and time order. Writers that
+//! must be atomic take the write lock up front (`BEGIN IMMEDIATE`) and queue on the busy
+//! timeout instead of failing with `SQLITE_BUSY` halfway through.
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use issuer_domain::{
+    Error,
+    error::Result,
+    ids::{IssuanceId, TenantId},
+    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant},
+    ports::Store,
+};
+use serde_json::Value;
+use sqlx::{
+    QueryBuilder, Row, Sqlite, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow},
+};
+use uuid::Uuid;
+
+use crate::rows::{
+    self, Backend, RowAccess, client_columns, decode_error, event_columns, issuance_columns,
+    tenant_columns, trunc_micros,
+};
+
+/// How long a writer waits for another writer's lock before giving up with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WAL lets readers proceed next to the one writer; more connections than this buy nothing.
+const MAX_CONNECTIONS: u32 = 8;
+
+fn db_error(e: sqlx::Error) -> Error {
+    rows::db_error(Backend::Sqlite, e)
+}
+
+/// The stored form of an id.
+fn id_text(id: Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+/// The stored form of a timestamp; fixed width so that text comparison is time comparison.
+fn time_text(t: DateTime<Utc>) -> String {
+    trunc_micros(t).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// A [`Store`] on an SQLite database file (or an in-memory database, for tests).
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path_or_url` (a file path or an `sqlite:` URL), creating the file
+    /// if it is missing. Call [`SqliteStore::migrate`] before use.
+    pub async fn open(path_or_url: &str) -> Result<Self> {
+        let options = if path_or_url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(path_or_url).map_err(db_error)?
+        } else {
+            SqliteConnectOptions::new().filename(path_or_url)
+        };
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        Ok(Self { pool })
+    }
+
+    /// A private, empty in-memory database, already migrated.
+    ///
+    /// Every connection to `:memory:` opens a database of its own, so the pool holds exactly
+    /// one connection and never lets it go: dropping it would drop the data.
+    pub async fn in_memory() -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(db_error)?
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Wraps a pool configured by the caller.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations (`migrations/sqlite`) that have not run yet.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| rows::migrate_error(Backend::Sqlite, e))
+    }
+}
+
+impl RowAccess for SqliteRow {
+    fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error> {
+        let raw: String = self.try_get(col)?;
+        Uuid::parse_str(&raw).map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        let raw: String = self.try_get(col)?;
+        DateTime::parse_from_rfc3339(&raw)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
+    }
+    fn text(&self, col: &str) -> Result<String, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn flag(&self, col: &str) -> Result<bool, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn json(&self, col: &str) -> Result<Option<Value>, sqlx::Error> {
+        let raw: Option<String> = self.try_get(col)?;
+        raw.map(|raw| serde_json::from_str(&raw).map_err(|e| decode_error(col, e.to_string())))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&self, tenant: &Tenant) -> Result<()> {
+        sqlx::query(concat!(
+            "INSERT INTO tenants (",
+            tenant_columns!(),
+            ") VALUES (?, ?, ?, ?, ?)"
+        ))
+        .bind(id_text(tenant.id.0))
+        .bind(&tenant.name)
+        .bind(tenant.default_offer_ttl_secs)
+        .bind(tenant.max_offer_ttl_secs)
+        .bind(time_text(tenant.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            rows::conflict_or_db_error(Backend::Sqlite, e, &[], || {
+                format!("tenant `{}` already exists", tenant.id)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = ?"
+        ))
+        .bind(id_text(id.0))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::tenant(&row))
+        .transpose()
+    }
+
+    async fn count_tenants(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        u64::try_from(n).map_err(Error::internal)
+    }
+
+    async fn insert_client(&self, client: &ApiClient) -> Result<()> {
+        let created_at = time_text(client.created_at);
+        sqlx::query(concat!(
+            "INSERT INTO api_clients (",
+            client_columns!(),
+            ", updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(id_text(client.tenant_id.0))
+        .bind(&client.client_id)
+        .bind(&client.secret_hash)
+        .bind(Scope::join(&client.scopes))
+        .bind(client.active)
+        .bind(&created_at)
+        .bind(&created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            // Both unique constraints of api_clients (the primary key and client_id) mean the
+            // client id is taken.
+            rows::conflict_or_db_error(Backend::Sqlite, e, &[], || {
+                format!("client `{}` already exists", client.client_id)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            client_columns!(),
+            " FROM api_clients WHERE client_id = ?"
+        ))
+        .bind(client_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::client(&row))
+        .transpose()
+    }
+
+    async fn update_client_secret(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        secret_hash: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_clients SET secret_hash = ?, updated_at = ? \
+             WHERE tenant_id = ? AND client_id = ?",
+        )
+        .bind(secret_hash)
+        .bind(time_text(Utc::now()))
+        .bind(id_text(tenant.0))
+        .bind(client_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_issuance(
+        &self,
+        issuance: &Issuance,
+        first_event: &IssuanceEvent,
+    ) -> Result<InsertOutcome> {
+        rows::check_first_event(issuance, first_event)?;
+        let payload = issuance
+            .payload
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(Error::internal)?;
+        // IMMEDIATE takes the write lock now, where the busy timeout applies; a deferred
+        // transaction could fail with SQLITE_BUSY when upgrading from read to write.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO issuances (",
+            issuance_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
+             RETURNING ",
+            issuance_columns!()
+        ))
+        .bind(id_text(issuance.tenant_id.0))
+        .bind(id_text(issuance.id.0))
+        .bind(&issuance.client_request_id)
+        .bind(&issuance.request_fingerprint)
+        .bind(&issuance.credential_configuration_id)
+        .bind(issuance.status.as_str())
+        .bind(&issuance.reason)
+        .bind(payload)
+        .bind(issuance.delivery.as_str())
+        .bind(&issuance.email)
+        .bind(&issuance.grant_type)
+        .bind(&issuance.offer_id)
+        .bind(&issuance.pre_authorized_code_hash)
+        .bind(&issuance.pre_authorized_code_sealed)
+        .bind(time_text(issuance.expires_at))
+        .bind(time_text(issuance.created_at))
+        .bind(time_text(issuance.updated_at))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+
+        let Some(row) = inserted else {
+            // Read on the transaction's connection: the pool of an in-memory store has only
+            // this one, and the write lock guarantees the conflicting row is committed.
+            let existing = sqlx::query(concat!(
+                "SELECT ",
+                issuance_columns!(),
+                " FROM issuances WHERE tenant_id = ? AND client_request_id = ?"
+            ))
+            .bind(id_text(issuance.tenant_id.0))
+            .bind(&issuance.client_request_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.rollback().await.map_err(db_error)?;
+            let existing = existing.ok_or_else(|| {
+                Error::internal("insert conflicted on client_request_id but no row holds it")
+            })?;
+            return Ok(InsertOutcome::Duplicate(rows::issuance(&existing)?));
+        };
+
+        sqlx::query(
+            "INSERT INTO issuance_events \
+             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id_text(first_event.tenant_id.0))
+        .bind(id_text(first_event.issuance_id.0))
+        .bind(first_event.sequence)
+        .bind(&first_event.kind)
+        .bind(first_event.status.as_str())
+        .bind(&first_event.reason)
+        .bind(time_text(first_event.occurred_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Map before committing: a decode failure must not leave a committed row behind a
+        // reported error.
+        let stored = rows::issuance(&row)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(InsertOutcome::Inserted(stored))
+    }
+
+    async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = ? AND id = ?"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(id_text(id.0))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn find_issuance_by_request_id(
+        &self,
+        tenant: TenantId,
+        client_request_id: &str,
+    ) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = ? AND client_request_id = ?"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(client_request_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>> {
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = "
+        ));
+        q.push_bind(id_text(tenant.0));
+        if let Some(status) = filter.status {
+            q.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(crid) = &filter.client_request_id {
+            q.push(" AND client_request_id = ").push_bind(crid.clone());
+        }
+        if let Some(before) = filter.before {
+            q.push(" AND id < ").push_bind(id_text(before.0));
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(rows::issuance)
+            .collect()
+    }
+
+    async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE offer_id = ?"
+        ))
+        .bind(offer_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .map(|row| rows::issuance(&row))
+        .transpose()
+    }
+
+    async fn list_events(
+        &self,
+        tenant: TenantId,
+        issuance: IssuanceId,
+        after: i64,
+    ) -> Result<Vec<IssuanceEvent>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM issuance_events \
+             WHERE tenant_id = ? AND issuance_id = ? AND sequence > ? \
+             ORDER BY sequence"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(id_text(issuance.0))
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::event)
+        .collect()
+    }
+}

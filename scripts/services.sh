@@ -1,0 +1,45 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: makes sure Postgres and Redis answer on
+# 127.0.0.1 and exports TEST_DATABASE_URL / TEST_REDIS_URL for the tests.
+
+: "${TEST_DATABASE_URL:=postgres://postgres@127.0.0.1:5432/postgres}"
+: "${TEST_REDIS_URL:=redis://127.0.0.1:6379}"
+export TEST_DATABASE_URL TEST_REDIS_URL
+
+apt_install() {
+  command -v apt-get >/dev/null || { echo "cannot install $*: no apt-get; install it by hand" >&2; exit 1; }
+  if [ -z "${APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_up() { psql "$TEST_DATABASE_URL" -qtAc 'select 1' >/dev/null 2>&1; }
+
+ensure_postgres() {
+  pg_up && return 0
+  command -v pg_ctlcluster >/dev/null || { echo "==> installing PostgreSQL"; apt_install postgresql postgresql-contrib; }
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  echo "==> starting PostgreSQL $version"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
+  for _ in $(seq 1 30); do pg_up && return 0; pg_isready -q -h 127.0.0.1 && break; sleep 1; done
+  pg_up && return 0
+  # A fresh Debian cluster wants a password over TCP: give the postgres role one for the tests.
+  echo "==> setting a test password for the postgres role"
+  su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'issuer-test'\"" >/dev/null
+  TEST_DATABASE_URL="postgres://postgres:issuer-test@127.0.0.1:5432/postgres"
+  export TEST_DATABASE_URL
+  pg_up || { echo "PostgreSQL does not answer at $TEST_DATABASE_URL" >&2; exit 1; }
+}
+
+ensure_redis() {
+  command -v redis-server >/dev/null || { echo "==> installing Redis"; apt_install redis-server; }
+  if redis-cli -u "$TEST_REDIS_URL" ping >/dev/null 2>&1; then return 0; fi
+  echo "==> starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --logfile /tmp/issuer-test-redis.log
+  for _ in $(seq 1 20); do redis-cli -u "$TEST_REDIS_URL" ping >/dev/null 2>&1 && return 0; sleep 0.5; done
+  echo "Redis does not answer at $TEST_REDIS_URL" >&2
+  exit 1
+}

@@ -1,0 +1,167 @@
+//! Wiring: turns `Settings` into connected stores, locks, keys and the use-case services that
+//! both the REST shim and the gRPC service call.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use issuer_auth::{AesSealer, SecretHasher, ServerSecret, SigningKey, TokenService};
+use issuer_domain::{
+    catalog::Catalog,
+    ports::{Clock, IdempotencyLock, Store, SystemClock},
+    service::{IdempotencySettings, IssuanceService},
+};
+use issuer_lock::{InProcessLock, RedisLock};
+use issuer_store::{PgStore, SqliteStore};
+
+use crate::config::Settings;
+
+/// Everything a request handler needs, shared by REST and gRPC.
+pub struct App {
+    pub settings: Settings,
+    pub store: Arc<dyn Store>,
+    pub lock: Arc<dyn IdempotencyLock>,
+    pub tokens: TokenService,
+    pub hasher: SecretHasher,
+    pub clock: Arc<dyn Clock>,
+    pub issuances: IssuanceService,
+}
+
+impl App {
+    /// Connects to the configured stores (migrating them when `migrate_on_start`) and loads
+    /// or, in the embedded default, creates the keys.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = connect_store(&settings, settings.migrate_on_start).await?;
+        Self::with_store(settings, store).await
+    }
+
+    pub async fn with_store(settings: Settings, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let lock: Arc<dyn IdempotencyLock> = match &settings.redis_url {
+            Some(url) => Arc::new(RedisLock::connect(url.expose()).context("ISSUER_REDIS_URL")?),
+            None => Arc::new(InProcessLock::new()),
+        };
+        let secret = server_secret(&settings)?;
+        let signing = token_signing_key(&settings)?;
+        let issuer = format!("{}/issuer", settings.public_url);
+        let tokens = TokenService::new(
+            &issuer,
+            &format!("{issuer}/api"),
+            settings.token_ttl_secs,
+            &signing,
+            &[],
+        );
+        let catalog = match &settings.catalog_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Catalog::from_json(&text).map_err(anyhow::Error::msg)?
+            }
+            None => Catalog::builtin(),
+        };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let issuances = IssuanceService::new(
+            store.clone(),
+            lock.clone(),
+            Arc::new(AesSealer::new(&secret)),
+            clock.clone(),
+            Arc::new(catalog),
+            &settings.public_url,
+            IdempotencySettings {
+                lock_wait: Duration::from_millis(settings.idempotency_lock_wait_ms),
+                ..IdempotencySettings::default()
+            },
+        );
+        Ok(Self {
+            hasher: SecretHasher::new(&secret),
+            settings,
+            store,
+            lock,
+            tokens,
+            clock,
+            issuances,
+        })
+    }
+}
+
+/// Opens the configured store; migrates it when asked.
+pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &settings.database_url {
+        Some(url) => {
+            let store = PgStore::connect(url.expose(), settings.database_max_connections)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+                .context("connecting to ISSUER_DATABASE_URL")?;
+            if migrate {
+                store
+                    .migrate()
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            }
+            Arc::new(store)
+        }
+        None => {
+            std::fs::create_dir_all(&settings.data_dir)
+                .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+            let path = settings.data_dir.join("issuer.db");
+            let store = SqliteStore::open(&path.to_string_lossy())
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))
+                .with_context(|| format!("opening {}", path.display()))?;
+            // The embedded database always follows the binary's schema.
+            store
+                .migrate()
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            Arc::new(store)
+        }
+    })
+}
+
+fn server_secret(settings: &Settings) -> anyhow::Result<ServerSecret> {
+    let text = match &settings.secret_key {
+        Some(s) => s.expose().to_owned(),
+        None => read_or_create(
+            &settings.data_dir.join("secret.key"),
+            ServerSecret::generate_text,
+        )?,
+    };
+    ServerSecret::new(text.trim().as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("ISSUER_SECRET_KEY: {e}"))
+}
+
+fn token_signing_key(settings: &Settings) -> anyhow::Result<SigningKey> {
+    let pem = match (
+        &settings.token_signing_key,
+        &settings.token_signing_key_file,
+    ) {
+        (Some(pem), _) => pem.expose().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading ISSUER_TOKEN_SIGNING_KEY_FILE {}", path.display()))?,
+        (None, None) => read_or_create(&settings.data_dir.join("token-signing-key.pem"), || {
+            SigningKey::generate().to_pem()
+        })?,
+    };
+    SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("token signing key: {e}"))
+}
+
+/// Reads a file of the embedded default's data dir, creating it (mode 0600) on first start.
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+    if path.exists() {
+        return std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let value = make();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    use std::io::Write;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(value.as_bytes())?;
+    tracing::info!(path = %path.display(), "generated a key for the embedded default");
+    Ok(value)
+}

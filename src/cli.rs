@@ -1,0 +1,81 @@
+//! The command line: `serve` (default), `migrate`, and tenant / client provisioning.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use issuer_domain::model::Scope;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "issuer",
+    version,
+    about = "Verifiable credential issuer (OID4VCI 1.0, SD-JWT VC)"
+)]
+pub struct Cli {
+    /// TOML settings file (also `ISSUER_CONFIG`); `ISSUER_*` environment variables override it.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve REST and gRPC (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API clients.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create an API client; its secret is printed only this once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated: issuance:write, issuance:read, webhooks:manage.
+        #[arg(long, value_parser = parse_scopes)]
+        scopes: ScopeList,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Replace a client's secret; the old one stops working at once.
+    RotateSecret {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        client: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScopeList(pub Vec<Scope>);
+
+fn parse_scopes(s: &str) -> Result<ScopeList, String> {
+    Scope::parse_list(s).map(ScopeList)
+}

@@ -1,0 +1,205 @@
+//! Settings: built-in defaults, then an optional TOML file, then `ISSUER_*` environment
+//! variables, then `validate()`. Secrets are wrapped so they never print.
+
+use std::{fmt, net::SocketAddr, path::PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// A value that must not reach logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("**redacted**")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Every setting, with its environment variable in the doc comment. The README's configuration
+/// table and the Helm values use the same names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// `ISSUER_LISTEN_ADDR`: REST, gRPC and gRPC-web on one port.
+    pub listen_addr: SocketAddr,
+    /// `ISSUER_PUBLIC_URL`: the externally visible base URL; every absolute URL is built from it.
+    pub public_url: String,
+    /// `ISSUER_DATABASE_URL`: `postgres://...`; unset = embedded SQLite file in the data dir.
+    pub database_url: Option<Secret>,
+    /// `ISSUER_DATABASE_MAX_CONNECTIONS`.
+    pub database_max_connections: u32,
+    /// `ISSUER_REDIS_URL`: `redis://...`; unset = in-process locks (one instance only).
+    pub redis_url: Option<Secret>,
+    /// `ISSUER_DATA_DIR`: where the embedded default keeps its database and generated keys.
+    pub data_dir: PathBuf,
+    /// `ISSUER_SECRET_KEY`: server secret (>= 32 bytes) from which the client-secret pepper and
+    /// the code-sealing key derive. Required with Postgres; generated in the data dir otherwise.
+    pub secret_key: Option<Secret>,
+    /// `ISSUER_TOKEN_SIGNING_KEY`: PEM of the P-256 key that signs access tokens.
+    pub token_signing_key: Option<Secret>,
+    /// `ISSUER_TOKEN_SIGNING_KEY_FILE`: the same, from a file. One of the two is required with
+    /// Postgres; generated in the data dir otherwise.
+    pub token_signing_key_file: Option<PathBuf>,
+    /// `ISSUER_TOKEN_TTL_SECS`: access-token lifetime, 300..=900.
+    pub token_ttl_secs: i64,
+    /// `ISSUER_CATALOG_FILE`: JSON credential-configuration catalog replacing the built-in one.
+    pub catalog_file: Option<PathBuf>,
+    /// `ISSUER_MAX_BODY_BYTES`: request body limit (REST and gRPC messages).
+    pub max_body_bytes: usize,
+    /// `ISSUER_MIGRATE_ON_START`: run database migrations when serving starts.
+    pub migrate_on_start: bool,
+    /// `ISSUER_IDEMPOTENCY_LOCK_WAIT_MS`: how long a concurrent duplicate create waits.
+    pub idempotency_lock_wait_ms: u64,
+    /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
+    pub log_format: LogFormat,
+    /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
+    pub log_level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen_addr: "0.0.0.0:8080".parse().expect("valid address"),
+            public_url: "http://localhost:8080".into(),
+            database_url: None,
+            database_max_connections: 20,
+            redis_url: None,
+            data_dir: PathBuf::from("data"),
+            secret_key: None,
+            token_signing_key: None,
+            token_signing_key_file: None,
+            token_ttl_secs: 300,
+            catalog_file: None,
+            max_body_bytes: 64 * 1024,
+            migrate_on_start: true,
+            idempotency_lock_wait_ms: 10_000,
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults → `file` (or `$ISSUER_CONFIG`) → `ISSUER_*` environment → validation.
+    pub fn load(file: Option<PathBuf>) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file.or_else(|| std::env::var_os("ISSUER_CONFIG").map(PathBuf::from)) {
+            anyhow::ensure!(
+                path.exists(),
+                "config file {} does not exist",
+                path.display()
+            );
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(Env::prefixed("ISSUER_").ignore(&["config"]));
+        let settings: Settings = fig.extract()?;
+        settings.validate()
+    }
+
+    /// Normalises empty values to unset and checks ranges and combinations.
+    pub fn validate(mut self) -> anyhow::Result<Self> {
+        for opt in [
+            &mut self.database_url,
+            &mut self.redis_url,
+            &mut self.secret_key,
+            &mut self.token_signing_key,
+        ] {
+            if opt.as_ref().is_some_and(|s| s.expose().trim().is_empty()) {
+                *opt = None;
+            }
+        }
+        self.public_url = self.public_url.trim_end_matches('/').to_owned();
+        anyhow::ensure!(
+            self.public_url.starts_with("https://") || self.public_url.starts_with("http://"),
+            "ISSUER_PUBLIC_URL must be an http(s) URL, got `{}`",
+            self.public_url
+        );
+        anyhow::ensure!(
+            (300..=900).contains(&self.token_ttl_secs),
+            "ISSUER_TOKEN_TTL_SECS must be from 300 to 900 (RFC 9068 tokens stay short-lived)"
+        );
+        anyhow::ensure!(
+            self.max_body_bytes >= 1024,
+            "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        if let Some(url) = &self.database_url {
+            let url = url.expose();
+            anyhow::ensure!(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "ISSUER_DATABASE_URL must be a postgres:// URL (unset it for the embedded SQLite default)"
+            );
+            anyhow::ensure!(
+                self.secret_key.is_some(),
+                "ISSUER_SECRET_KEY is required with ISSUER_DATABASE_URL: every replica must share it"
+            );
+            anyhow::ensure!(
+                self.token_signing_key.is_some() || self.token_signing_key_file.is_some(),
+                "ISSUER_TOKEN_SIGNING_KEY or ISSUER_TOKEN_SIGNING_KEY_FILE is required with ISSUER_DATABASE_URL"
+            );
+        }
+        Ok(self)
+    }
+
+    /// True when running on the embedded SQLite default.
+    pub fn is_embedded(&self) -> bool {
+        self.database_url.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Settings {
+            secret_key: Some(Secret::new("super-secret-value")),
+            ..Settings::default()
+        };
+        assert!(!format!("{s:?}").contains("super-secret-value"));
+    }
+
+    #[test]
+    fn postgres_needs_shared_secrets() {
+        let s = Settings {
+            database_url: Some(Secret::new("postgres://localhost/x")),
+            ..Settings::default()
+        };
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn env_overrides_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ISSUER_LISTEN_ADDR", "127.0.0.1:9999");
+            jail.set_env("ISSUER_DATABASE_URL", "");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.listen_addr.port(), 9999);
+            assert!(s.is_embedded());
+            Ok(())
+        });
+    }
+}

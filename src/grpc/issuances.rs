@@ -1,0 +1,132 @@
+//! `IssuanceService` over gRPC: the same use cases as the REST shim.
+
+use std::sync::Arc;
+
+use issuer_domain::{model::Issuance, service::ListParams};
+use prost_types::Timestamp;
+use serde_json::{Map, Value};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+
+use super::{
+    authenticate,
+    pb::{self, issuance_service_server::IssuanceService},
+    status,
+    structs::struct_to_json,
+};
+use crate::{app::App, view::IssuanceView};
+
+pub struct IssuanceGrpc {
+    app: Arc<App>,
+}
+
+impl IssuanceGrpc {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+
+    fn message(&self, i: &Issuance) -> pb::Issuance {
+        let v = IssuanceView::new(&self.app.issuances, i);
+        pb::Issuance {
+            issuance_id: v.issuance_id,
+            client_request_id: v.client_request_id,
+            credential_configuration_id: v.credential_configuration_id,
+            status: v.status.to_owned(),
+            reason: v.reason.unwrap_or_default(),
+            credential_offer_uri: v.credential_offer_uri,
+            delivery: v.delivery.to_owned(),
+            expires_at: Some(timestamp(&v.expires_at)),
+            created_at: Some(timestamp(&v.created_at)),
+            updated_at: Some(timestamp(&v.updated_at)),
+        }
+    }
+}
+
+fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The request as the JSON the domain validates; proto3 leaves unset strings empty, so empty
+/// optional strings count as absent.
+fn create_body(r: pb::CreateIssuanceRequest) -> Value {
+    let mut m = Map::new();
+    m.insert("client_request_id".into(), r.client_request_id.into());
+    for (name, value) in [
+        ("credential_configuration_id", r.credential_configuration_id),
+        ("delivery", r.delivery),
+        ("email", r.email),
+        ("grant_type", r.grant_type),
+    ] {
+        if !value.is_empty() {
+            m.insert(name.into(), value.into());
+        }
+    }
+    if let Some(p) = r.payload {
+        m.insert("payload".into(), struct_to_json(p));
+    }
+    if let Some(e) = r.expires_in {
+        m.insert("expires_in".into(), e.into());
+    }
+    Value::Object(m)
+}
+
+#[tonic::async_trait]
+impl IssuanceService for IssuanceGrpc {
+    async fn create_issuance(
+        &self,
+        req: Request<pb::CreateIssuanceRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let body = create_body(req.into_inner());
+        let out = self
+            .app
+            .issuances
+            .create(&who, &body)
+            .await
+            .map_err(status)?;
+        let mut res = Response::new(self.message(&out.issuance));
+        res.metadata_mut().insert(
+            "idempotent-replayed",
+            MetadataValue::from_static(if out.replayed { "true" } else { "false" }),
+        );
+        Ok(res)
+    }
+
+    async fn get_issuance(
+        &self,
+        req: Request<pb::GetIssuanceRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let id = req.into_inner().issuance_id;
+        let issuance = self.app.issuances.get(&who, &id).await.map_err(status)?;
+        Ok(Response::new(self.message(&issuance)))
+    }
+
+    async fn list_issuances(
+        &self,
+        req: Request<pb::ListIssuancesRequest>,
+    ) -> Result<Response<pb::ListIssuancesResponse>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let r = req.into_inner();
+        let page = self
+            .app
+            .issuances
+            .list(
+                &who,
+                ListParams {
+                    page_size: Some(i64::from(r.page_size)),
+                    page_token: Some(r.page_token),
+                    status: Some(r.status),
+                    client_request_id: Some(r.client_request_id),
+                },
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListIssuancesResponse {
+            issuances: page.issuances.iter().map(|i| self.message(i)).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}

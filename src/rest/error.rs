@@ -1,0 +1,105 @@
+//! The one mapping from domain errors to HTTP: RFC 9457 problem+json with a stable `code` and
+//! field violations, `WWW-Authenticate` for token problems (RFC 6750), `Retry-After` when a
+//! dependency is down.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use issuer_domain::{Error, ErrorCode};
+use serde_json::json;
+
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
+        ErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Seconds a client should wait before retrying after `Unavailable`.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let status = status_of(e.code);
+        match e.code {
+            ErrorCode::Internal | ErrorCode::Unavailable => {
+                tracing::error!(code = %e.code, error = %e.chain(), "request failed")
+            }
+            _ => tracing::debug!(code = %e.code, error = %e.message, "request refused"),
+        }
+        let mut body = json!({
+            "type": format!("urn:issuer:problem:{}", e.code),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": e.message,
+            "code": e.code.as_str(),
+        });
+        if !e.violations.is_empty() {
+            body["errors"] = serde_json::to_value(&e.violations).unwrap_or_default();
+        }
+        let mut res = (status, body.to_string()).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match e.code {
+            ErrorCode::InvalidToken => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    bearer_challenge("invalid_token", &e.message, None),
+                );
+            }
+            ErrorCode::InsufficientScope => {
+                let scope = e.message.split('`').nth(1).map(str::to_owned);
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    bearer_challenge("insufficient_scope", &e.message, scope.as_deref()),
+                );
+            }
+            ErrorCode::Unavailable => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            ErrorCode::InvalidRequest
+            | ErrorCode::NotFound
+            | ErrorCode::IdempotencyKeyReused
+            | ErrorCode::AlreadyExists
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::Internal => {}
+        }
+        res
+    }
+}
+
+fn bearer_challenge(error: &str, description: &str, scope: Option<&str>) -> HeaderValue {
+    let description: String = description
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect();
+    let mut v =
+        format!(r#"Bearer realm="issuer", error="{error}", error_description="{description}""#);
+    if let Some(scope) = scope {
+        v.push_str(&format!(r#", scope="{scope}""#));
+    }
+    HeaderValue::from_str(&v)
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"issuer\""))
+}

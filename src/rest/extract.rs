@@ -1,0 +1,87 @@
+//! Extractors that turn transport problems into documented errors: the bearer token into a
+//! `Principal`, the body into JSON (malformed JSON, wrong media type and oversized bodies are
+//! problem+json, not axum's plain-text rejections).
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{StatusCode, header, request::Parts},
+};
+use issuer_domain::{Error, ErrorCode, service::Principal};
+use serde_json::Value;
+
+use super::{ApiError, AppState};
+
+/// The verified caller.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::new(ErrorCode::InvalidToken, "missing bearer token"))?;
+        let token = bearer_token(header)
+            .ok_or_else(|| Error::new(ErrorCode::InvalidToken, "missing bearer token"))?;
+        app.tokens
+            .verify(token)
+            .map(Auth)
+            .map_err(|e| ApiError(Error::new(ErrorCode::InvalidToken, e.0)))
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A JSON request body.
+pub struct JsonBody(pub Value);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "send the body as Content-Type: application/json",
+            )
+            .into());
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the request body exceeds {} bytes",
+                        state.settings.max_body_bytes
+                    ),
+                )
+            } else {
+                Error::invalid_field("", format!("unreadable request body: {rejection}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError(Error::invalid_field("", format!("malformed JSON: {e}"))))
+    }
+}

@@ -1,0 +1,90 @@
+//! `/issuer/api/v1/issuances`: create (idempotent), get, list.
+
+use std::collections::HashMap;
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use issuer_domain::{Error, service::ListParams};
+use serde_json::json;
+
+use super::{
+    ApiError, AppState,
+    extract::{Auth, JsonBody},
+};
+use crate::view::IssuanceView;
+
+/// 201 + `Location` for a new issuance; 200 + `Idempotent-Replayed: true` for a replay.
+pub async fn create(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let out = app.issuances.create(&who, &body).await?;
+    let view = IssuanceView::new(&app.issuances, &out.issuance);
+    let location = format!(
+        "{}/issuer/api/v1/issuances/{}",
+        app.settings.public_url, view.issuance_id
+    );
+    let status = if out.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut res = (status, Json(view)).into_response();
+    let h = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(
+        "idempotent-replayed",
+        HeaderValue::from_static(if out.replayed { "true" } else { "false" }),
+    );
+    Ok(res)
+}
+
+pub async fn get(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+) -> Result<Json<IssuanceView>, ApiError> {
+    let issuance = app.issuances.get(&who, &issuance_id).await?;
+    Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let page_size = match q.get("page_size") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<i64>()
+                .map_err(|_| Error::invalid_field("page_size", "must be an integer"))?,
+        ),
+    };
+    let page = app
+        .issuances
+        .list(
+            &who,
+            ListParams {
+                page_size,
+                page_token: q.get("page_token").cloned(),
+                status: q.get("status").cloned(),
+                client_request_id: q.get("client_request_id").cloned(),
+            },
+        )
+        .await?;
+    let items: Vec<IssuanceView> = page
+        .issuances
+        .iter()
+        .map(|i| IssuanceView::new(&app.issuances, i))
+        .collect();
+    Ok(Json(
+        json!({"issuances": items, "next_page_token": page.next_page_token}),
+    ))
+}

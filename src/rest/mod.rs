@@ -1,0 +1,72 @@
+//! The REST shim: the documented `/issuer/...` JSON paths over the same use cases as gRPC.
+//! One module per resource; errors leave through `error::ApiError` only.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+
+use crate::app::App;
+
+mod error;
+mod extract;
+mod issuances;
+mod oauth;
+mod offers;
+
+pub use error::{ApiError, RETRY_AFTER_SECS};
+pub use extract::bearer_token;
+
+pub type AppState = Arc<App>;
+
+pub fn router(app: AppState) -> Router {
+    let limit = app.settings.max_body_bytes;
+    Router::new()
+        .route("/issuer/oauth/token", post(oauth::token))
+        .route("/issuer/oauth/jwks", get(oauth::jwks))
+        .route(
+            "/issuer/api/v1/issuances",
+            post(issuances::create).get(issuances::list),
+        )
+        .route(
+            "/issuer/api/v1/issuances/{issuance_id}",
+            get(issuances::get),
+        )
+        .route(
+            "/issuer/oid4vci/v1/credential-offer/{offer_id}",
+            get(offers::credential_offer),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the database answers; a Redis outage only degrades idempotency to the database.
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    let db = app.store.ping().await;
+    let redis = app.lock.ping().await;
+    let body = json!({
+        "status": if db.is_err() { "unavailable" } else if redis.is_err() { "degraded" } else { "ok" },
+        "database": if db.is_ok() { "ok" } else { "unavailable" },
+        "redis": if redis.is_ok() { "ok" } else { "unavailable" },
+    });
+    let status = if db.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}

@@ -1,0 +1,251 @@
+//! The OAuth 2.0 token endpoint (RFC 6749 §4.4 client credentials) and the JWKS of the access
+//! token keys. Errors use RFC 6749 §5.2 bodies, never problem+json, and every response carries
+//! `Cache-Control: no-store`.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use issuer_domain::{ErrorCode, model::Scope};
+use serde_json::json;
+
+use super::AppState;
+
+const CLIENT_CREDENTIALS: &str = "client_credentials";
+
+/// An RFC 6749 §5.2 error.
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(error: &'static str, description: impl Into<String>) -> Self {
+        let status = match error {
+            "invalid_client" => StatusCode::UNAUTHORIZED,
+            "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            status,
+            error,
+            description: description.into(),
+        }
+    }
+}
+
+impl From<issuer_domain::Error> for OAuthError {
+    fn from(e: issuer_domain::Error) -> Self {
+        tracing::error!(error = %e.chain(), "token endpoint failed");
+        if e.code == ErrorCode::Unavailable {
+            Self::new(
+                "temporarily_unavailable",
+                "the service is temporarily unavailable",
+            )
+        } else {
+            Self::new("server_error", "internal error")
+        }
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.error, "error_description": self.description});
+        let mut res = (self.status, Json(body)).into_response();
+        no_store(res.headers_mut());
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="issuer""#),
+            );
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(super::error::RETRY_AFTER_SECS),
+            );
+        }
+        res
+    }
+}
+
+fn no_store(h: &mut HeaderMap) {
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// `POST /issuer/oauth/token`.
+pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    match issue(&app, &headers, &body).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn issue(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Response, OAuthError> {
+    let form_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form_type {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "send the parameters as application/x-www-form-urlencoded",
+        ));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| OAuthError::new("invalid_request", "malformed form body"))?;
+    let mut params = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        if params.insert(k.clone(), v).is_some() {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("parameter `{k}` is repeated"),
+            ));
+        }
+    }
+
+    let grant_type = params
+        .get("grant_type")
+        .ok_or_else(|| OAuthError::new("invalid_request", "grant_type is required"))?;
+    if grant_type != CLIENT_CREDENTIALS {
+        return Err(OAuthError::new(
+            "unsupported_grant_type",
+            format!("grant type `{grant_type}` is not supported here"),
+        ));
+    }
+
+    let (client_id, secret) = client_credentials(headers, &params)?;
+    let client = app.store.find_client(&client_id).await?;
+    // Hash even for unknown clients so timing does not tell which client ids exist.
+    let stored = client
+        .as_ref()
+        .map(|c| c.secret_hash.as_str())
+        .unwrap_or("v1$");
+    let secret_ok = app.hasher.verify(&secret, stored);
+    let client = match client {
+        Some(c) if secret_ok && c.active => c,
+        _ => {
+            tracing::info!(client_id = %client_id, "client authentication failed");
+            return Err(OAuthError::new(
+                "invalid_client",
+                "client authentication failed",
+            ));
+        }
+    };
+
+    let scopes = match params
+        .get("scope")
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        None => client.scopes.clone(),
+        Some(requested) => {
+            let requested =
+                Scope::parse_list(requested).map_err(|m| OAuthError::new("invalid_scope", m))?;
+            if let Some(s) = requested.iter().find(|s| !client.scopes.contains(s)) {
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    format!("scope `{s}` is not granted to this client"),
+                ));
+            }
+            requested
+        }
+    };
+
+    let issued = app.tokens.issue(
+        client.tenant_id,
+        &client.client_id,
+        &scopes,
+        app.clock.now(),
+    );
+    tracing::info!(tenant_id = %client.tenant_id, client_id = %client.client_id, "access token issued");
+    let body = json!({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": issued.scope,
+    });
+    let mut res = Json(body).into_response();
+    no_store(res.headers_mut());
+    Ok(res)
+}
+
+/// The client's id and secret from `client_secret_basic` or `client_secret_post`, never both.
+fn client_credentials(
+    headers: &HeaderMap,
+    params: &std::collections::HashMap<String, String>,
+) -> Result<(String, String), OAuthError> {
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .map(|(_, creds)| creds.trim().to_owned());
+    let post = params.get("client_secret").is_some();
+    match (basic, post) {
+        (Some(_), true) => Err(OAuthError::new(
+            "invalid_request",
+            "use one client authentication method, not two",
+        )),
+        (Some(b64), false) => {
+            let decoded = STANDARD
+                .decode(b64)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            let (id, secret) = decoded
+                .split_once(':')
+                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            // RFC 6749 §2.3.1: both parts are form-urlencoded before base64.
+            let id = form_decode(id)
+                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            let secret = form_decode(secret)
+                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            if params.get("client_id").is_some_and(|p| *p != id) {
+                return Err(OAuthError::new(
+                    "invalid_request",
+                    "client_id does not match the credentials",
+                ));
+            }
+            Ok((id, secret))
+        }
+        (None, true) => {
+            let id = params.get("client_id").ok_or_else(|| {
+                OAuthError::new(
+                    "invalid_request",
+                    "client_id is required with client_secret",
+                )
+            })?;
+            Ok((id.clone(), params["client_secret"].clone()))
+        }
+        (None, false) => Err(OAuthError::new(
+            "invalid_client",
+            "client authentication is required",
+        )),
+    }
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(&format!("v={}", s.replace('&', "%26"))).ok()?;
+    pairs.into_iter().next().map(|(_, v)| v)
+}
+
+/// `GET /issuer/oauth/jwks`: the keys that verify access tokens.
+pub async fn jwks(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(app.tokens.jwks().clone()),
+    )
+}

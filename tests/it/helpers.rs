@@ -1,0 +1,301 @@
+//! Test harness: fresh databases, service instances on ephemeral ports, provisioning, clients.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
+
+use issuer::{
+    App, Settings, admin, config::Secret, grpc::pb::issuance_service_client::IssuanceServiceClient,
+};
+use issuer_domain::model::Scope;
+use serde_json::{Value, json};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub fn pg_admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Logs only with `TEST_LOG=1`.
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,issuer=debug")
+                .try_init();
+        }
+    });
+}
+
+/// A Postgres database created for one test and dropped when the value is dropped.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!(
+            "issuer_it_{}",
+            issuer_domain::ids::random_token(9)
+                .to_lowercase()
+                .replace(['-', '_'], "x")
+        );
+        let admin = pg_admin_url();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .expect("Postgres must be running (scripts/test.sh starts it)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("TEST_DATABASE_URL needs a database path"),
+        };
+        Self { url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&pg_admin_url()).await
+                {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut c)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One token-signing key and server secret per test process, shared by every instance so
+/// that instances of one test accept each other's tokens.
+pub fn shared_keys() -> (&'static str, &'static str) {
+    static KEYS: OnceLock<(String, String)> = OnceLock::new();
+    let (pem, secret) = KEYS.get_or_init(|| {
+        (
+            issuer_auth::SigningKey::generate().to_pem(),
+            issuer_auth::ServerSecret::generate_text(),
+        )
+    });
+    (pem, secret)
+}
+
+/// Settings for an instance on Postgres (and Redis when given).
+pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
+    let (pem, secret) = shared_keys();
+    Settings {
+        database_url: Some(Secret::new(db_url)),
+        redis_url: redis.map(Secret::new),
+        secret_key: Some(Secret::new(secret)),
+        token_signing_key: Some(Secret::new(pem)),
+        database_max_connections: 30,
+        ..Settings::default()
+    }
+}
+
+/// Settings for the embedded default in `dir`.
+pub fn embedded_settings(dir: &std::path::Path) -> Settings {
+    Settings {
+        data_dir: dir.to_path_buf(),
+        ..Settings::default()
+    }
+}
+
+/// A running instance.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub app: Arc<App>,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Creds {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl TestApp {
+    /// Starts an instance with `settings` on 127.0.0.1:0; `public_url` follows the port.
+    pub async fn spawn(mut settings: Settings) -> Self {
+        init_logs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        settings.listen_addr = addr;
+        settings.public_url = format!("http://{addr}");
+        let app = Arc::new(
+            App::build(settings.validate().unwrap())
+                .await
+                .expect("app builds"),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(issuer::serve(app.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            base: format!("http://{addr}"),
+            app,
+            http: reqwest::Client::new(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the instance and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A new tenant with one client holding `scopes`.
+    pub async fn provision(&self, scopes: &[Scope]) -> Creds {
+        let tenant = admin::create_tenant(&self.app, "test tenant")
+            .await
+            .unwrap();
+        let c = admin::create_client(&self.app, tenant.id, scopes)
+            .await
+            .unwrap();
+        Creds {
+            tenant_id: c.tenant_id,
+            client_id: c.client_id,
+            client_secret: c.client_secret,
+        }
+    }
+
+    /// An access token for `creds` from the token endpoint (client_secret_basic).
+    pub async fn token(&self, creds: &Creds) -> String {
+        let res = self
+            .http
+            .post(self.url("/issuer/oauth/token"))
+            .basic_auth(&creds.client_id, Some(&creds.client_secret))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "token request failed");
+        res.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A tenant with every scope and a token for it.
+    pub async fn tenant_token(&self) -> (Creds, String) {
+        let creds = self.provision(&Scope::ALL).await;
+        let token = self.token(&creds).await;
+        (creds, token)
+    }
+
+    pub async fn create_rest(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/issuer/api/v1/issuances"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_rest(&self, token: &str, id: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(&format!("/issuer/api/v1/issuances/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn grpc(&self) -> IssuanceServiceClient<Channel> {
+        let channel = Channel::from_shared(self.base.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IssuanceServiceClient::new(channel)
+    }
+
+    /// Rows of a table in this instance's store, for "nothing was written" checks.
+    pub async fn count_issuances(&self, creds: &Creds) -> usize {
+        let tenant = creds.tenant_id.parse().unwrap();
+        let filter = issuer_domain::model::ListFilter {
+            limit: 1000,
+            ..Default::default()
+        };
+        self.app
+            .store
+            .list_issuances(tenant, &filter)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A gRPC request carrying a bearer token.
+pub fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A valid create body for `learcredential.employee.sd.1`.
+pub fn create_body(client_request_id: &str) -> Value {
+    json!({
+        "client_request_id": client_request_id,
+        "credential_configuration_id": "learcredential.employee.sd.1",
+        "payload": {
+            "mandator": {
+                "organizationIdentifier": "VATES-B12345678",
+                "organization": "Acme Corp",
+                "commonName": "Jane Boss",
+                "email": "boss@acme.example",
+                "country": "ES"
+            },
+            "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
+            "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
+        },
+        "delivery": "none"
+    })
+}
