@@ -43,3 +43,10 @@ ensure_redis() {
   echo "Redis does not answer at $TEST_REDIS_URL" >&2
   exit 1
 }
+
+# Tools the README walk-through test drives.
+ensure_tools() {
+  local missing=()
+  for t in curl jq; do command -v "$t" >/dev/null || missing+=("$t"); done
+  if [ ${#missing[@]} -gt 0 ]; then echo "==> installing ${missing[*]}"; apt_install "${missing[@]}"; fi
+}

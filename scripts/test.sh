@@ -8,6 +8,7 @@ source scripts/services.sh
 
 ensure_postgres
 ensure_redis
+ensure_tools
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

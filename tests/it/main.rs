@@ -3,3 +3,4 @@
 
 #[allow(dead_code)] // each test module uses a subset of the harness
 mod helpers;
+mod walkthrough;
