@@ -1,1 +1,378 @@
-fn main() {}
+//! Create throughput and latency over REST and gRPC, against pgbench running the equivalent SQL
+//! transaction on the same database in the same run.
+//!
+//! Run with `scripts/bench.sh` (Postgres and Redis on 127.0.0.1). Settings by environment:
+//! `BENCH_SECS` (per stage, default 10), `BENCH_CONNECTIONS` (default `16,64`),
+//! `TEST_DATABASE_URL`, `TEST_REDIS_URL`. The service runs in this process on its own runtime;
+//! the load generator and pgbench share the machine with it, as they would any benchmark here.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use issuer::{
+    App, Settings, admin,
+    config::Secret,
+    grpc::{
+        pb::{CreateIssuanceRequest, issuance_service_client::IssuanceServiceClient},
+        structs::json_to_struct,
+    },
+};
+use issuer_domain::model::Scope;
+use serde_json::{Value, json};
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn payload() -> Value {
+    json!({
+        "mandator": {"organizationIdentifier": "VATES-B12345678", "organization": "Acme Corp",
+                     "commonName": "Jane Boss", "email": "boss@acme.example", "country": "ES"},
+        "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
+        "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
+    })
+}
+
+struct Stage {
+    name: String,
+    ops: usize,
+    secs: f64,
+    latencies: Vec<Duration>,
+}
+
+impl Stage {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        let mut l = self.latencies.clone();
+        l.sort();
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+        l[i].as_secs_f64() * 1000.0
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<34} {:>9.0} /s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} ops)",
+            self.name,
+            self.rate(),
+            self.pct(0.50),
+            self.pct(0.99),
+            self.ops
+        );
+    }
+}
+
+/// Runs `conns` workers for `secs`, each calling `op(worker, seq)` in a loop.
+async fn drive<F, Fut>(name: String, conns: usize, secs: u64, op: F) -> Stage
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..conns {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                assert!(op(w, seq).await, "a create failed during the benchmark");
+                lat.push(t.elapsed());
+                seq += 1;
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    Stage {
+        name,
+        ops: latencies.len(),
+        secs: start.elapsed().as_secs_f64(),
+        latencies,
+    }
+}
+
+fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("create.sql");
+    // The service's write transaction: the issuance row and its first event, atomically.
+    // (pgbench reads `:name` as a variable, hence the grant-type URN built with chr(58).)
+    let payload = payload().to_string().replace('\'', "''");
+    std::fs::write(
+        &script,
+        format!(
+            "BEGIN;
+WITH i AS (INSERT INTO issuances (tenant_id, id, client_request_id, request_fingerprint,
+  credential_configuration_id, status, payload, delivery, grant_type, offer_id,
+  pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at)
+  VALUES ('{tenant}', gen_random_uuid(), 'pgb-' || gen_random_uuid(), md5(random()::text) || md5(random()::text),
+  'learcredential.employee.sd.1', 'pending', '{payload}'::jsonb, 'none',
+  replace('urn;ietf;params;oauth;grant-type;pre-authorized_code', ';', chr(58)), md5(random()::text), md5(random()::text),
+  md5(random()::text) || md5(random()::text), now() + interval '1 day', now(), now())
+  ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING tenant_id, id)
+INSERT INTO issuance_events (tenant_id, issuance_id, sequence, kind, status, occurred_at)
+  SELECT tenant_id, id, 1, 'created', 'pending', now() FROM i;
+COMMIT;
+"
+        ),
+    )
+    .unwrap();
+    let prefix = dir.path().join("log");
+    let started = Instant::now();
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &conns.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+        ])
+        .arg("-f")
+        .arg(&script)
+        .arg("-l")
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg(db_url)
+        .output()
+        .expect("pgbench is installed (postgresql-client)");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("log")
+        {
+            for line in std::fs::read_to_string(path).unwrap().lines() {
+                // client_id transaction_no time_us script_no time_epoch time_us_fraction
+                if let Some(us) = line
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    latencies.push(Duration::from_micros(us));
+                }
+            }
+        }
+    }
+    Stage {
+        name: format!("pgbench same SQL, {conns} conns"),
+        ops: latencies.len(),
+        secs: started
+            .elapsed()
+            .as_secs_f64()
+            .min(secs as f64 + 0.5)
+            .max(secs as f64),
+        latencies,
+    }
+}
+
+fn main() {
+    let secs: u64 = env_or("BENCH_SECS", "10").parse().unwrap();
+    let conn_list: Vec<usize> = env_or("BENCH_CONNECTIONS", "16,64")
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let admin_url = env_or(
+        "TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let redis_url = env_or("TEST_REDIS_URL", "redis://127.0.0.1:6379");
+
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // A fresh database for this run.
+    let db_name = format!("issuer_bench_{}", std::process::id());
+    let db_url = format!("{}/{db_name}", admin_url.rsplit_once('/').unwrap().0);
+    server_rt.block_on(async {
+        let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db_name}"
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
+
+    let listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = Settings {
+        listen_addr: addr,
+        public_url: format!("http://{addr}"),
+        database_url: Some(Secret::new(&db_url)),
+        redis_url: Some(Secret::new(&redis_url)),
+        secret_key: Some(Secret::new(issuer_auth::ServerSecret::generate_text())),
+        token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
+        ..Settings::default()
+    }
+    .validate()
+    .unwrap();
+    let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());
+    let creds = server_rt.block_on(async {
+        let t = admin::create_tenant(&app, "bench").await.unwrap();
+        admin::create_client(&app, t.id, &Scope::ALL).await.unwrap()
+    });
+    server_rt.spawn(issuer::serve(app.clone(), listener, std::future::pending()));
+    let base = format!("http://{addr}");
+
+    let token: String = client_rt.block_on(async {
+        let res: Value = reqwest::Client::new()
+            .post(format!("{base}/issuer/oauth/token"))
+            .basic_auth(&creds.client_id, Some(&creds.client_secret))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        res["access_token"].as_str().unwrap().to_owned()
+    });
+
+    println!(
+        "issuer create benchmark: {secs} s per stage, service and clients on this machine ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let mut stages = Vec::new();
+    for &conns in &conn_list {
+        // REST: one HTTP/1.1 connection per worker.
+        let rest = client_rt.block_on({
+            let (base, token) = (base.clone(), token.clone());
+            let clients: Vec<reqwest::Client> = (0..conns)
+                .map(|_| {
+                    reqwest::Client::builder()
+                        .pool_max_idle_per_host(1)
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let clients = Arc::new(clients);
+            drive(
+                format!("REST creates, {conns} conns"),
+                conns,
+                secs,
+                move |w, seq| {
+                    let (clients, base, token) = (clients.clone(), base.clone(), token.clone());
+                    async move {
+                        let body = json!({
+                            "client_request_id": format!("rest-{conns}-{w}-{seq}"),
+                            "credential_configuration_id": "learcredential.employee.sd.1",
+                            "payload": payload(),
+                        });
+                        let res = clients[w]
+                            .post(format!("{base}/issuer/api/v1/issuances"))
+                            .bearer_auth(&token)
+                            .json(&body)
+                            .send()
+                            .await;
+                        matches!(res, Ok(r) if r.status() == 201)
+                    }
+                },
+            )
+        });
+        rest.print();
+
+        // gRPC: one HTTP/2 connection per worker.
+        let grpc = client_rt.block_on({
+            let (base, token) = (base.clone(), token.clone());
+            async move {
+                let mut channels = Vec::new();
+                for _ in 0..conns {
+                    let ch = tonic::transport::Channel::from_shared(base.clone())
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap();
+                    channels.push(IssuanceServiceClient::new(ch));
+                }
+                let channels = Arc::new(channels);
+                let payload = json_to_struct(payload().as_object().unwrap());
+                drive(
+                    format!("gRPC creates, {conns} conns"),
+                    conns,
+                    secs,
+                    move |w, seq| {
+                        let mut client = channels[w].clone();
+                        let (token, payload) = (token.clone(), payload.clone());
+                        async move {
+                            let mut req = tonic::Request::new(CreateIssuanceRequest {
+                                client_request_id: format!("grpc-{conns}-{w}-{seq}"),
+                                credential_configuration_id: "learcredential.employee.sd.1".into(),
+                                payload: Some(payload),
+                                ..Default::default()
+                            });
+                            req.metadata_mut().insert(
+                                "authorization",
+                                format!("Bearer {token}").parse().unwrap(),
+                            );
+                            client.create_issuance(req).await.is_ok()
+                        }
+                    },
+                )
+                .await
+            }
+        });
+        grpc.print();
+
+        let tenant = creds.tenant_id.clone();
+        let pg = pgbench(&db_url, &tenant, conns, secs);
+        pg.print();
+        println!(
+            "  ratio at {conns} conns: REST/pgbench {:.2}, gRPC/pgbench {:.2}",
+            rest.rate() / pg.rate(),
+            grpc.rate() / pg.rate()
+        );
+        stages.push((rest, grpc, pg));
+    }
+
+    server_rt.block_on(async {
+        drop(app);
+        if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+            )))
+            .execute(&mut c)
+            .await;
+        }
+    });
+    server_rt.shutdown_timeout(Duration::from_secs(1));
+}

@@ -3,7 +3,7 @@
 
 use std::{future::Future, sync::Arc};
 
-use axum::Router;
+use axum::{Router, serve::ListenerExt};
 use tokio::net::TcpListener;
 
 pub mod admin;
@@ -45,6 +45,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let router = router(app);
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
+    // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
+    // and delayed ACKs hold each response for ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await?;

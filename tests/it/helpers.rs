@@ -299,3 +299,26 @@ pub fn create_body(client_request_id: &str) -> Value {
         "delivery": "none"
     })
 }
+
+/// The gRPC `CreateIssuanceRequest` for a create body in the REST JSON shape; absent strings are
+/// left empty as proto3 sends them.
+pub fn create_request_pb(body: &Value) -> issuer::grpc::pb::CreateIssuanceRequest {
+    let s = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    issuer::grpc::pb::CreateIssuanceRequest {
+        client_request_id: s("client_request_id"),
+        credential_configuration_id: s("credential_configuration_id"),
+        payload: body
+            .get("payload")
+            .and_then(Value::as_object)
+            .map(issuer::grpc::structs::json_to_struct),
+        delivery: s("delivery"),
+        email: s("email"),
+        grant_type: s("grant_type"),
+        expires_in: body.get("expires_in").and_then(Value::as_i64),
+    }
+}

@@ -1,6 +1,9 @@
 //! End-to-end tests of the service: the real binary's `run` on 127.0.0.1:0 against real
 //! Postgres, Redis and SQLite, driven by real HTTP and gRPC clients. One test binary.
 
+mod api;
+mod auth;
 #[allow(dead_code)] // each test module uses a subset of the harness
 mod helpers;
+mod idempotency;
 mod walkthrough;

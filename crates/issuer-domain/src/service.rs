@@ -5,7 +5,13 @@
 //! guarantee. The lock only lets a concurrent duplicate wait for the first request instead of
 //! doing the work again; when the lock is unavailable the store still decides.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
@@ -18,7 +24,7 @@ use crate::{
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code},
     model::{
         InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, event_kind,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, event_kind,
     },
     ports::{Clock, CodeSealer, IdempotencyLock, LockAttempt, Store},
 };
@@ -92,7 +98,12 @@ pub struct IssuanceService {
     catalog: Arc<Catalog>,
     public_url: String,
     idempotency: IdempotencySettings,
+    tenants: Mutex<HashMap<TenantId, (Tenant, DateTime<Utc>)>>,
 }
+
+/// How long tenant settings are cached per instance, and how many.
+const TENANT_CACHE_TTL: chrono::Duration = chrono::Duration::seconds(60);
+const TENANT_CACHE_MAX: usize = 10_000;
 
 impl IssuanceService {
     pub fn new(
@@ -112,6 +123,7 @@ impl IssuanceService {
             catalog,
             public_url: public_url.trim_end_matches('/').to_owned(),
             idempotency,
+            tenants: Mutex::new(HashMap::new()),
         }
     }
 
@@ -140,29 +152,15 @@ impl IssuanceService {
     /// Creates an offer, or returns the existing one for a replayed `client_request_id`.
     pub async fn create(&self, who: &Principal, body: &Value) -> Result<CreateOutcome> {
         who.require(Scope::IssuanceWrite)?;
-        let tenant = self.store.get_tenant(who.tenant_id).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::InvalidToken,
-                "the token's tenant no longer exists",
-            )
-        })?;
+        let tenant = self.tenant(who.tenant_id).await?;
         let request = ValidCreate::parse(body, &self.catalog, &tenant)?;
         let fingerprint = request.fingerprint();
-        let crid = request.client_request_id.as_str();
-
-        if let Some(existing) = self
-            .store
-            .find_issuance_by_request_id(tenant.id, crid)
-            .await?
-        {
-            return replay(existing, &fingerprint);
-        }
 
         // Hash tag `{tenant}` keeps a tenant's keys on one Redis Cluster slot.
         let key = format!(
             "issuer:{{{}}}:idem:{}",
             tenant.id,
-            URL_SAFE_NO_PAD.encode(crid)
+            URL_SAFE_NO_PAD.encode(request.client_request_id.as_str())
         );
         let token = match self
             .lock
@@ -176,7 +174,7 @@ impl IssuanceService {
                 None
             }
         };
-        let result = self.create_locked(who, request, fingerprint).await;
+        let result = self.insert(who, request, fingerprint).await;
         if let Some(token) = token
             && let Err(e) = self.lock.release(&key, &token).await
         {
@@ -185,21 +183,43 @@ impl IssuanceService {
         result
     }
 
-    async fn create_locked(
+    /// The tenant's settings, cached briefly: they bound offer lifetimes, change rarely, and
+    /// every create needs them.
+    async fn tenant(&self, id: TenantId) -> Result<Tenant> {
+        let now = self.clock.now();
+        if let Some((tenant, until)) = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            && *until > now
+        {
+            return Ok(tenant.clone());
+        }
+        let tenant = self.store.get_tenant(id).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidToken,
+                "the token's tenant no longer exists",
+            )
+        })?;
+        let mut cache = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TENANT_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id, (tenant.clone(), now + TENANT_CACHE_TTL));
+        Ok(tenant)
+    }
+
+    /// Inserts a new issuance. The store's unique (tenant, client_request_id) constraint turns
+    /// a duplicate, whether it raced this request or came long before, into a replay or a
+    /// reuse error; the lock above only made racing duplicates wait their turn.
+    async fn insert(
         &self,
         who: &Principal,
         request: ValidCreate,
         fingerprint: String,
     ) -> Result<CreateOutcome> {
-        // The first request may have finished while this one waited for the lock.
         let crid = request.client_request_id.as_str();
-        if let Some(existing) = self
-            .store
-            .find_issuance_by_request_id(who.tenant_id, crid)
-            .await?
-        {
-            return replay(existing, &fingerprint);
-        }
         let now = self.clock.now();
         let code = new_pre_authorized_code();
         let issuance = Issuance {

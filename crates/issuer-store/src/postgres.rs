@@ -215,16 +215,21 @@ impl Store for PgStore {
         first_event: &IssuanceEvent,
     ) -> Result<InsertOutcome> {
         rows::check_first_event(issuance, first_event)?;
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // On a conflict with an uncommitted insert, Postgres waits for that transaction and
-        // then does nothing; no unique-violation error ever aborts this transaction.
+        // One statement, so one round trip and atomic without BEGIN/COMMIT: the event insert
+        // reads the issuance CTE's RETURNING rows, so it writes nothing on a conflict. On a
+        // conflict with an uncommitted insert, Postgres waits for that transaction and then
+        // does nothing; no unique-violation error is raised.
         let inserted = sqlx::query(concat!(
-            "INSERT INTO issuances (",
+            "WITH i AS (INSERT INTO issuances (",
             issuance_columns!(),
             ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
              RETURNING ",
-            issuance_columns!()
+            issuance_columns!(),
+            "), e AS (INSERT INTO issuance_events \
+             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
+             SELECT tenant_id, id, $18, $19, $20, $21, $22 FROM i) \
+             SELECT * FROM i"
         ))
         .bind(issuance.tenant_id.0)
         .bind(issuance.id.0)
@@ -243,52 +248,31 @@ impl Store for PgStore {
         .bind(trunc_micros(issuance.expires_at))
         .bind(trunc_micros(issuance.created_at))
         .bind(trunc_micros(issuance.updated_at))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
-
-        let Some(row) = inserted else {
-            // Read inside the transaction rather than after it: the conflicting row is
-            // committed (READ COMMITTED gives this statement a fresh snapshot), and reusing the
-            // connection spares a second pool acquisition while a burst of duplicates holds
-            // the pool.
-            let existing = sqlx::query(concat!(
-                "SELECT ",
-                issuance_columns!(),
-                " FROM issuances WHERE tenant_id = $1 AND client_request_id = $2"
-            ))
-            .bind(issuance.tenant_id.0)
-            .bind(&issuance.client_request_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            tx.rollback().await.map_err(db_error)?;
-            let existing = existing.ok_or_else(|| {
-                Error::internal("insert conflicted on client_request_id but no row holds it")
-            })?;
-            return Ok(InsertOutcome::Duplicate(rows::issuance(&existing)?));
-        };
-
-        sqlx::query(
-            "INSERT INTO issuance_events \
-             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(first_event.tenant_id.0)
-        .bind(first_event.issuance_id.0)
         .bind(first_event.sequence)
         .bind(&first_event.kind)
         .bind(first_event.status.as_str())
         .bind(&first_event.reason)
         .bind(trunc_micros(first_event.occurred_at))
-        .execute(&mut *tx)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        // Map before committing: a decode failure must not leave a committed row behind a
-        // reported error.
-        let stored = rows::issuance(&row)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(InsertOutcome::Inserted(stored))
+
+        match inserted {
+            Some(row) => Ok(InsertOutcome::Inserted(rows::issuance(&row)?)),
+            None => {
+                // A new statement gets a fresh snapshot (READ COMMITTED): the conflicting row
+                // is committed by now.
+                let existing = self
+                    .find_issuance_by_request_id(issuance.tenant_id, &issuance.client_request_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::internal(
+                            "insert conflicted on client_request_id but no row holds it",
+                        )
+                    })?;
+                Ok(InsertOutcome::Duplicate(existing))
+            }
+        }
     }
 
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {
