@@ -2,7 +2,8 @@
 //! transaction on the same database in the same run.
 //!
 //! Run with `scripts/bench.sh` (Postgres and Redis on 127.0.0.1). Settings by environment:
-//! `BENCH_SECS` (per stage, default 10), `BENCH_CONNECTIONS` (default `16,64`),
+//! `BENCH_SECS` (per load and round, default 5), `BENCH_ROUNDS` (default 3),
+//! `BENCH_CONNECTIONS` (default `16,64`),
 //! `TEST_DATABASE_URL`, `TEST_REDIS_URL`. The service runs in this process on its own runtime;
 //! the load generator and pgbench share the machine with it, as they would any benchmark here.
 
@@ -21,6 +22,9 @@ use issuer::{
 };
 use issuer_domain::model::Scope;
 use serde_json::{Value, json};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -43,6 +47,22 @@ struct Stage {
 }
 
 impl Stage {
+    /// Folds the rounds of one kind into one figure: total operations over total time.
+    fn merge(name: String, rounds: Vec<Stage>) -> Stage {
+        let mut out = Stage {
+            name,
+            ops: 0,
+            secs: 0.0,
+            latencies: Vec::new(),
+        };
+        for r in rounds {
+            out.ops += r.ops;
+            out.secs += r.secs;
+            out.latencies.extend(r.latencies);
+        }
+        out
+    }
+
     fn rate(&self) -> f64 {
         self.ops as f64 / self.secs
     }
@@ -190,7 +210,8 @@ COMMIT;
 }
 
 fn main() {
-    let secs: u64 = env_or("BENCH_SECS", "10").parse().unwrap();
+    let secs: u64 = env_or("BENCH_SECS", "5").parse().unwrap();
+    let rounds: usize = env_or("BENCH_ROUNDS", "3").parse().unwrap();
     let conn_list: Vec<usize> = env_or("BENCH_CONNECTIONS", "16,64")
         .split(',')
         .map(|s| s.trim().parse().unwrap())
@@ -267,101 +288,116 @@ fn main() {
     });
 
     println!(
-        "issuer create benchmark: {secs} s per stage, service and clients on this machine ({} cores)",
+        "issuer create benchmark: {rounds} rounds of {secs} s per load, service and clients on this machine ({} cores)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    let mut stages = Vec::new();
     for &conns in &conn_list {
-        // REST: one HTTP/1.1 connection per worker.
-        let rest = client_rt.block_on({
-            let (base, token) = (base.clone(), token.clone());
-            let clients: Vec<reqwest::Client> = (0..conns)
-                .map(|_| {
-                    reqwest::Client::builder()
-                        .pool_max_idle_per_host(1)
-                        .build()
-                        .unwrap()
-                })
-                .collect();
-            let clients = Arc::new(clients);
-            drive(
-                format!("REST creates, {conns} conns"),
-                conns,
-                secs,
-                move |w, seq| {
-                    let (clients, base, token) = (clients.clone(), base.clone(), token.clone());
-                    async move {
-                        let body = json!({
-                            "client_request_id": format!("rest-{conns}-{w}-{seq}"),
-                            "credential_configuration_id": "learcredential.employee.sd.1",
-                            "payload": payload(),
-                        });
-                        let res = clients[w]
-                            .post(format!("{base}/issuer/api/v1/issuances"))
-                            .bearer_auth(&token)
-                            .json(&body)
-                            .send()
-                            .await;
-                        matches!(res, Ok(r) if r.status() == 201)
-                    }
-                },
-            )
-        });
-        rest.print();
-
-        // gRPC: one HTTP/2 connection per worker.
-        let grpc = client_rt.block_on({
-            let (base, token) = (base.clone(), token.clone());
-            async move {
-                let mut channels = Vec::new();
-                for _ in 0..conns {
-                    let ch = tonic::transport::Channel::from_shared(base.clone())
-                        .unwrap()
-                        .connect()
-                        .await
-                        .unwrap();
-                    channels.push(IssuanceServiceClient::new(ch));
-                }
-                let channels = Arc::new(channels);
-                let payload = json_to_struct(payload().as_object().unwrap());
+        let (mut rests, mut grpcs, mut pgs) = (Vec::new(), Vec::new(), Vec::new());
+        // Rounds alternate the three loads so that drift in the machine's load hits all alike.
+        for round in 0..rounds {
+            // REST: one HTTP/1.1 connection per worker.
+            let rest = client_rt.block_on({
+                let (base, token) = (base.clone(), token.clone());
+                let clients: Vec<reqwest::Client> = (0..conns)
+                    .map(|_| {
+                        reqwest::Client::builder()
+                            .pool_max_idle_per_host(1)
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                let clients = Arc::new(clients);
                 drive(
-                    format!("gRPC creates, {conns} conns"),
+                    format!("REST creates, {conns} conns"),
                     conns,
                     secs,
                     move |w, seq| {
-                        let mut client = channels[w].clone();
-                        let (token, payload) = (token.clone(), payload.clone());
+                        let (clients, base, token) = (clients.clone(), base.clone(), token.clone());
                         async move {
-                            let mut req = tonic::Request::new(CreateIssuanceRequest {
-                                client_request_id: format!("grpc-{conns}-{w}-{seq}"),
-                                credential_configuration_id: "learcredential.employee.sd.1".into(),
-                                payload: Some(payload),
-                                ..Default::default()
+                            let body = json!({
+                                "client_request_id": format!("rest-{conns}-{round}-{w}-{seq}"),
+                                "credential_configuration_id": "learcredential.employee.sd.1",
+                                "payload": payload(),
                             });
-                            req.metadata_mut().insert(
-                                "authorization",
-                                format!("Bearer {token}").parse().unwrap(),
-                            );
-                            client.create_issuance(req).await.is_ok()
+                            let res = clients[w]
+                                .post(format!("{base}/issuer/api/v1/issuances"))
+                                .bearer_auth(&token)
+                                .json(&body)
+                                .send()
+                                .await;
+                            matches!(res, Ok(r) if r.status() == 201)
                         }
                     },
                 )
-                .await
-            }
-        });
-        grpc.print();
+            });
 
-        let tenant = creds.tenant_id.clone();
-        let pg = pgbench(&db_url, &tenant, conns, secs);
+            // gRPC: one HTTP/2 connection per worker.
+            let grpc = client_rt.block_on({
+                let (base, token) = (base.clone(), token.clone());
+                async move {
+                    let mut channels = Vec::new();
+                    for _ in 0..conns {
+                        let ch = tonic::transport::Channel::from_shared(base.clone())
+                            .unwrap()
+                            .connect()
+                            .await
+                            .unwrap();
+                        channels.push(IssuanceServiceClient::new(ch));
+                    }
+                    let channels = Arc::new(channels);
+                    let payload = json_to_struct(payload().as_object().unwrap());
+                    drive(
+                        format!("gRPC creates, {conns} conns"),
+                        conns,
+                        secs,
+                        move |w, seq| {
+                            let mut client = channels[w].clone();
+                            let (token, payload) = (token.clone(), payload.clone());
+                            async move {
+                                let mut req = tonic::Request::new(CreateIssuanceRequest {
+                                    client_request_id: format!("grpc-{conns}-{round}-{w}-{seq}"),
+                                    credential_configuration_id: "learcredential.employee.sd.1"
+                                        .into(),
+                                    payload: Some(payload),
+                                    ..Default::default()
+                                });
+                                req.metadata_mut().insert(
+                                    "authorization",
+                                    format!("Bearer {token}").parse().unwrap(),
+                                );
+                                client.create_issuance(req).await.is_ok()
+                            }
+                        },
+                    )
+                    .await
+                }
+            });
+
+            let pg = pgbench(&db_url, &creds.tenant_id, conns, secs);
+            println!(
+                "  round {}: REST {:.0}/s, gRPC {:.0}/s, pgbench {:.0}/s",
+                round + 1,
+                rest.rate(),
+                grpc.rate(),
+                pg.rate()
+            );
+            rests.push(rest);
+            grpcs.push(grpc);
+            pgs.push(pg);
+        }
+        let rest = Stage::merge(format!("REST creates, {conns} conns"), rests);
+        let grpc = Stage::merge(format!("gRPC creates, {conns} conns"), grpcs);
+        let pg = Stage::merge(format!("pgbench same SQL, {conns} conns"), pgs);
+        rest.print();
+        grpc.print();
         pg.print();
         println!(
-            "  ratio at {conns} conns: REST/pgbench {:.2}, gRPC/pgbench {:.2}",
+            "ratio at {conns} conns: REST/pgbench {:.2}, gRPC/pgbench {:.2}\n",
             rest.rate() / pg.rate(),
             grpc.rate() / pg.rate()
         );
-        stages.push((rest, grpc, pg));
     }
 
     server_rt.block_on(async {

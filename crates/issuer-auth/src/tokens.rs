@@ -1,6 +1,6 @@
 //! RFC 9068 JWT access tokens for the management API.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
 use chrono::{DateTime, Utc};
 use issuer_domain::{ids::TenantId, model::Scope, service::Principal};
@@ -49,7 +49,13 @@ pub struct TokenService {
     encoding: EncodingKey,
     verifying: HashMap<String, DecodingKey>,
     jwks: Value,
+    /// Tokens already verified, until their `exp`: a backend reuses one token for many calls,
+    /// and an ES256 verification costs more than the rest of a read. The key is the whole
+    /// token, so a cached entry proves the exact bytes were verified.
+    verified: Mutex<HashMap<String, (Principal, i64)>>,
 }
+
+const VERIFIED_CACHE_MAX: usize = 10_000;
 
 impl TokenService {
     /// `issuer` and `audience` are compared exactly on verification.
@@ -74,6 +80,7 @@ impl TokenService {
             encoding: signing.encoding_key(),
             verifying,
             jwks: json!({ "keys": keys }),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,6 +131,30 @@ impl TokenService {
 
     /// Verifies signature, algorithm (ES256 only), `typ`, `kid`, `iss`, `aud`, `exp`, `nbf`.
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let now = chrono::Utc::now().timestamp();
+        if let Some((principal, exp)) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            && now < *exp
+        {
+            return Ok(principal.clone());
+        }
+        let (principal, exp) = self.verify_signed(token)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.retain(|_, (_, e)| now < *e);
+            if cache.len() >= VERIFIED_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(token.to_owned(), (principal.clone(), exp));
+        Ok(principal)
+    }
+
+    /// The full check: header, signature and claims. Returns the principal and `exp`.
+    fn verify_signed(&self, token: &str) -> Result<(Principal, i64), TokenError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| TokenError(format!("malformed token: {e}")))?;
         if header.alg != Algorithm::ES256 {
@@ -156,11 +187,13 @@ impl TokenService {
             .parse()
             .map_err(|_| TokenError("token has no valid tenant".into()))?;
         let scopes = Scope::parse_list(&c.scope).map_err(TokenError)?;
-        Ok(Principal {
+        let principal = Principal {
             tenant_id,
             client_id: c.client_id,
             scopes,
-        })
+        };
+        // Cached only until `exp` itself, without the leeway granted above.
+        Ok((principal, c.exp))
     }
 }
 
