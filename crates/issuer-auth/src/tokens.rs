@@ -156,7 +156,7 @@ impl TokenService {
     /// The full check: header, signature and claims. Returns the principal and `exp`.
     fn verify_signed(&self, token: &str) -> Result<(Principal, i64), TokenError> {
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| TokenError(format!("malformed token: {e}")))?;
+            .map_err(|_| TokenError("malformed access token".into()))?;
         if header.alg != Algorithm::ES256 {
             return Err(TokenError("unsupported token algorithm".into()));
         }
@@ -179,8 +179,22 @@ impl TokenService {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
         validation.validate_nbf = true;
         validation.leeway = 30;
-        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
-            .map_err(|e| TokenError(format!("token rejected: {e}")))?;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &validation).map_err(|e| {
+            // Say what is wrong without echoing library internals or token contents.
+            use jsonwebtoken::errors::ErrorKind;
+            TokenError(
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "the access token has expired",
+                    ErrorKind::ImmatureSignature => "the access token is not valid yet",
+                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                        "the access token was not issued for this service"
+                    }
+                    ErrorKind::InvalidSignature => "the access token signature does not verify",
+                    _ => "the access token is invalid",
+                }
+                .into(),
+            )
+        })?;
         let c = data.claims;
         let tenant_id = c
             .tenant_id
