@@ -72,6 +72,8 @@ pub struct Settings {
     pub migrate_on_start: bool,
     /// `ISSUER_IDEMPOTENCY_LOCK_WAIT_MS`: how long a concurrent duplicate create waits.
     pub idempotency_lock_wait_ms: u64,
+    /// `ISSUER_SWEEP_INTERVAL_MS`: how often overdue pending issuances are expired.
+    pub sweep_interval_ms: u64,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -95,6 +97,7 @@ impl Default for Settings {
             max_body_bytes: 64 * 1024,
             migrate_on_start: true,
             idempotency_lock_wait_ms: 10_000,
+            sweep_interval_ms: 1_000,
             log_format: LogFormat::Json,
             log_level: "info".into(),
         }

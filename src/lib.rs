@@ -43,6 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let sweeper = tokio::spawn(sweep(app.clone()));
     let router = router(app);
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -55,8 +56,34 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await?;
+    sweeper.abort();
     Ok(())
 }
+
+/// Expires overdue pending issuances on time, whether or not anyone reads them. Runs on every
+/// replica; the store's conditional transition keeps them from doing anything twice.
+async fn sweep(app: Arc<App>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        app.settings.sweep_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A full batch means more are due: go again without waiting.
+        loop {
+            match app.issuances.expire_overdue(SWEEP_BATCH).await {
+                Ok(n) if n as u32 == SWEEP_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e.chain(), "expiry sweep failed; retrying on the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+const SWEEP_BATCH: u32 = 500;
 
 /// REST routes and gRPC services (h2c and gRPC-web) on one router.
 pub fn router(app: Arc<App>) -> Router {

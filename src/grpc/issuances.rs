@@ -104,6 +104,16 @@ impl IssuanceService for IssuanceGrpc {
         Ok(Response::new(self.message(&issuance)))
     }
 
+    async fn cancel_issuance(
+        &self,
+        req: Request<pb::CancelIssuanceRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let id = req.into_inner().issuance_id;
+        let issuance = self.app.issuances.cancel(&who, &id).await.map_err(status)?;
+        Ok(Response::new(self.message(&issuance)))
+    }
+
     async fn list_issuances(
         &self,
         req: Request<pb::ListIssuancesRequest>,

@@ -34,6 +34,7 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::NotFound => Code::NotFound,
         ErrorCode::IdempotencyKeyReused => Code::FailedPrecondition,
         ErrorCode::AlreadyExists => Code::AlreadyExists,
+        ErrorCode::InvalidState => Code::FailedPrecondition,
         ErrorCode::PayloadTooLarge => Code::ResourceExhausted,
         ErrorCode::UnsupportedMediaType => Code::InvalidArgument,
         ErrorCode::Unavailable => Code::Unavailable,

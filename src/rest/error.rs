@@ -25,6 +25,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+        ErrorCode::InvalidState => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -82,6 +83,7 @@ impl IntoResponse for ApiError {
             | ErrorCode::NotFound
             | ErrorCode::IdempotencyKeyReused
             | ErrorCode::AlreadyExists
+            | ErrorCode::InvalidState
             | ErrorCode::PayloadTooLarge
             | ErrorCode::UnsupportedMediaType
             | ErrorCode::Internal => {}

@@ -88,3 +88,13 @@ pub async fn list(
         json!({"issuances": items, "next_page_token": page.next_page_token}),
     ))
 }
+
+/// `POST /issuer/api/v1/issuances/{id}/cancel`.
+pub async fn cancel(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+) -> Result<Json<IssuanceView>, ApiError> {
+    let issuance = app.issuances.cancel(&who, &issuance_id).await?;
+    Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+}

@@ -40,6 +40,10 @@ pub fn router(app: AppState) -> Router {
             get(issuances::get),
         )
         .route(
+            "/issuer/api/v1/issuances/{issuance_id}/cancel",
+            post(issuances::cancel),
+        )
+        .route(
             "/issuer/oid4vci/v1/credential-offer/{offer_id}",
             get(offers::credential_offer),
         )

@@ -6,4 +6,5 @@ mod auth;
 #[allow(dead_code)] // each test module uses a subset of the harness
 mod helpers;
 mod idempotency;
+mod lifecycle;
 mod walkthrough;

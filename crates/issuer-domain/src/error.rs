@@ -20,6 +20,9 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// A resource with this identity already exists.
     AlreadyExists,
+    /// The resource is in a state that does not allow the operation (e.g. cancelling an
+    /// accepted issuance).
+    InvalidState,
     /// The request body exceeds the size limit.
     PayloadTooLarge,
     /// The request body is not in a media type the endpoint accepts.
@@ -39,6 +42,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::InvalidState => "invalid_state",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Unavailable => "unavailable",

@@ -241,6 +241,46 @@ pub struct IssuanceEvent {
 /// Event kinds written by this crate.
 pub mod event_kind {
     pub const CREATED: &str = "created";
+    pub const OFFER_RETRIEVED: &str = "offer_retrieved";
+    pub const CANCELLED: &str = "cancelled";
+    pub const EXPIRED: &str = "expired";
+}
+
+/// Reasons of `rejected` / `error` issuances.
+pub mod reason {
+    pub const EXPIRED: &str = "expired";
+    pub const CANCELLED: &str = "cancelled";
+    pub const DECLINED: &str = "declined";
+}
+
+impl IssuanceStatus {
+    /// Only a pending issuance still needs its payload (to issue the credential); every other
+    /// status purges it.
+    pub fn keeps_payload(self) -> bool {
+        self == IssuanceStatus::Pending
+    }
+}
+
+/// A state change (or, with `to: None`, a plain event) applied atomically with its event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// Applies only while the issuance is in one of these statuses.
+    pub from: Vec<IssuanceStatus>,
+    /// The new status and reason; `None` records the event without a status change.
+    pub to: Option<(IssuanceStatus, Option<String>)>,
+    /// The event's kind.
+    pub kind: String,
+    pub at: DateTime<Utc>,
+}
+
+/// What applying a transition did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransitionOutcome {
+    /// Applied; the issuance as it is now (payload purged when it left `pending`).
+    Applied(Issuance),
+    /// The issuance is in a status the transition does not apply to; nothing changed.
+    Skipped(Issuance),
+    NotFound,
 }
 
 /// Filter and page of a list request.

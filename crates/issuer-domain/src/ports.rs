@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 use crate::{
     error::Result,
     ids::{IssuanceId, TenantId},
-    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Tenant},
+    model::{
+        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Tenant, Transition,
+        TransitionOutcome,
+    },
 };
 
 /// Durable state. Every read and write of tenant data is scoped by `TenantId`; the only
@@ -53,6 +56,22 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first, at most `filter.limit`.
     async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>>;
     async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>>;
+    /// Applies `transition` if the issuance is in one of its `from` statuses: updates status,
+    /// reason and `updated_at`, purges the payload when the new status does not keep it, and
+    /// appends the event with the next sequence, all in one transaction. Concurrent transitions
+    /// of one issuance serialize; only those whose `from` still matches apply.
+    async fn transition(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        transition: &Transition,
+    ) -> Result<TransitionOutcome>;
+    /// Pending issuances whose `expires_at` is at or before `now`, oldest first, at most `limit`.
+    async fn overdue_pending(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, IssuanceId)>>;
     /// Events of one issuance with `sequence > after`, in order.
     async fn list_events(
         &self,

@@ -24,7 +24,8 @@ use crate::{
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code},
     model::{
         InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, event_kind,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
+        reason,
     },
     ports::{Clock, CodeSealer, IdempotencyLock, LockAttempt, Store},
 };
@@ -339,6 +340,64 @@ impl IssuanceService {
         })
     }
 
+    /// Cancels a pending issuance: `rejected` with reason `cancelled`; its offer and code stop
+    /// working. Cancelling a cancelled issuance again returns it unchanged; one that already
+    /// ended otherwise is `InvalidState`.
+    pub async fn cancel(&self, who: &Principal, id: &str) -> Result<Issuance> {
+        who.require(Scope::IssuanceWrite)?;
+        let Ok(id) = id.parse::<IssuanceId>() else {
+            return Err(Error::not_found("issuance"));
+        };
+        let t = Transition {
+            from: vec![IssuanceStatus::Pending],
+            to: Some((IssuanceStatus::Rejected, Some(reason::CANCELLED.to_owned()))),
+            kind: event_kind::CANCELLED.to_owned(),
+            at: self.clock.now(),
+        };
+        match self.store.transition(who.tenant_id, id, &t).await? {
+            TransitionOutcome::Applied(i) => {
+                tracing::info!(tenant_id = %i.tenant_id, issuance_id = %i.id, "issuance cancelled");
+                Ok(i)
+            }
+            TransitionOutcome::Skipped(i)
+                if i.status == IssuanceStatus::Rejected
+                    && i.reason.as_deref() == Some(reason::CANCELLED) =>
+            {
+                Ok(i)
+            }
+            TransitionOutcome::Skipped(i) => Err(Error::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "the issuance is {}{} and can no longer be cancelled",
+                    i.status,
+                    i.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                ),
+            )),
+            TransitionOutcome::NotFound => Err(Error::not_found("issuance")),
+        }
+    }
+
+    /// Moves pending issuances past `expires_at` to `rejected` / `expired`, at most `limit` per
+    /// call; returns how many it expired. Safe on every replica at once: a transition applies
+    /// only while the issuance is still pending.
+    pub async fn expire_overdue(&self, limit: u32) -> Result<usize> {
+        let now = self.clock.now();
+        let mut expired = 0;
+        for (tenant, id) in self.store.overdue_pending(now, limit).await? {
+            let t = Transition {
+                from: vec![IssuanceStatus::Pending],
+                to: Some((IssuanceStatus::Rejected, Some(reason::EXPIRED.to_owned()))),
+                kind: event_kind::EXPIRED.to_owned(),
+                at: now,
+            };
+            if let TransitionOutcome::Applied(_) = self.store.transition(tenant, id, &t).await? {
+                tracing::info!(tenant_id = %tenant, issuance_id = %id, "issuance expired");
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
     /// The credential offer JSON a wallet fetches from `credential_offer_uri`, while the
     /// issuance is pending and unexpired.
     pub async fn credential_offer(&self, offer_id: &str) -> Result<Value> {
@@ -349,6 +408,21 @@ impl IssuanceService {
             .filter(|i| i.status == IssuanceStatus::Pending && i.expires_at > self.clock.now())
             .ok_or_else(|| Error::not_found("credential offer"))?;
         let code = self.sealer.open(&issuance.pre_authorized_code_sealed)?;
+        let retrieved = Transition {
+            from: vec![IssuanceStatus::Pending],
+            to: None,
+            kind: event_kind::OFFER_RETRIEVED.to_owned(),
+            at: self.clock.now(),
+        };
+        // Cancelled or expired in the meantime: the offer is gone.
+        if !matches!(
+            self.store
+                .transition(issuance.tenant_id, issuance.id, &retrieved)
+                .await?,
+            TransitionOutcome::Applied(_)
+        ) {
+            return Err(Error::not_found("credential offer"));
+        }
         Ok(json!({
             "credential_issuer": self.credential_issuer(),
             "credential_configuration_ids": [issuance.credential_configuration_id],

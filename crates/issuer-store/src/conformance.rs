@@ -13,7 +13,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId, random_token},
     model::{
         ApiClient, Delivery, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, event_kind,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
     },
     ports::Store,
 };
@@ -37,11 +37,17 @@ pub async fn run_all(store: &dyn Store) {
     first_event_written(store).await;
     global_sequence_increases(store).await;
     payload_round_trip(store).await;
+    transition_applies_purges_and_appends(store).await;
+    transition_skips_other_statuses(store).await;
+    transition_of_unknown_or_foreign_is_not_found(store).await;
+    plain_event_keeps_status_and_payload(store).await;
+    overdue_pending_lists_only_due_pending(store).await;
 }
 
 /// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
 pub async fn run_concurrency(store: Arc<dyn Store>) {
-    concurrent_duplicates(store, 50).await;
+    concurrent_duplicates(store.clone(), 50).await;
+    concurrent_transitions(store, 20).await;
 }
 
 /// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
@@ -780,4 +786,199 @@ pub async fn concurrent_duplicates(store: Arc<dyn Store>, n: usize) {
         vec![winner.id],
         "the tenant must hold only the winner"
     );
+}
+
+fn cancel_at(at: DateTime<Utc>) -> Transition {
+    Transition {
+        from: vec![IssuanceStatus::Pending],
+        to: Some((IssuanceStatus::Rejected, Some("cancelled".to_owned()))),
+        kind: "cancelled".to_owned(),
+        at,
+    }
+}
+
+async fn apply(
+    store: &dyn Store,
+    tenant: TenantId,
+    id: IssuanceId,
+    t: &Transition,
+) -> TransitionOutcome {
+    store
+        .transition(tenant, id, t)
+        .await
+        .unwrap_or_else(|e| panic!("transition failed: {}", e.chain()))
+}
+
+/// A status change updates status, reason and `updated_at`, purges the payload and appends the
+/// next event, and the stored row says the same.
+pub async fn transition_applies_purges_and_appends(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let at = now_with_nanos();
+    let TransitionOutcome::Applied(after) = apply(store, tenant, issuance.id, &cancel_at(at)).await
+    else {
+        panic!("a pending issuance must accept pending -> rejected");
+    };
+    assert_eq!(after.status, IssuanceStatus::Rejected);
+    assert_eq!(after.reason.as_deref(), Some("cancelled"));
+    assert_eq!(
+        after.payload, None,
+        "leaving pending must purge the payload"
+    );
+    assert_eq!(after.updated_at, trunc_micros(at));
+    assert_eq!(
+        after.offer_id, issuance.offer_id,
+        "other columns are untouched"
+    );
+    assert_eq!(get(store, tenant, issuance.id).await.as_ref(), Some(&after));
+    let evs = events(store, tenant, issuance.id).await;
+    assert_eq!(evs.len(), 2, "the transition appends one event");
+    let last = &evs[1];
+    assert_eq!((last.sequence, last.kind.as_str()), (2, "cancelled"));
+    assert_eq!(
+        (last.status, last.reason.as_deref()),
+        (IssuanceStatus::Rejected, Some("cancelled"))
+    );
+    assert_eq!(last.occurred_at, trunc_micros(at));
+    assert!(last.global_sequence > evs[0].global_sequence);
+}
+
+/// A transition whose `from` does not match changes nothing and reports the current state.
+pub async fn transition_skips_other_statuses(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let TransitionOutcome::Applied(cancelled) =
+        apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await
+    else {
+        panic!("first cancel applies");
+    };
+    match apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await {
+        TransitionOutcome::Skipped(current) => assert_eq!(current, cancelled),
+        other => panic!("a second cancel must be skipped, got {other:?}"),
+    }
+    assert_eq!(
+        events(store, tenant, issuance.id).await.len(),
+        2,
+        "no event for a skipped transition"
+    );
+}
+
+/// Unknown ids and other tenants' issuances are not found, and nothing is written.
+pub async fn transition_of_unknown_or_foreign_is_not_found(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let t = cancel_at(now_with_nanos());
+    assert_eq!(
+        apply(store, tenant, IssuanceId::new(), &t).await,
+        TransitionOutcome::NotFound
+    );
+    assert_eq!(
+        apply(store, other, issuance.id, &t).await,
+        TransitionOutcome::NotFound
+    );
+    assert_eq!(
+        get(store, tenant, issuance.id).await.map(|i| i.status),
+        Some(IssuanceStatus::Pending)
+    );
+    assert_eq!(events(store, tenant, issuance.id).await.len(), 1);
+}
+
+/// `to: None` records an event and leaves status, payload and `updated_at` alone.
+pub async fn plain_event_keeps_status_and_payload(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    let stored = insert_new(store, &issuance, &event).await;
+    let t = Transition {
+        from: vec![IssuanceStatus::Pending],
+        to: None,
+        kind: "offer_retrieved".to_owned(),
+        at: now_with_nanos(),
+    };
+    assert_eq!(
+        apply(store, tenant, issuance.id, &t).await,
+        TransitionOutcome::Applied(stored.clone())
+    );
+    assert_eq!(get(store, tenant, issuance.id).await, Some(stored));
+    let evs = events(store, tenant, issuance.id).await;
+    assert_eq!(evs.len(), 2);
+    assert_eq!(
+        (evs[1].sequence, evs[1].kind.as_str(), evs[1].status),
+        (2, "offer_retrieved", IssuanceStatus::Pending)
+    );
+}
+
+/// The sweeper's query: pending and due, not pending-but-later, not already rejected.
+pub async fn overdue_pending_lists_only_due_pending(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let now = now_with_nanos();
+    let (mut due, e1) = sample_issuance(tenant, &new_request_id());
+    due.expires_at = now - Duration::seconds(5);
+    insert_new(store, &due, &e1).await;
+    let (mut later, e2) = sample_issuance(tenant, &new_request_id());
+    later.expires_at = now + Duration::seconds(60);
+    insert_new(store, &later, &e2).await;
+    let (mut done, e3) = sample_issuance(tenant, &new_request_id());
+    done.expires_at = now - Duration::seconds(5);
+    insert_new(store, &done, &e3).await;
+    apply(store, tenant, done.id, &cancel_at(now)).await;
+
+    let overdue = store
+        .overdue_pending(now, 10_000)
+        .await
+        .expect("overdue_pending failed");
+    assert!(
+        overdue.contains(&(tenant, due.id)),
+        "a due pending issuance is listed"
+    );
+    assert!(
+        !overdue.contains(&(tenant, later.id)),
+        "a pending issuance not yet due is not"
+    );
+    assert!(
+        !overdue.contains(&(tenant, done.id)),
+        "a rejected issuance is not"
+    );
+    assert!(
+        store
+            .overdue_pending(now, 0)
+            .await
+            .expect("limit 0")
+            .is_empty()
+    );
+}
+
+/// Concurrent transitions of one issuance: exactly one applies, the rest see its result.
+pub async fn concurrent_transitions(store: Arc<dyn Store>, n: usize) {
+    let tenant = new_tenant(store.as_ref()).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store.as_ref(), &issuance, &event).await;
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let id = issuance.id;
+            tokio::spawn(async move {
+                store
+                    .transition(tenant, id, &cancel_at(now_with_nanos()))
+                    .await
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for task in tasks {
+        match task.await.expect("transition task panicked") {
+            Ok(TransitionOutcome::Applied(_)) => applied += 1,
+            Ok(TransitionOutcome::Skipped(i)) => assert_eq!(i.status, IssuanceStatus::Rejected),
+            Ok(TransitionOutcome::NotFound) => panic!("the issuance exists"),
+            Err(e) => panic!("a concurrent transition failed: {}", e.chain()),
+        }
+    }
+    assert_eq!(
+        applied, 1,
+        "exactly one of {n} concurrent transitions applies"
+    );
+    assert_eq!(events(store.as_ref(), tenant, issuance.id).await.len(), 2);
 }

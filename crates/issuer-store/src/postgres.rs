@@ -11,7 +11,10 @@ use issuer_domain::{
     Error,
     error::Result,
     ids::{IssuanceId, TenantId},
-    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant},
+    model::{
+        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant, Transition,
+        TransitionOutcome,
+    },
     ports::Store,
 };
 use serde_json::Value;
@@ -348,6 +351,95 @@ impl Store for PgStore {
         .map_err(db_error)?
         .map(|row| rows::issuance(&row))
         .transpose()
+    }
+
+    async fn transition(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        t: &Transition,
+    ) -> Result<TransitionOutcome> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // The row lock serializes concurrent transitions of one issuance (a cancel racing the
+        // sweeper, two replicas sweeping): the second sees the first's status and skips.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = $1 AND id = $2 FOR UPDATE"
+        ))
+        .bind(tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            return Ok(TransitionOutcome::NotFound);
+        };
+        let current = rows::issuance(&row)?;
+        if !t.from.contains(&current.status) {
+            return Ok(TransitionOutcome::Skipped(current));
+        }
+        let (after, event_status, event_reason) = match &t.to {
+            None => (current.clone(), current.status, current.reason.clone()),
+            Some((status, reason)) => {
+                let row = sqlx::query(concat!(
+                    "UPDATE issuances SET status = $3, reason = $4, updated_at = $5, \
+                     payload = CASE WHEN $6 THEN payload ELSE NULL END \
+                     WHERE tenant_id = $1 AND id = $2 RETURNING ",
+                    issuance_columns!()
+                ))
+                .bind(tenant.0)
+                .bind(id.0)
+                .bind(status.as_str())
+                .bind(reason)
+                .bind(trunc_micros(t.at))
+                .bind(status.keeps_payload())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                (rows::issuance(&row)?, *status, reason.clone())
+            }
+        };
+        sqlx::query(
+            "INSERT INTO issuance_events \
+             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
+             SELECT $1, $2, COALESCE(MAX(sequence), 0) + 1, $3, $4, $5, $6 \
+             FROM issuance_events WHERE tenant_id = $1 AND issuance_id = $2",
+        )
+        .bind(tenant.0)
+        .bind(id.0)
+        .bind(&t.kind)
+        .bind(event_status.as_str())
+        .bind(event_reason)
+        .bind(trunc_micros(t.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(TransitionOutcome::Applied(after))
+    }
+
+    async fn overdue_pending(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, IssuanceId)>> {
+        sqlx::query(
+            "SELECT tenant_id, id FROM issuances \
+             WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| {
+            let tenant: Uuid = r.try_get("tenant_id").map_err(db_error)?;
+            let id: Uuid = r.try_get("id").map_err(db_error)?;
+            Ok((TenantId(tenant), IssuanceId(id)))
+        })
+        .collect()
     }
 
     async fn list_events(

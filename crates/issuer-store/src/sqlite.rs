@@ -13,7 +13,10 @@ use issuer_domain::{
     Error,
     error::Result,
     ids::{IssuanceId, TenantId},
-    model::{ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant},
+    model::{
+        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant, Transition,
+        TransitionOutcome,
+    },
     ports::Store,
 };
 use serde_json::Value;
@@ -421,6 +424,102 @@ impl Store for SqliteStore {
         .map_err(db_error)?
         .map(|row| rows::issuance(&row))
         .transpose()
+    }
+
+    async fn transition(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        t: &Transition,
+    ) -> Result<TransitionOutcome> {
+        // IMMEDIATE: the write lock serializes concurrent transitions from the start.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE tenant_id = ? AND id = ?"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(id_text(id.0))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(TransitionOutcome::NotFound);
+        };
+        let current = rows::issuance(&row)?;
+        if !t.from.contains(&current.status) {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(TransitionOutcome::Skipped(current));
+        }
+        let (after, event_status, event_reason) = match &t.to {
+            None => (current.clone(), current.status, current.reason.clone()),
+            Some((status, reason)) => {
+                let row = sqlx::query(concat!(
+                    "UPDATE issuances SET status = ?, reason = ?, updated_at = ?, \
+                     payload = CASE WHEN ? THEN payload ELSE NULL END \
+                     WHERE tenant_id = ? AND id = ? RETURNING ",
+                    issuance_columns!()
+                ))
+                .bind(status.as_str())
+                .bind(reason)
+                .bind(time_text(t.at))
+                .bind(status.keeps_payload())
+                .bind(id_text(tenant.0))
+                .bind(id_text(id.0))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                (rows::issuance(&row)?, *status, reason.clone())
+            }
+        };
+        sqlx::query(
+            "INSERT INTO issuance_events \
+             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
+             SELECT ?1, ?2, COALESCE(MAX(sequence), 0) + 1, ?3, ?4, ?5, ?6 \
+             FROM issuance_events WHERE tenant_id = ?1 AND issuance_id = ?2",
+        )
+        .bind(id_text(tenant.0))
+        .bind(id_text(id.0))
+        .bind(&t.kind)
+        .bind(event_status.as_str())
+        .bind(event_reason)
+        .bind(time_text(t.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(TransitionOutcome::Applied(after))
+    }
+
+    async fn overdue_pending(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, IssuanceId)>> {
+        sqlx::query(
+            "SELECT tenant_id, id FROM issuances \
+             WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        )
+        .bind(time_text(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| {
+            let parse = |col: &str| -> Result<Uuid> {
+                let text: String = r.try_get(col).map_err(db_error)?;
+                Uuid::parse_str(&text).map_err(Error::internal)
+            };
+            Ok((TenantId(parse("tenant_id")?), IssuanceId(parse("id")?)))
+        })
+        .collect()
     }
 
     async fn list_events(
