@@ -261,6 +261,7 @@ fn main() {
         redis_url: Some(Secret::new(&redis_url)),
         secret_key: Some(Secret::new(issuer_auth::ServerSecret::generate_text())),
         token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
+        credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
         ..Settings::default()
     }
     .validate()

@@ -7,10 +7,11 @@ use anyhow::Context;
 use issuer_auth::{AesSealer, SecretHasher, ServerSecret, SigningKey, TokenService};
 use issuer_domain::{
     catalog::Catalog,
-    ports::{Clock, IdempotencyLock, Store, SystemClock},
+    ports::{Clock, CodeSealer, IdempotencyLock, Store, SystemClock},
     service::{IdempotencySettings, IssuanceService},
 };
 use issuer_lock::{InProcessLock, RedisLock};
+use issuer_oid4vci::{WalletService, WalletSettings};
 use issuer_store::{PgStore, SqliteStore};
 
 use crate::config::Settings;
@@ -20,7 +21,10 @@ pub struct App {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
     pub lock: Arc<dyn IdempotencyLock>,
-    pub tokens: TokenService,
+    pub tokens: Arc<TokenService>,
+    pub wallet: WalletService,
+    /// Public keys that verify issued credentials: the current signing key first.
+    pub credential_jwks: serde_json::Value,
     pub hasher: SecretHasher,
     pub clock: Arc<dyn Clock>,
     pub issuances: IssuanceService,
@@ -42,13 +46,20 @@ impl App {
         let secret = server_secret(&settings)?;
         let signing = token_signing_key(&settings)?;
         let issuer = format!("{}/issuer", settings.public_url);
-        let tokens = TokenService::new(
+        let tokens = Arc::new(TokenService::new(
             &issuer,
             &format!("{issuer}/api"),
             settings.token_ttl_secs,
             &signing,
             &[],
-        );
+        ));
+        let (credential_key, previous_credential_keys) = credential_keys(&settings)?;
+        let credential_jwks = serde_json::json!({
+            "keys": std::iter::once(&credential_key)
+                .chain(&previous_credential_keys)
+                .map(SigningKey::public_jwk)
+                .collect::<Vec<_>>()
+        });
         let catalog = match &settings.catalog_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -58,12 +69,29 @@ impl App {
             None => Catalog::builtin(),
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let sealer: Arc<dyn CodeSealer> = Arc::new(AesSealer::new(&secret));
+        let catalog = Arc::new(catalog);
+        let wallet = WalletService::new(
+            store.clone(),
+            clock.clone(),
+            sealer.clone(),
+            tokens.clone(),
+            credential_key,
+            catalog.clone(),
+            &issuer,
+            secret.derive("issuer/nonce/v1"),
+            WalletSettings {
+                tx_code_max_attempts: settings.tx_code_max_attempts,
+                credential_ttl: chrono::Duration::days(settings.credential_ttl_days),
+                ..WalletSettings::default()
+            },
+        );
         let issuances = IssuanceService::new(
             store.clone(),
             lock.clone(),
-            Arc::new(AesSealer::new(&secret)),
+            sealer,
             clock.clone(),
-            Arc::new(catalog),
+            catalog,
             &settings.public_url,
             IdempotencySettings {
                 lock_wait: Duration::from_millis(settings.idempotency_lock_wait_ms),
@@ -76,6 +104,8 @@ impl App {
             store,
             lock,
             tokens,
+            wallet,
+            credential_jwks,
             clock,
             issuances,
         })
@@ -128,6 +158,64 @@ fn server_secret(settings: &Settings) -> anyhow::Result<ServerSecret> {
         .map_err(|e| anyhow::anyhow!("ISSUER_SECRET_KEY: {e}"))
 }
 
+/// The credential signing key and the retired ones still published.
+fn credential_keys(settings: &Settings) -> anyhow::Result<(SigningKey, Vec<SigningKey>)> {
+    let pem = match (
+        &settings.credential_signing_key,
+        &settings.credential_signing_key_file,
+    ) {
+        (Some(pem), _) => pem.expose().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading ISSUER_CREDENTIAL_SIGNING_KEY_FILE {}",
+                path.display()
+            )
+        })?,
+        (None, None) => read_or_create(
+            &settings.data_dir.join("credential-signing-key.pem"),
+            || SigningKey::generate().to_pem(),
+        )?,
+    };
+    let current =
+        SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("credential signing key: {e}"))?;
+    let mut previous = Vec::new();
+    if let Some(path) = &settings.credential_previous_keys_file {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading ISSUER_CREDENTIAL_PREVIOUS_KEYS_FILE {}",
+                path.display()
+            )
+        })?;
+        for block in pem_blocks(&text) {
+            let key = SigningKey::from_pem(&block)
+                .map_err(|e| anyhow::anyhow!("ISSUER_CREDENTIAL_PREVIOUS_KEYS_FILE: {e}"))?;
+            if key.kid() != current.kid() {
+                previous.push(key);
+            }
+        }
+    }
+    Ok((current, previous))
+}
+
+/// The `-----BEGIN ...-----` to `-----END ...-----` blocks of a PEM bundle.
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("-----BEGIN") {
+            current = Some(String::new());
+        }
+        if let Some(block) = current.as_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+        if line.starts_with("-----END") {
+            blocks.extend(current.take());
+        }
+    }
+    blocks
+}
+
 fn token_signing_key(settings: &Settings) -> anyhow::Result<SigningKey> {
     let pem = match (
         &settings.token_signing_key,
@@ -164,4 +252,20 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
     file.write_all(value.as_bytes())?;
     tracing::info!(path = %path.display(), "generated a key for the embedded default");
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_bundles_split_into_keys() {
+        let (a, b) = (SigningKey::generate(), SigningKey::generate());
+        let bundle = format!("{}\n{}", a.to_pem(), b.to_pem());
+        let kids: Vec<String> = pem_blocks(&bundle)
+            .iter()
+            .map(|p| SigningKey::from_pem(p).unwrap().kid().to_owned())
+            .collect();
+        assert_eq!(kids, [a.kid(), b.kid()]);
+    }
 }

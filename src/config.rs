@@ -62,6 +62,18 @@ pub struct Settings {
     /// `ISSUER_TOKEN_SIGNING_KEY_FILE`: the same, from a file. One of the two is required with
     /// Postgres; generated in the data dir otherwise.
     pub token_signing_key_file: Option<PathBuf>,
+    /// `ISSUER_CREDENTIAL_SIGNING_KEY`: PEM of the P-256 key that signs credentials.
+    pub credential_signing_key: Option<Secret>,
+    /// `ISSUER_CREDENTIAL_SIGNING_KEY_FILE`: the same, from a file. One of the two is required
+    /// with Postgres; generated in the data dir otherwise.
+    pub credential_signing_key_file: Option<PathBuf>,
+    /// `ISSUER_CREDENTIAL_PREVIOUS_KEYS_FILE`: PEM blocks of retired credential signing keys,
+    /// still published so credentials they signed keep verifying until they expire.
+    pub credential_previous_keys_file: Option<PathBuf>,
+    /// `ISSUER_CREDENTIAL_TTL_DAYS`: validity of issued credentials.
+    pub credential_ttl_days: i64,
+    /// `ISSUER_TX_CODE_MAX_ATTEMPTS`: wrong transaction codes before an offer's code is dead.
+    pub tx_code_max_attempts: i64,
     /// `ISSUER_TOKEN_TTL_SECS`: access-token lifetime, 300..=900.
     pub token_ttl_secs: i64,
     /// `ISSUER_CATALOG_FILE`: JSON credential-configuration catalog replacing the built-in one.
@@ -92,6 +104,11 @@ impl Default for Settings {
             secret_key: None,
             token_signing_key: None,
             token_signing_key_file: None,
+            credential_signing_key: None,
+            credential_signing_key_file: None,
+            credential_previous_keys_file: None,
+            credential_ttl_days: 365,
+            tx_code_max_attempts: 5,
             token_ttl_secs: 300,
             catalog_file: None,
             max_body_bytes: 64 * 1024,
@@ -124,6 +141,7 @@ impl Settings {
     /// Normalises empty values to unset and checks ranges and combinations.
     pub fn validate(mut self) -> anyhow::Result<Self> {
         for opt in [
+            &mut self.credential_signing_key,
             &mut self.database_url,
             &mut self.redis_url,
             &mut self.secret_key,
@@ -144,6 +162,14 @@ impl Settings {
             "ISSUER_TOKEN_TTL_SECS must be from 300 to 900 (RFC 9068 tokens stay short-lived)"
         );
         anyhow::ensure!(
+            (1..=3650).contains(&self.credential_ttl_days),
+            "ISSUER_CREDENTIAL_TTL_DAYS must be from 1 to 3650"
+        );
+        anyhow::ensure!(
+            (1..=20).contains(&self.tx_code_max_attempts),
+            "ISSUER_TX_CODE_MAX_ATTEMPTS must be from 1 to 20"
+        );
+        anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
         );
@@ -160,6 +186,10 @@ impl Settings {
             anyhow::ensure!(
                 self.token_signing_key.is_some() || self.token_signing_key_file.is_some(),
                 "ISSUER_TOKEN_SIGNING_KEY or ISSUER_TOKEN_SIGNING_KEY_FILE is required with ISSUER_DATABASE_URL"
+            );
+            anyhow::ensure!(
+                self.credential_signing_key.is_some() || self.credential_signing_key_file.is_some(),
+                "ISSUER_CREDENTIAL_SIGNING_KEY or ISSUER_CREDENTIAL_SIGNING_KEY_FILE is required with ISSUER_DATABASE_URL"
             );
         }
         Ok(self)

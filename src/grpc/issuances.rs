@@ -37,6 +37,7 @@ impl IssuanceGrpc {
             expires_at: Some(timestamp(&v.expires_at)),
             created_at: Some(timestamp(&v.created_at)),
             updated_at: Some(timestamp(&v.updated_at)),
+            tx_code: String::new(),
         }
     }
 }
@@ -69,6 +70,9 @@ fn create_body(r: pb::CreateIssuanceRequest) -> Value {
     if let Some(e) = r.expires_in {
         m.insert("expires_in".into(), e.into());
     }
+    if let Some(t) = r.tx_code {
+        m.insert("tx_code".into(), t.into());
+    }
     Value::Object(m)
 }
 
@@ -86,7 +90,9 @@ impl IssuanceService for IssuanceGrpc {
             .create(&who, &body)
             .await
             .map_err(status)?;
-        let mut res = Response::new(self.message(&out.issuance));
+        let mut message = self.message(&out.issuance);
+        message.tx_code = out.tx_code.unwrap_or_default();
+        let mut res = Response::new(message);
         res.metadata_mut().insert(
             "idempotent-replayed",
             MetadataValue::from_static(if out.replayed { "true" } else { "false" }),

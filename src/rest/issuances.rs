@@ -29,12 +29,16 @@ pub async fn create(
         "{}/issuer/api/v1/issuances/{}",
         app.settings.public_url, view.issuance_id
     );
+    let mut body = serde_json::to_value(&view).map_err(issuer_domain::Error::internal)?;
+    if let Some(tx_code) = out.tx_code {
+        body["tx_code"] = tx_code.into();
+    }
     let status = if out.replayed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    let mut res = (status, Json(view)).into_response();
+    let mut res = (status, Json(body)).into_response();
     let h = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&location) {
         h.insert(header::LOCATION, v);

@@ -20,6 +20,7 @@ mod extract;
 mod issuances;
 mod oauth;
 mod offers;
+mod oid4vci;
 
 pub use error::{ApiError, RETRY_AFTER_SECS};
 pub use extract::bearer_token;
@@ -46,6 +47,32 @@ pub fn router(app: AppState) -> Router {
         .route(
             "/issuer/oid4vci/v1/credential-offer/{offer_id}",
             get(offers::credential_offer),
+        )
+        .route(
+            "/.well-known/openid-credential-issuer/issuer",
+            get(oid4vci::credential_issuer),
+        )
+        .route(
+            "/issuer/.well-known/openid-credential-issuer",
+            get(oid4vci::credential_issuer),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server/issuer",
+            get(oid4vci::authorization_server),
+        )
+        .route(
+            "/issuer/.well-known/oauth-authorization-server",
+            get(oid4vci::authorization_server),
+        )
+        .route(
+            "/.well-known/jwt-vc-issuer/issuer",
+            get(oid4vci::jwt_vc_issuer),
+        )
+        .route("/issuer/oid4vci/v1/nonce", post(oid4vci::nonce))
+        .route("/issuer/oid4vci/v1/credential", post(oid4vci::credential))
+        .route(
+            "/issuer/oid4vci/v1/notification",
+            post(oid4vci::notification),
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -10,7 +10,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
-use issuer_domain::{ErrorCode, model::Scope};
+use issuer_domain::{
+    ErrorCode,
+    model::{PRE_AUTHORIZED_CODE_GRANT, Scope},
+};
+use issuer_oid4vci::WalletError;
 use serde_json::json;
 
 use super::AppState;
@@ -118,6 +122,29 @@ async fn issue(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Respo
     let grant_type = params
         .get("grant_type")
         .ok_or_else(|| OAuthError::new("invalid_request", "grant_type is required"))?;
+    if grant_type == PRE_AUTHORIZED_CODE_GRANT {
+        // Anonymous access: the wallet holds the code, not client credentials.
+        let tx_code = params.get("tx_code").or_else(|| params.get("user_pin"));
+        let token = app
+            .wallet
+            .token(
+                params.get("pre-authorized_code").map(String::as_str),
+                tx_code.map(String::as_str),
+            )
+            .await
+            .map_err(|e| match e {
+                WalletError::Refused { code, description } => OAuthError::new(code, description),
+                WalletError::Internal(e) => e.into(),
+            })?;
+        let body = json!({
+            "access_token": token.access_token,
+            "token_type": "Bearer",
+            "expires_in": token.expires_in,
+        });
+        let mut res = Json(body).into_response();
+        no_store(res.headers_mut());
+        return Ok(res);
+    }
     if grant_type != CLIENT_CREDENTIALS {
         return Err(OAuthError::new(
             "unsupported_grant_type",

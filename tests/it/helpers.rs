@@ -110,6 +110,7 @@ pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
         redis_url: redis.map(Secret::new),
         secret_key: Some(Secret::new(secret)),
         token_signing_key: Some(Secret::new(pem)),
+        credential_signing_key: Some(Secret::new(pem)),
         database_max_connections: 30,
         ..Settings::default()
     }
@@ -320,5 +321,6 @@ pub fn create_request_pb(body: &Value) -> issuer::grpc::pb::CreateIssuanceReques
         email: s("email"),
         grant_type: s("grant_type"),
         expires_in: body.get("expires_in").and_then(Value::as_i64),
+        tx_code: body.get("tx_code").and_then(Value::as_bool),
     }
 }

@@ -33,23 +33,12 @@ use crate::helpers::{
 /// The create body as a gRPC message, converted on the client side (independently of the
 /// server's own `Struct` conversion).
 fn grpc_request(body: &Value) -> pb::CreateIssuanceRequest {
-    let s = |k: &str| {
-        body.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
     pb::CreateIssuanceRequest {
-        client_request_id: s("client_request_id"),
-        credential_configuration_id: s("credential_configuration_id"),
         payload: body
             .get("payload")
             .and_then(Value::as_object)
             .map(to_struct),
-        delivery: s("delivery"),
-        email: s("email"),
-        grant_type: s("grant_type"),
-        expires_in: body.get("expires_in").and_then(Value::as_i64),
+        ..crate::helpers::create_request_pb(body)
     }
 }
 

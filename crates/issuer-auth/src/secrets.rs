@@ -38,7 +38,8 @@ impl ServerSecret {
         random_token(32)
     }
 
-    fn derive(&self, label: &str) -> [u8; 32] {
+    /// A 256-bit key for one purpose, named by `label`; distinct labels give independent keys.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(label.as_bytes());
         mac.finalize().into_bytes().into()
@@ -98,6 +99,7 @@ pub fn generate_client_secret() -> String {
 /// AES-256-GCM with random nonces; output is base64url(nonce || ciphertext || tag).
 pub struct AesSealer {
     key: RandomizedNonceKey,
+    mac_key: [u8; 32],
 }
 
 impl AesSealer {
@@ -107,6 +109,7 @@ impl AesSealer {
         let key = secret.derive("issuer/offer-code-seal/v1");
         Self {
             key: RandomizedNonceKey::new(&AES_256_GCM, &key).expect("a 32-byte AES-256 key"),
+            mac_key: secret.derive("issuer/code-digest/v1"),
         }
     }
 }
@@ -121,6 +124,12 @@ impl CodeSealer for AesSealer {
         let mut out = nonce.as_ref().to_vec();
         out.extend_from_slice(&buf);
         URL_SAFE_NO_PAD.encode(out)
+    }
+
+    fn digest(&self, value: &str) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.mac_key).expect("HMAC takes any key length");
+        mac.update(value.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
     fn open(&self, sealed: &str) -> Result<String, Error> {

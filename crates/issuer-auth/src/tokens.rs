@@ -3,7 +3,11 @@
 use std::{collections::HashMap, sync::Mutex};
 
 use chrono::{DateTime, Utc};
-use issuer_domain::{ids::TenantId, model::Scope, service::Principal};
+use issuer_domain::{
+    ids::{IssuanceId, TenantId},
+    model::Scope,
+    service::Principal,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -155,46 +159,10 @@ impl TokenService {
 
     /// The full check: header, signature and claims. Returns the principal and `exp`.
     fn verify_signed(&self, token: &str) -> Result<(Principal, i64), TokenError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| TokenError("malformed access token".into()))?;
-        if header.alg != Algorithm::ES256 {
-            return Err(TokenError("unsupported token algorithm".into()));
-        }
-        let typ_ok = header.typ.as_deref().is_some_and(|t| {
-            t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
-        });
-        if !typ_ok {
-            return Err(TokenError(
-                "not an access token (typ must be at+jwt)".into(),
-            ));
-        }
-        let key = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.verifying.get(kid))
-            .ok_or_else(|| TokenError("unknown signing key".into()))?;
-        let mut validation = Validation::new(Algorithm::ES256);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
-        validation.validate_nbf = true;
-        validation.leeway = 30;
-        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &validation).map_err(|e| {
-            // Say what is wrong without echoing library internals or token contents.
-            use jsonwebtoken::errors::ErrorKind;
-            TokenError(
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => "the access token has expired",
-                    ErrorKind::ImmatureSignature => "the access token is not valid yet",
-                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
-                        "the access token was not issued for this service"
-                    }
-                    ErrorKind::InvalidSignature => "the access token signature does not verify",
-                    _ => "the access token is invalid",
-                }
-                .into(),
-            )
-        })?;
+        let key = self.header_key(token)?;
+        let data =
+            jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation(&self.audience))
+                .map_err(describe)?;
         let c = data.claims;
         let tenant_id = c
             .tenant_id
@@ -208,6 +176,119 @@ impl TokenService {
         };
         // Cached only until `exp` itself, without the leeway granted above.
         Ok((principal, c.exp))
+    }
+}
+
+impl TokenService {
+    /// Checks the header before any key is used: ES256 only (no `none`, no HS256 with a public
+    /// key), `typ: at+jwt`, and a `kid` this service signs with.
+    fn header_key(&self, token: &str) -> Result<&DecodingKey, TokenError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| TokenError("malformed access token".into()))?;
+        if header.alg != Algorithm::ES256 {
+            return Err(TokenError("unsupported token algorithm".into()));
+        }
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+        });
+        if !typ_ok {
+            return Err(TokenError(
+                "not an access token (typ must be at+jwt)".into(),
+            ));
+        }
+        header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.verifying.get(kid))
+            .ok_or_else(|| TokenError("unknown signing key".into()))
+    }
+
+    /// Exact `iss` and `aud`, required `exp`/`nbf`/`sub`, 30 s leeway.
+    fn validation(&self, audience: &str) -> Validation {
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub", "nbf"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        validation
+    }
+}
+
+/// Says what is wrong without echoing library internals or token contents.
+fn describe(e: jsonwebtoken::errors::Error) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind;
+    TokenError(
+        match e.kind() {
+            ErrorKind::ExpiredSignature => "the access token has expired",
+            ErrorKind::ImmatureSignature => "the access token is not valid yet",
+            ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                "the access token was not issued for this service"
+            }
+            ErrorKind::InvalidSignature => "the access token signature does not verify",
+            _ => "the access token is invalid",
+        }
+        .into(),
+    )
+}
+
+/// Claims of a wallet's access token: bound to one issuance, audience the credential issuer
+/// (so it is useless at the management API, whose audience differs, and vice versa).
+#[derive(Debug, Serialize, Deserialize)]
+struct WalletClaims {
+    iss: String,
+    sub: String,
+    aud: String,
+    exp: i64,
+    iat: i64,
+    nbf: i64,
+    jti: String,
+    tenant_id: String,
+    issuance_id: String,
+}
+
+impl TokenService {
+    /// An access token for the wallet redeeming `issuance`'s pre-authorized code.
+    pub fn issue_wallet(
+        &self,
+        tenant: TenantId,
+        issuance: IssuanceId,
+        now: DateTime<Utc>,
+    ) -> IssuedToken {
+        let claims = WalletClaims {
+            iss: self.issuer.clone(),
+            sub: issuance.to_string(),
+            aud: self.issuer.clone(),
+            exp: now.timestamp() + self.ttl_secs,
+            iat: now.timestamp(),
+            nbf: now.timestamp(),
+            jti: Uuid::new_v4().to_string(),
+            tenant_id: tenant.to_string(),
+            issuance_id: issuance.to_string(),
+        };
+        let mut header = Header::new(Algorithm::ES256);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(self.signing_kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .expect("ES256 signing does not fail");
+        IssuedToken {
+            access_token,
+            expires_in: self.ttl_secs,
+            scope: String::new(),
+        }
+    }
+
+    /// Verifies a wallet token like `verify` does a management token, with the credential
+    /// issuer as audience; returns the issuance it is bound to.
+    pub fn verify_wallet(&self, token: &str) -> Result<(TenantId, IssuanceId), TokenError> {
+        let key = self.header_key(token)?;
+        let data = jsonwebtoken::decode::<WalletClaims>(token, key, &self.validation(&self.issuer))
+            .map_err(describe)?;
+        let c = data.claims;
+        match (c.tenant_id.parse(), c.issuance_id.parse()) {
+            (Ok(t), Ok(i)) => Ok((t, i)),
+            _ => Err(TokenError("the access token is invalid".into())),
+        }
     }
 }
 

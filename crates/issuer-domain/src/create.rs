@@ -98,6 +98,8 @@ pub struct ValidCreate {
     pub expires_in: i64,
     /// Whether `expires_in` was given (it is part of the fingerprint only then).
     pub explicit_expires_in: bool,
+    /// The offer needs a transaction code.
+    pub tx_code: bool,
 }
 
 impl ValidCreate {
@@ -214,6 +216,15 @@ impl ValidCreate {
             },
         };
 
+        let tx_code = match obj.get("tx_code") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                v.push(FieldViolation::new("tx_code", "must be a boolean"));
+                false
+            }
+        };
+
         if !v.is_empty() {
             return Err(Error::invalid(v));
         }
@@ -235,6 +246,7 @@ impl ValidCreate {
                     grant_type,
                     expires_in,
                     explicit_expires_in,
+                    tx_code,
                 })
             }
             _ => Err(Error::internal("create validation lost a violation")),
@@ -258,6 +270,9 @@ impl ValidCreate {
         m.insert("grant_type".into(), self.grant_type.clone().into());
         if self.explicit_expires_in {
             m.insert("expires_in".into(), self.expires_in.into());
+        }
+        if self.tx_code {
+            m.insert("tx_code".into(), true.into());
         }
         let mut canonical = String::new();
         write_canonical(&Value::Object(m), &mut canonical);

@@ -68,3 +68,13 @@ pub fn new_offer_id() -> String {
 pub fn new_pre_authorized_code() -> String {
     random_token(32)
 }
+
+/// A numeric transaction code (6 digits, uniform). Short enough to type; guessing is bounded
+/// by the attempt cap, not by its length.
+pub fn new_tx_code() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+        .collect()
+}

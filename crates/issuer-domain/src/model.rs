@@ -17,6 +17,8 @@ pub struct Tenant {
     pub default_offer_ttl_secs: i64,
     /// The longest offer lifetime a create request may ask for.
     pub max_offer_ttl_secs: i64,
+    /// Every offer of this tenant needs a transaction code (delivered over a second channel).
+    pub require_tx_code: bool,
     pub created_at: DateTime<Utc>,
 }
 
@@ -30,6 +32,7 @@ impl Tenant {
             name: name.into(),
             default_offer_ttl_secs: Self::DEFAULT_OFFER_TTL_SECS,
             max_offer_ttl_secs: Self::MAX_OFFER_TTL_SECS,
+            require_tx_code: false,
             created_at: now,
         }
     }
@@ -218,6 +221,14 @@ pub struct Issuance {
     pub pre_authorized_code_hash: String,
     /// The pre-authorized code encrypted at rest, for repeated offer fetches.
     pub pre_authorized_code_sealed: String,
+    /// Keyed hash of the transaction code, when the offer needs one.
+    pub tx_code_hash: Option<String>,
+    /// Wrong transaction codes tried so far; at the cap the code is dead.
+    pub tx_code_failures: i64,
+    /// When a wallet redeemed the pre-authorized code; codes are single-use.
+    pub code_redeemed_at: Option<DateTime<Utc>>,
+    /// Handed to the wallet with the credential; its notifications must quote it.
+    pub notification_id: Option<String>,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -244,6 +255,12 @@ pub mod event_kind {
     pub const OFFER_RETRIEVED: &str = "offer_retrieved";
     pub const CANCELLED: &str = "cancelled";
     pub const EXPIRED: &str = "expired";
+    pub const TOKEN_ISSUED: &str = "token_issued";
+    pub const TX_CODE_FAILED: &str = "tx_code_failed";
+    pub const CREDENTIAL_ISSUED: &str = "credential_issued";
+    pub const CREDENTIAL_ACCEPTED: &str = "credential_accepted";
+    pub const CREDENTIAL_DELETED: &str = "credential_deleted";
+    pub const CREDENTIAL_FAILURE: &str = "credential_failure";
 }
 
 /// Reasons of `rejected` / `error` issuances.
@@ -251,6 +268,7 @@ pub mod reason {
     pub const EXPIRED: &str = "expired";
     pub const CANCELLED: &str = "cancelled";
     pub const DECLINED: &str = "declined";
+    pub const CREDENTIAL_FAILURE: &str = "credential_failure";
 }
 
 impl IssuanceStatus {
@@ -271,6 +289,38 @@ pub struct Transition {
     /// The event's kind.
     pub kind: String,
     pub at: DateTime<Utc>,
+    /// Also marks the pre-authorized code redeemed; applies only while it is not yet.
+    pub redeem_code: bool,
+    /// Also stores the notification id handed to the wallet.
+    pub notification_id: Option<String>,
+}
+
+impl Transition {
+    /// A status change from any of `from`.
+    pub fn status(
+        from: &[IssuanceStatus],
+        to: IssuanceStatus,
+        reason: Option<&str>,
+        kind: &str,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            to: Some((to, reason.map(str::to_owned))),
+            ..Self::event(from, kind, at)
+        }
+    }
+
+    /// An event without a status change, recorded while the issuance is in one of `from`.
+    pub fn event(from: &[IssuanceStatus], kind: &str, at: DateTime<Utc>) -> Self {
+        Self {
+            from: from.to_vec(),
+            to: None,
+            kind: kind.to_owned(),
+            at,
+            redeem_code: false,
+            notification_id: None,
+        }
+    }
 }
 
 /// What applying a transition did.

@@ -56,6 +56,19 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first, at most `filter.limit`.
     async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>>;
     async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>>;
+    /// The issuance whose pre-authorized code hashes to `code_hash`.
+    async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>>;
+    /// Counts one wrong transaction code atomically; returns the count after it.
+    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64>;
+    /// Marks a nonce used; `false` when it was used before (within its tenant).
+    async fn use_nonce(
+        &self,
+        tenant: TenantId,
+        nonce_hash: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool>;
+    /// Forgets used nonces that expired before `now`; returns how many.
+    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64>;
     /// Applies `transition` if the issuance is in one of its `from` statuses: updates status,
     /// reason and `updated_at`, purges the payload when the new status does not keep it, and
     /// appends the event with the next sequence, all in one transaction. Concurrent transitions
@@ -118,6 +131,9 @@ pub trait IdempotencyLock: Send + Sync + 'static {
 pub trait CodeSealer: Send + Sync + 'static {
     fn seal(&self, plaintext: &str) -> String;
     fn open(&self, sealed: &str) -> Result<String>;
+    /// A keyed digest (base64url) for secrets that are only ever compared, never shown again:
+    /// short ones like transaction codes cannot be brute-forced from the database alone.
+    fn digest(&self, value: &str) -> String;
 }
 
 pub trait Clock: Send + Sync + 'static {

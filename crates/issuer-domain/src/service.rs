@@ -21,7 +21,7 @@ use crate::{
     catalog::Catalog,
     create::ValidCreate,
     error::{Error, ErrorCode, Result},
-    ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code},
+    ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
     model::{
         InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
         PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
@@ -53,6 +53,9 @@ impl Principal {
 pub struct CreateOutcome {
     pub issuance: Issuance,
     pub replayed: bool,
+    /// The transaction code, in the response that created the issuance only: the caller
+    /// delivers it to the recipient over a channel other than the offer's.
+    pub tx_code: Option<String>,
 }
 
 /// List parameters as the caller sent them; validated here for both adapters.
@@ -89,6 +92,8 @@ impl Default for IdempotencySettings {
 }
 
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
+/// Digits of a transaction code.
+pub const TX_CODE_LENGTH: usize = 6;
 pub const MAX_PAGE_SIZE: i64 = 200;
 
 pub struct IssuanceService {
@@ -175,7 +180,9 @@ impl IssuanceService {
                 None
             }
         };
-        let result = self.insert(who, request, fingerprint).await;
+        let result = self
+            .insert(who, request, fingerprint, tenant.require_tx_code)
+            .await;
         if let Some(token) = token
             && let Err(e) = self.lock.release(&key, &token).await
         {
@@ -219,10 +226,12 @@ impl IssuanceService {
         who: &Principal,
         request: ValidCreate,
         fingerprint: String,
+        tenant_requires_tx_code: bool,
     ) -> Result<CreateOutcome> {
         let crid = request.client_request_id.as_str();
         let now = self.clock.now();
         let code = new_pre_authorized_code();
+        let tx_code = (request.tx_code || tenant_requires_tx_code).then(new_tx_code);
         let issuance = Issuance {
             tenant_id: who.tenant_id,
             id: IssuanceId::new(),
@@ -238,6 +247,10 @@ impl IssuanceService {
             offer_id: new_offer_id(),
             pre_authorized_code_hash: hash_code(&code),
             pre_authorized_code_sealed: self.sealer.seal(&code),
+            tx_code_hash: tx_code.as_deref().map(|c| self.sealer.digest(c)),
+            tx_code_failures: 0,
+            code_redeemed_at: None,
+            notification_id: None,
             expires_at: now + chrono::Duration::seconds(request.expires_in),
             created_at: now,
             updated_at: now,
@@ -264,6 +277,7 @@ impl IssuanceService {
                 Ok(CreateOutcome {
                     issuance: stored,
                     replayed: false,
+                    tx_code,
                 })
             }
             InsertOutcome::Duplicate(existing) => replay(existing, &fingerprint),
@@ -348,12 +362,13 @@ impl IssuanceService {
         let Ok(id) = id.parse::<IssuanceId>() else {
             return Err(Error::not_found("issuance"));
         };
-        let t = Transition {
-            from: vec![IssuanceStatus::Pending],
-            to: Some((IssuanceStatus::Rejected, Some(reason::CANCELLED.to_owned()))),
-            kind: event_kind::CANCELLED.to_owned(),
-            at: self.clock.now(),
-        };
+        let t = Transition::status(
+            &[IssuanceStatus::Pending],
+            IssuanceStatus::Rejected,
+            Some(reason::CANCELLED),
+            event_kind::CANCELLED,
+            self.clock.now(),
+        );
         match self.store.transition(who.tenant_id, id, &t).await? {
             TransitionOutcome::Applied(i) => {
                 tracing::info!(tenant_id = %i.tenant_id, issuance_id = %i.id, "issuance cancelled");
@@ -384,12 +399,13 @@ impl IssuanceService {
         let now = self.clock.now();
         let mut expired = 0;
         for (tenant, id) in self.store.overdue_pending(now, limit).await? {
-            let t = Transition {
-                from: vec![IssuanceStatus::Pending],
-                to: Some((IssuanceStatus::Rejected, Some(reason::EXPIRED.to_owned()))),
-                kind: event_kind::EXPIRED.to_owned(),
-                at: now,
-            };
+            let t = Transition::status(
+                &[IssuanceStatus::Pending],
+                IssuanceStatus::Rejected,
+                Some(reason::EXPIRED),
+                event_kind::EXPIRED,
+                now,
+            );
             if let TransitionOutcome::Applied(_) = self.store.transition(tenant, id, &t).await? {
                 tracing::info!(tenant_id = %tenant, issuance_id = %id, "issuance expired");
                 expired += 1;
@@ -408,12 +424,19 @@ impl IssuanceService {
             .filter(|i| i.status == IssuanceStatus::Pending && i.expires_at > self.clock.now())
             .ok_or_else(|| Error::not_found("credential offer"))?;
         let code = self.sealer.open(&issuance.pre_authorized_code_sealed)?;
-        let retrieved = Transition {
-            from: vec![IssuanceStatus::Pending],
-            to: None,
-            kind: event_kind::OFFER_RETRIEVED.to_owned(),
-            at: self.clock.now(),
-        };
+        let mut grant = json!({"pre-authorized_code": code});
+        if issuance.tx_code_hash.is_some() {
+            grant["tx_code"] = json!({
+                "input_mode": "numeric",
+                "length": TX_CODE_LENGTH,
+                "description": "Enter the code you received separately from this offer"
+            });
+        }
+        let retrieved = Transition::event(
+            &[IssuanceStatus::Pending],
+            event_kind::OFFER_RETRIEVED,
+            self.clock.now(),
+        );
         // Cancelled or expired in the meantime: the offer is gone.
         if !matches!(
             self.store
@@ -426,9 +449,7 @@ impl IssuanceService {
         Ok(json!({
             "credential_issuer": self.credential_issuer(),
             "credential_configuration_ids": [issuance.credential_configuration_id],
-            "grants": {
-                PRE_AUTHORIZED_CODE_GRANT: {"pre-authorized_code": code}
-            }
+            "grants": { PRE_AUTHORIZED_CODE_GRANT: grant }
         }))
     }
 }
@@ -438,6 +459,7 @@ fn replay(existing: Issuance, fingerprint: &str) -> Result<CreateOutcome> {
         Ok(CreateOutcome {
             issuance: existing,
             replayed: true,
+            tx_code: None,
         })
     } else {
         Err(Error::new(

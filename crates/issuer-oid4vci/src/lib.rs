@@ -12,6 +12,8 @@ pub mod metadata;
 pub mod proof;
 pub mod sdjwt;
 
+pub mod flow;
+pub use flow::{WalletError, WalletService, WalletSettings};
 pub use metadata::{
     CREDENTIAL_PAYLOAD_CLAIM, ConfigurationView, authorization_server_metadata,
     credential_issuer_metadata, credential_issuer_metadata_with_display, jwt_vc_issuer_metadata,

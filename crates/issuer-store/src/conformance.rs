@@ -42,12 +42,16 @@ pub async fn run_all(store: &dyn Store) {
     transition_of_unknown_or_foreign_is_not_found(store).await;
     plain_event_keeps_status_and_payload(store).await;
     overdue_pending_lists_only_due_pending(store).await;
+    code_lookup_and_tx_code_failures(store).await;
+    redemption_applies_once_and_keeps_notification_id(store).await;
+    nonces_are_single_use_per_tenant(store).await;
 }
 
 /// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
 pub async fn run_concurrency(store: Arc<dyn Store>) {
     concurrent_duplicates(store.clone(), 50).await;
-    concurrent_transitions(store, 20).await;
+    concurrent_transitions(store.clone(), 20).await;
+    concurrent_redemptions(store, 20).await;
 }
 
 /// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
@@ -101,6 +105,10 @@ pub fn sample_issuance(tenant: TenantId, client_request_id: &str) -> (Issuance, 
         offer_id: random_token(18),
         pre_authorized_code_hash: random_token(32),
         pre_authorized_code_sealed: random_token(48),
+        tx_code_hash: Some(random_token(32)),
+        tx_code_failures: 0,
+        code_redeemed_at: None,
+        notification_id: None,
         expires_at: now + Duration::hours(24),
         created_at: now,
         updated_at: now,
@@ -789,12 +797,13 @@ pub async fn concurrent_duplicates(store: Arc<dyn Store>, n: usize) {
 }
 
 fn cancel_at(at: DateTime<Utc>) -> Transition {
-    Transition {
-        from: vec![IssuanceStatus::Pending],
-        to: Some((IssuanceStatus::Rejected, Some("cancelled".to_owned()))),
-        kind: "cancelled".to_owned(),
+    Transition::status(
+        &[IssuanceStatus::Pending],
+        IssuanceStatus::Rejected,
+        Some("cancelled"),
+        "cancelled",
         at,
-    }
+    )
 }
 
 async fn apply(
@@ -892,12 +901,11 @@ pub async fn plain_event_keeps_status_and_payload(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     let stored = insert_new(store, &issuance, &event).await;
-    let t = Transition {
-        from: vec![IssuanceStatus::Pending],
-        to: None,
-        kind: "offer_retrieved".to_owned(),
-        at: now_with_nanos(),
-    };
+    let t = Transition::event(
+        &[IssuanceStatus::Pending],
+        "offer_retrieved",
+        now_with_nanos(),
+    );
     assert_eq!(
         apply(store, tenant, issuance.id, &t).await,
         TransitionOutcome::Applied(stored.clone())
@@ -981,4 +989,166 @@ pub async fn concurrent_transitions(store: Arc<dyn Store>, n: usize) {
         "exactly one of {n} concurrent transitions applies"
     );
     assert_eq!(events(store.as_ref(), tenant, issuance.id).await.len(), 2);
+}
+
+/// Codes are found by their hash across tenants; failed transaction codes count atomically.
+pub async fn code_lookup_and_tx_code_failures(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    let stored = insert_new(store, &issuance, &event).await;
+    let found = store
+        .find_issuance_by_code_hash(&issuance.pre_authorized_code_hash)
+        .await
+        .expect("find_issuance_by_code_hash failed");
+    assert_eq!(found, Some(stored));
+    assert_eq!(
+        store
+            .find_issuance_by_code_hash(&random_token(32))
+            .await
+            .unwrap(),
+        None
+    );
+    for expected in 1..=3 {
+        let n = store
+            .record_tx_code_failure(tenant, issuance.id)
+            .await
+            .expect("record failure");
+        assert_eq!(n, expected);
+    }
+    assert_eq!(
+        get(store, tenant, issuance.id)
+            .await
+            .map(|i| i.tx_code_failures),
+        Some(3)
+    );
+    let other = new_tenant(store).await;
+    assert!(
+        store
+            .record_tx_code_failure(other, issuance.id)
+            .await
+            .is_err(),
+        "scoped by tenant"
+    );
+}
+
+fn redeem(at: DateTime<Utc>) -> Transition {
+    Transition {
+        redeem_code: true,
+        ..Transition::event(&[IssuanceStatus::Pending], "token_issued", at)
+    }
+}
+
+/// A code redemption applies once; the notification id set with a later transition stays.
+pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let at = now_with_nanos();
+    let TransitionOutcome::Applied(redeemed) = apply(store, tenant, issuance.id, &redeem(at)).await
+    else {
+        panic!("the first redemption applies");
+    };
+    assert_eq!(redeemed.code_redeemed_at, Some(trunc_micros(at)));
+    assert_eq!(redeemed.status, IssuanceStatus::Pending);
+    assert!(redeemed.payload.is_some(), "redeeming keeps the payload");
+    assert!(matches!(
+        apply(store, tenant, issuance.id, &redeem(now_with_nanos())).await,
+        TransitionOutcome::Skipped(_)
+    ));
+    let issued = Transition {
+        notification_id: Some("n-1".to_owned()),
+        ..Transition::status(
+            &[IssuanceStatus::Pending],
+            IssuanceStatus::Accepted,
+            None,
+            "credential_issued",
+            now_with_nanos(),
+        )
+    };
+    let TransitionOutcome::Applied(accepted) = apply(store, tenant, issuance.id, &issued).await
+    else {
+        panic!("issuing applies");
+    };
+    assert_eq!(accepted.notification_id.as_deref(), Some("n-1"));
+    assert_eq!(accepted.code_redeemed_at, Some(trunc_micros(at)), "kept");
+    assert_eq!(accepted.payload, None);
+    let kinds: Vec<String> = events(store, tenant, issuance.id)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["created", "token_issued", "credential_issued"]);
+}
+
+/// A nonce is accepted once per tenant; expired ones can be purged.
+pub async fn nonces_are_single_use_per_tenant(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let nonce = random_token(32);
+    let past = now_with_nanos() - Duration::seconds(10);
+    assert!(
+        store
+            .use_nonce(tenant, &nonce, past)
+            .await
+            .expect("use_nonce")
+    );
+    assert!(
+        !store.use_nonce(tenant, &nonce, past).await.unwrap(),
+        "second use is refused"
+    );
+    assert!(
+        store.use_nonce(other, &nonce, past).await.unwrap(),
+        "tenants are independent"
+    );
+    let fresh = random_token(32);
+    assert!(
+        store
+            .use_nonce(tenant, &fresh, now_with_nanos() + Duration::minutes(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .purge_used_nonces(now_with_nanos())
+            .await
+            .expect("purge")
+            >= 2
+    );
+    assert!(
+        !store
+            .use_nonce(tenant, &fresh, now_with_nanos())
+            .await
+            .unwrap(),
+        "unexpired ones stay"
+    );
+}
+
+/// Concurrent redemptions of one code: exactly one applies.
+pub async fn concurrent_redemptions(store: Arc<dyn Store>, n: usize) {
+    let tenant = new_tenant(store.as_ref()).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store.as_ref(), &issuance, &event).await;
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let id = issuance.id;
+            tokio::spawn(async move {
+                store
+                    .transition(tenant, id, &redeem(now_with_nanos()))
+                    .await
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for task in tasks {
+        if let TransitionOutcome::Applied(_) =
+            task.await.expect("task panicked").expect("transition")
+        {
+            applied += 1;
+        }
+    }
+    assert_eq!(
+        applied, 1,
+        "exactly one of {n} concurrent redemptions applies"
+    );
 }

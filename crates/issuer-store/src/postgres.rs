@@ -82,6 +82,9 @@ impl RowAccess for PgRow {
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
         self.try_get(col)
     }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        self.try_get(col)
+    }
     fn text(&self, col: &str) -> Result<String, sqlx::Error> {
         self.try_get(col)
     }
@@ -113,13 +116,14 @@ impl Store for PgStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5)"
+            ") VALUES ($1, $2, $3, $4, $5, $6)"
         ))
         .bind(tenant.id.0)
         .bind(&tenant.name)
         .bind(tenant.default_offer_ttl_secs)
         .bind(tenant.max_offer_ttl_secs)
         .bind(trunc_micros(tenant.created_at))
+        .bind(tenant.require_tx_code)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -225,13 +229,13 @@ impl Store for PgStore {
         let inserted = sqlx::query(concat!(
             "WITH i AS (INSERT INTO issuances (",
             issuance_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
              ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
              RETURNING ",
             issuance_columns!(),
             "), e AS (INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             SELECT tenant_id, id, $18, $19, $20, $21, $22 FROM i) \
+             SELECT tenant_id, id, $22, $23, $24, $25, $26 FROM i) \
              SELECT * FROM i"
         ))
         .bind(issuance.tenant_id.0)
@@ -251,6 +255,10 @@ impl Store for PgStore {
         .bind(trunc_micros(issuance.expires_at))
         .bind(trunc_micros(issuance.created_at))
         .bind(trunc_micros(issuance.updated_at))
+        .bind(&issuance.tx_code_hash)
+        .bind(issuance.tx_code_failures)
+        .bind(issuance.code_redeemed_at.map(trunc_micros))
+        .bind(&issuance.notification_id)
         .bind(first_event.sequence)
         .bind(&first_event.kind)
         .bind(first_event.status.as_str())
@@ -353,6 +361,63 @@ impl Store for PgStore {
         .transpose()
     }
 
+    async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE pre_authorized_code_hash = $1"
+        ))
+        .bind(code_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(rows::issuance)
+        .transpose()
+    }
+
+    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
+             WHERE tenant_id = $1 AND id = $2 RETURNING tx_code_failures",
+        )
+        .bind(tenant.0)
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::not_found("issuance"))?;
+        row.try_get("tx_code_failures").map_err(db_error)
+    }
+
+    async fn use_nonce(
+        &self,
+        tenant: TenantId,
+        nonce_hash: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO used_nonces (tenant_id, nonce_hash, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id, nonce_hash) DO NOTHING",
+        )
+        .bind(tenant.0)
+        .bind(nonce_hash)
+        .bind(trunc_micros(expires_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+
     async fn transition(
         &self,
         tenant: TenantId,
@@ -376,30 +441,39 @@ impl Store for PgStore {
             return Ok(TransitionOutcome::NotFound);
         };
         let current = rows::issuance(&row)?;
-        if !t.from.contains(&current.status) {
+        if !rows::transition_applies(&current, t) {
             return Ok(TransitionOutcome::Skipped(current));
         }
-        let (after, event_status, event_reason) = match &t.to {
-            None => (current.clone(), current.status, current.reason.clone()),
-            Some((status, reason)) => {
-                let row = sqlx::query(concat!(
-                    "UPDATE issuances SET status = $3, reason = $4, updated_at = $5, \
-                     payload = CASE WHEN $6 THEN payload ELSE NULL END \
-                     WHERE tenant_id = $1 AND id = $2 RETURNING ",
-                    issuance_columns!()
-                ))
-                .bind(tenant.0)
-                .bind(id.0)
-                .bind(status.as_str())
-                .bind(reason)
-                .bind(trunc_micros(t.at))
-                .bind(status.keeps_payload())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                (rows::issuance(&row)?, *status, reason.clone())
-            }
+        let (status, reason) =
+            t.to.clone()
+                .unwrap_or_else(|| (current.status, current.reason.clone()));
+        let after = if rows::transition_writes_row(t) {
+            let row = sqlx::query(concat!(
+                "UPDATE issuances SET status = $3, reason = $4, \
+                 updated_at = CASE WHEN $7 THEN $5 ELSE updated_at END, \
+                 payload = CASE WHEN $6 THEN payload ELSE NULL END, \
+                 code_redeemed_at = CASE WHEN $8 THEN $5 ELSE code_redeemed_at END, \
+                 notification_id = COALESCE($9, notification_id) \
+                 WHERE tenant_id = $1 AND id = $2 RETURNING ",
+                issuance_columns!()
+            ))
+            .bind(tenant.0)
+            .bind(id.0)
+            .bind(status.as_str())
+            .bind(&reason)
+            .bind(trunc_micros(t.at))
+            .bind(status.keeps_payload())
+            .bind(t.to.is_some())
+            .bind(t.redeem_code)
+            .bind(&t.notification_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            rows::issuance(&row)?
+        } else {
+            current
         };
+        let (event_status, event_reason) = (status, reason);
         sqlx::query(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \

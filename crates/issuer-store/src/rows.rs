@@ -10,7 +10,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use issuer_domain::{
     Error, ErrorCode,
     ids::{IssuanceId, TenantId},
-    model::{ApiClient, Delivery, Issuance, IssuanceEvent, IssuanceStatus, Scope, Tenant},
+    model::{
+        ApiClient, Delivery, Issuance, IssuanceEvent, IssuanceStatus, Scope, Tenant, Transition,
+    },
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -29,7 +31,8 @@ macro_rules! issuance_columns {
     () => {
         "tenant_id, id, client_request_id, request_fingerprint, credential_configuration_id, \
          status, reason, payload, delivery, email, grant_type, offer_id, \
-         pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at"
+         pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at, \
+         tx_code_hash, tx_code_failures, code_redeemed_at, notification_id"
     };
 }
 pub(crate) use issuance_columns;
@@ -43,7 +46,7 @@ pub(crate) use event_columns;
 
 macro_rules! tenant_columns {
     () => {
-        "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at"
+        "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at, require_tx_code"
     };
 }
 pub(crate) use tenant_columns;
@@ -59,6 +62,7 @@ pub(crate) use client_columns;
 pub(crate) trait RowAccess {
     fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error>;
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error>;
     fn text(&self, col: &str) -> Result<String, sqlx::Error>;
     fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
     fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
@@ -92,6 +96,7 @@ pub(crate) fn tenant(row: &impl RowAccess) -> Result<Tenant, Error> {
             name: row.text("name")?,
             default_offer_ttl_secs: row.int("default_offer_ttl_secs")?,
             max_offer_ttl_secs: row.int("max_offer_ttl_secs")?,
+            require_tx_code: row.flag("require_tx_code")?,
             created_at: row.time("created_at")?,
         })
     };
@@ -134,6 +139,10 @@ pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
             expires_at: row.time("expires_at")?,
             created_at: row.time("created_at")?,
             updated_at: row.time("updated_at")?,
+            tx_code_hash: row.opt_text("tx_code_hash")?,
+            tx_code_failures: row.int("tx_code_failures")?,
+            code_redeemed_at: row.opt_time("code_redeemed_at")?,
+            notification_id: row.opt_text("notification_id")?,
         })
     };
     map().map_err(Error::internal)
@@ -238,6 +247,17 @@ pub(crate) fn conflict_or_db_error(
         };
     }
     db_error(backend, e)
+}
+
+/// Whether `t` applies to `current`: its status is one of `from`, and a code redemption finds
+/// the code unredeemed.
+pub(crate) fn transition_applies(current: &Issuance, t: &Transition) -> bool {
+    t.from.contains(&current.status) && !(t.redeem_code && current.code_redeemed_at.is_some())
+}
+
+/// Whether `t` changes the issuance row, beyond appending its event.
+pub(crate) fn transition_writes_row(t: &Transition) -> bool {
+    t.to.is_some() || t.redeem_code || t.notification_id.is_some()
 }
 
 #[cfg(test)]

@@ -129,6 +129,15 @@ impl RowAccess for SqliteRow {
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
     }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let raw: Option<String> = self.try_get(col)?;
+        raw.map(|raw| {
+            DateTime::parse_from_rfc3339(&raw)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
+        })
+        .transpose()
+    }
     fn text(&self, col: &str) -> Result<String, sqlx::Error> {
         self.try_get(col)
     }
@@ -162,13 +171,14 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES (?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?)"
         ))
         .bind(id_text(tenant.id.0))
         .bind(&tenant.name)
         .bind(tenant.default_offer_ttl_secs)
         .bind(tenant.max_offer_ttl_secs)
         .bind(time_text(tenant.created_at))
+        .bind(tenant.require_tx_code)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -283,7 +293,7 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(concat!(
             "INSERT INTO issuances (",
             issuance_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
              RETURNING ",
             issuance_columns!()
@@ -305,6 +315,10 @@ impl Store for SqliteStore {
         .bind(time_text(issuance.expires_at))
         .bind(time_text(issuance.created_at))
         .bind(time_text(issuance.updated_at))
+        .bind(&issuance.tx_code_hash)
+        .bind(issuance.tx_code_failures)
+        .bind(issuance.code_redeemed_at.map(time_text))
+        .bind(&issuance.notification_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -426,6 +440,63 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            issuance_columns!(),
+            " FROM issuances WHERE pre_authorized_code_hash = ?"
+        ))
+        .bind(code_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(rows::issuance)
+        .transpose()
+    }
+
+    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
+             WHERE tenant_id = ? AND id = ? RETURNING tx_code_failures",
+        )
+        .bind(id_text(tenant.0))
+        .bind(id_text(id.0))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| Error::not_found("issuance"))?;
+        row.try_get("tx_code_failures").map_err(db_error)
+    }
+
+    async fn use_nonce(
+        &self,
+        tenant: TenantId,
+        nonce_hash: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO used_nonces (tenant_id, nonce_hash, expires_at) VALUES (?, ?, ?) \
+             ON CONFLICT (tenant_id, nonce_hash) DO NOTHING",
+        )
+        .bind(id_text(tenant.0))
+        .bind(nonce_hash)
+        .bind(time_text(expires_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < ?")
+            .bind(time_text(now))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+
     async fn transition(
         &self,
         tenant: TenantId,
@@ -453,31 +524,40 @@ impl Store for SqliteStore {
             return Ok(TransitionOutcome::NotFound);
         };
         let current = rows::issuance(&row)?;
-        if !t.from.contains(&current.status) {
+        if !rows::transition_applies(&current, t) {
             tx.rollback().await.map_err(db_error)?;
             return Ok(TransitionOutcome::Skipped(current));
         }
-        let (after, event_status, event_reason) = match &t.to {
-            None => (current.clone(), current.status, current.reason.clone()),
-            Some((status, reason)) => {
-                let row = sqlx::query(concat!(
-                    "UPDATE issuances SET status = ?, reason = ?, updated_at = ?, \
-                     payload = CASE WHEN ? THEN payload ELSE NULL END \
-                     WHERE tenant_id = ? AND id = ? RETURNING ",
-                    issuance_columns!()
-                ))
-                .bind(status.as_str())
-                .bind(reason)
-                .bind(time_text(t.at))
-                .bind(status.keeps_payload())
-                .bind(id_text(tenant.0))
-                .bind(id_text(id.0))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                (rows::issuance(&row)?, *status, reason.clone())
-            }
+        let (status, reason) =
+            t.to.clone()
+                .unwrap_or_else(|| (current.status, current.reason.clone()));
+        let after = if rows::transition_writes_row(t) {
+            let row = sqlx::query(concat!(
+                "UPDATE issuances SET status = ?3, reason = ?4, \
+                 updated_at = CASE WHEN ?7 THEN ?5 ELSE updated_at END, \
+                 payload = CASE WHEN ?6 THEN payload ELSE NULL END, \
+                 code_redeemed_at = CASE WHEN ?8 THEN ?5 ELSE code_redeemed_at END, \
+                 notification_id = COALESCE(?9, notification_id) \
+                 WHERE tenant_id = ?1 AND id = ?2 RETURNING ",
+                issuance_columns!()
+            ))
+            .bind(id_text(tenant.0))
+            .bind(id_text(id.0))
+            .bind(status.as_str())
+            .bind(&reason)
+            .bind(time_text(t.at))
+            .bind(status.keeps_payload())
+            .bind(t.to.is_some())
+            .bind(t.redeem_code)
+            .bind(&t.notification_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            rows::issuance(&row)?
+        } else {
+            current
         };
+        let (event_status, event_reason) = (status, reason);
         sqlx::query(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \

@@ -1,0 +1,517 @@
+//! The wallet's side of an issuance (OID4VCI 1.0 pre-authorized code flow): redeem the code for
+//! an access token, get a nonce, trade a key proof for the SD-JWT VC, report what became of it.
+//!
+//! Invariants: a pre-authorized code yields one token (the store's conditional transition
+//! decides races); a transaction code has an attempt cap after which the offer's code is dead;
+//! a nonce is accepted once; an issuance yields one credential, and issuing it moves the
+//! issuance to `accepted`, which purges the payload.
+
+use std::sync::Arc;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Duration, Utc};
+use hmac::{Hmac, Mac};
+use issuer_auth::{SigningKey, TokenService};
+use issuer_domain::{
+    Error,
+    catalog::Catalog,
+    ids::{IssuanceId, TenantId, random_token},
+    model::{Issuance, IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
+    ports::{Clock, CodeSealer, Store},
+    service::hash_code,
+};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{CREDENTIAL_PAYLOAD_CLAIM, ProofPolicy, SdJwtVcInput, issue_sd_jwt_vc, validate_proof};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// An error for the wallet, in the vocabulary of the endpoint it called (RFC 6749 §5.2 at the
+/// token endpoint, OID4VCI §8.3.1.2 / §11.3 at the credential and notification endpoints).
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    #[error("{code}: {description}")]
+    Refused {
+        code: &'static str,
+        description: String,
+    },
+    /// A store failure: 503 or 500, never the wallet's fault.
+    #[error(transparent)]
+    Internal(#[from] Error),
+}
+
+impl WalletError {
+    fn refused(code: &'static str, description: impl Into<String>) -> Self {
+        Self::Refused {
+            code,
+            description: description.into(),
+        }
+    }
+}
+
+/// Tunables of the wallet flow.
+#[derive(Debug, Clone)]
+pub struct WalletSettings {
+    /// Wrong transaction codes allowed before the offer's code is dead.
+    pub tx_code_max_attempts: i64,
+    pub nonce_ttl: Duration,
+    /// Validity of issued credentials.
+    pub credential_ttl: Duration,
+}
+
+impl Default for WalletSettings {
+    fn default() -> Self {
+        Self {
+            tx_code_max_attempts: 5,
+            nonce_ttl: Duration::minutes(5),
+            credential_ttl: Duration::days(365),
+        }
+    }
+}
+
+/// The token endpoint's answer to a wallet.
+#[derive(Debug, Clone)]
+pub struct WalletToken {
+    pub access_token: String,
+    pub expires_in: i64,
+}
+
+/// Which request shape the wallet used; the response follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestShape {
+    /// OID4VCI 1.0: `credential_configuration_id` + `proofs`.
+    V1,
+    /// Draft 13/15: `format` (+ `vct`) + `proof`.
+    Draft,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuedCredential {
+    pub credential: String,
+    pub notification_id: String,
+    pub shape: RequestShape,
+}
+
+impl IssuedCredential {
+    /// The credential response body for the request's shape.
+    pub fn body(&self) -> Value {
+        match self.shape {
+            RequestShape::V1 => json!({
+                "credentials": [{"credential": self.credential}],
+                "notification_id": self.notification_id,
+            }),
+            RequestShape::Draft => json!({
+                "credential": self.credential,
+                "notification_id": self.notification_id,
+            }),
+        }
+    }
+}
+
+pub struct WalletService {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    sealer: Arc<dyn CodeSealer>,
+    tokens: Arc<TokenService>,
+    credential_key: SigningKey,
+    catalog: Arc<Catalog>,
+    credential_issuer: String,
+    nonce_key: [u8; 32],
+    settings: WalletSettings,
+}
+
+impl WalletService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        sealer: Arc<dyn CodeSealer>,
+        tokens: Arc<TokenService>,
+        credential_key: SigningKey,
+        catalog: Arc<Catalog>,
+        credential_issuer: &str,
+        nonce_key: [u8; 32],
+        settings: WalletSettings,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            sealer,
+            tokens,
+            credential_key,
+            catalog,
+            credential_issuer: credential_issuer.to_owned(),
+            nonce_key,
+            settings,
+        }
+    }
+
+    /// The pre-authorized code grant: one code, one token.
+    pub async fn token(
+        &self,
+        code: Option<&str>,
+        tx_code: Option<&str>,
+    ) -> Result<WalletToken, WalletError> {
+        let code = code.filter(|c| !c.is_empty()).ok_or_else(|| {
+            WalletError::refused("invalid_request", "pre-authorized_code is required")
+        })?;
+        let invalid_grant = || {
+            WalletError::refused(
+                "invalid_grant",
+                "the pre-authorized code is invalid or expired",
+            )
+        };
+        let now = self.clock.now();
+        let issuance = self
+            .store
+            .find_issuance_by_code_hash(&hash_code(code))
+            .await?
+            .filter(|i| {
+                i.status == IssuanceStatus::Pending
+                    && i.expires_at > now
+                    && i.code_redeemed_at.is_none()
+            })
+            .ok_or_else(invalid_grant)?;
+        if let Some(expected) = &issuance.tx_code_hash {
+            let given = tx_code.filter(|t| !t.is_empty()).ok_or_else(|| {
+                WalletError::refused("invalid_request", "tx_code is required for this offer")
+            })?;
+            if issuance.tx_code_failures >= self.settings.tx_code_max_attempts {
+                return Err(invalid_grant());
+            }
+            if !constant_time_eq(self.sealer.digest(given).as_bytes(), expected.as_bytes()) {
+                let failures = self
+                    .store
+                    .record_tx_code_failure(issuance.tenant_id, issuance.id)
+                    .await?;
+                tracing::info!(
+                    tenant_id = %issuance.tenant_id,
+                    issuance_id = %issuance.id,
+                    failures,
+                    "wrong transaction code"
+                );
+                return Err(WalletError::refused(
+                    "invalid_grant",
+                    "the transaction code is wrong",
+                ));
+            }
+        }
+        let redeem = Transition {
+            redeem_code: true,
+            ..Transition::event(&[IssuanceStatus::Pending], event_kind::TOKEN_ISSUED, now)
+        };
+        match self
+            .store
+            .transition(issuance.tenant_id, issuance.id, &redeem)
+            .await?
+        {
+            TransitionOutcome::Applied(_) => {}
+            // Another request redeemed it first, or it was cancelled meanwhile.
+            TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
+                return Err(invalid_grant());
+            }
+        }
+        let token = self
+            .tokens
+            .issue_wallet(issuance.tenant_id, issuance.id, now);
+        tracing::info!(tenant_id = %issuance.tenant_id, issuance_id = %issuance.id, "wallet token issued");
+        Ok(WalletToken {
+            access_token: token.access_token,
+            expires_in: token.expires_in,
+        })
+    }
+
+    /// A fresh nonce: 8 bytes of expiry, 16 random bytes and a 128-bit MAC over both, so it
+    /// verifies without storage; single use is enforced when a proof spends it.
+    pub fn nonce(&self) -> String {
+        let exp = (self.clock.now() + self.settings.nonce_ttl).timestamp();
+        let mut body = exp.to_be_bytes().to_vec();
+        body.extend(
+            URL_SAFE_NO_PAD
+                .decode(random_token(16))
+                .expect("random_token is base64url"),
+        );
+        let tag = self.nonce_mac(&body);
+        body.extend_from_slice(&tag[..16]);
+        URL_SAFE_NO_PAD.encode(body)
+    }
+
+    fn nonce_mac(&self, body: &[u8]) -> [u8; 32] {
+        let mut mac =
+            HmacSha256::new_from_slice(&self.nonce_key).expect("HMAC takes any key length");
+        mac.update(body);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The nonce's expiry if this service made it and it has not expired.
+    fn check_nonce(&self, nonce: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let raw = URL_SAFE_NO_PAD.decode(nonce).ok()?;
+        if raw.len() != 40 {
+            return None;
+        }
+        let (body, tag) = raw.split_at(24);
+        if !constant_time_eq(&self.nonce_mac(body)[..16], tag) {
+            return None;
+        }
+        let exp = DateTime::from_timestamp(i64::from_be_bytes(body[..8].try_into().ok()?), 0)?;
+        (exp > now).then_some(exp)
+    }
+
+    /// The wallet's issuance, from its access token.
+    fn wallet(&self, access_token: &str) -> Result<(TenantId, IssuanceId), WalletError> {
+        self.tokens
+            .verify_wallet(access_token)
+            .map_err(|e| WalletError::refused("invalid_token", e.0))
+    }
+
+    /// Issues the credential for a credential request (1.0 or draft shape).
+    pub async fn credential(
+        &self,
+        access_token: &str,
+        body: &Value,
+    ) -> Result<IssuedCredential, WalletError> {
+        let (tenant, id) = self.wallet(access_token)?;
+        let now = self.clock.now();
+        let issuance = self.store.get_issuance(tenant, id).await?.ok_or_else(|| {
+            WalletError::refused("invalid_token", "the access token's offer no longer exists")
+        })?;
+        if issuance.status != IssuanceStatus::Pending {
+            return Err(WalletError::refused(
+                "invalid_credential_request",
+                "the credential of this offer was already issued, or the offer ended",
+            ));
+        }
+        let (shape, proof) = self.parse_request(&issuance, body)?;
+        let valid = validate_proof(
+            &proof,
+            &ProofPolicy::new(self.credential_issuer.clone()),
+            now,
+        )
+        .map_err(|e| WalletError::refused(e.code.as_str(), e.message))?;
+        let nonce = valid.nonce.ok_or_else(|| {
+            WalletError::refused(
+                "invalid_proof",
+                "the proof must carry a nonce from the nonce endpoint",
+            )
+        })?;
+        let nonce_exp = self.check_nonce(&nonce, now).ok_or_else(|| {
+            WalletError::refused("invalid_nonce", "the nonce is unknown or expired")
+        })?;
+        let nonce_hash = URL_SAFE_NO_PAD.encode(Sha256::digest(nonce.as_bytes()));
+        if !self.store.use_nonce(tenant, &nonce_hash, nonce_exp).await? {
+            return Err(WalletError::refused(
+                "invalid_nonce",
+                "the nonce was already used",
+            ));
+        }
+
+        let config = self
+            .catalog
+            .get(&issuance.credential_configuration_id)
+            .ok_or_else(|| {
+                Error::internal("the issuance's credential configuration left the catalog")
+            })?;
+        let payload = issuance
+            .payload
+            .clone()
+            .ok_or_else(|| Error::internal("a pending issuance has no payload"))?;
+        let mut claims = Map::new();
+        claims.insert(CREDENTIAL_PAYLOAD_CLAIM.to_owned(), payload);
+        let issued = issue_sd_jwt_vc(
+            &SdJwtVcInput {
+                issuer: &self.credential_issuer,
+                vct: &config.vct,
+                iat: now,
+                exp: now + self.settings.credential_ttl,
+                holder_jwk: &valid.holder_jwk,
+                claims: &claims,
+            },
+            &self.credential_key,
+        )
+        .map_err(|e| WalletError::refused("invalid_proof", e.to_string()))?;
+
+        let notification_id = random_token(16);
+        let accept = Transition {
+            notification_id: Some(notification_id.clone()),
+            ..Transition::status(
+                &[IssuanceStatus::Pending],
+                IssuanceStatus::Accepted,
+                None,
+                event_kind::CREDENTIAL_ISSUED,
+                now,
+            )
+        };
+        match self.store.transition(tenant, id, &accept).await? {
+            TransitionOutcome::Applied(_) => {
+                tracing::info!(tenant_id = %tenant, issuance_id = %id, "credential issued");
+                Ok(IssuedCredential {
+                    credential: issued.compact,
+                    notification_id,
+                    shape,
+                })
+            }
+            // A concurrent request issued it, or the offer was cancelled: this copy is dropped.
+            TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
+                Err(WalletError::refused(
+                    "invalid_credential_request",
+                    "the credential of this offer was already issued, or the offer ended",
+                ))
+            }
+        }
+    }
+
+    /// The request's shape and its one `jwt` proof.
+    fn parse_request(
+        &self,
+        issuance: &Issuance,
+        body: &Value,
+    ) -> Result<(RequestShape, String), WalletError> {
+        let bad = |m: &str| WalletError::refused("invalid_credential_request", m);
+        let obj = body
+            .as_object()
+            .ok_or_else(|| bad("the body must be a JSON object"))?;
+        let config = self
+            .catalog
+            .get(&issuance.credential_configuration_id)
+            .ok_or_else(|| {
+                Error::internal("the issuance's credential configuration left the catalog")
+            })?;
+        let shape = if obj.contains_key("format") {
+            let format = obj["format"].as_str().unwrap_or_default();
+            // `vc+sd-jwt` is the format name before SD-JWT VC draft 06.
+            if format != config.format && !(config.format == "dc+sd-jwt" && format == "vc+sd-jwt") {
+                return Err(WalletError::refused(
+                    "unsupported_credential_format",
+                    "this offer is for another credential format",
+                ));
+            }
+            if obj
+                .get("vct")
+                .is_some_and(|v| v.as_str() != Some(config.vct.as_str()))
+            {
+                return Err(WalletError::refused(
+                    "unsupported_credential_format",
+                    "this offer is for another vct",
+                ));
+            }
+            RequestShape::Draft
+        } else {
+            match obj
+                .get("credential_configuration_id")
+                .and_then(Value::as_str)
+            {
+                Some(id) if id == config.id => RequestShape::V1,
+                Some(_) => {
+                    return Err(WalletError::refused(
+                        "unknown_credential_configuration",
+                        "this offer is for another credential configuration",
+                    ));
+                }
+                None if obj.contains_key("credential_identifier") => {
+                    return Err(WalletError::refused(
+                        "unknown_credential_identifier",
+                        "credential identifiers are not issued by this issuer; use credential_configuration_id",
+                    ));
+                }
+                None => return Err(bad("credential_configuration_id is required")),
+            }
+        };
+        let proof = match (obj.get("proofs"), obj.get("proof")) {
+            (Some(_), Some(_)) => return Err(bad("send either proofs or proof, not both")),
+            (Some(proofs), None) => {
+                let p = proofs.as_object().ok_or_else(|| {
+                    WalletError::refused("invalid_proof", "proofs must be an object")
+                })?;
+                if p.keys().any(|k| k != "jwt") {
+                    return Err(WalletError::refused(
+                        "invalid_proof",
+                        "only the jwt proof type is supported",
+                    ));
+                }
+                match p.get("jwt").and_then(Value::as_array).map(Vec::as_slice) {
+                    Some([one]) => one.as_str().map(str::to_owned),
+                    Some([]) | None => None,
+                    Some(_) => {
+                        return Err(bad("batch issuance is not supported: send one proof"));
+                    }
+                }
+            }
+            (None, Some(proof)) => {
+                if proof.get("proof_type").and_then(Value::as_str) != Some("jwt") {
+                    return Err(WalletError::refused(
+                        "invalid_proof",
+                        "only the jwt proof type is supported",
+                    ));
+                }
+                proof.get("jwt").and_then(Value::as_str).map(str::to_owned)
+            }
+            (None, None) => None,
+        };
+        let proof = proof
+            .ok_or_else(|| WalletError::refused("invalid_proof", "a jwt key proof is required"))?;
+        Ok((shape, proof))
+    }
+
+    /// A wallet's notification about the credential it received.
+    pub async fn notify(&self, access_token: &str, body: &Value) -> Result<(), WalletError> {
+        let (tenant, id) = self.wallet(access_token)?;
+        let bad = |m: &str| WalletError::refused("invalid_notification_request", m);
+        let notification_id = body
+            .get("notification_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("notification_id is required"))?;
+        let event = body
+            .get("event")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("event is required"))?;
+        let issuance = self.store.get_issuance(tenant, id).await?;
+        if issuance.and_then(|i| i.notification_id).as_deref() != Some(notification_id) {
+            return Err(WalletError::refused(
+                "invalid_notification_id",
+                "unknown notification_id",
+            ));
+        }
+        let now = self.clock.now();
+        let accepted = [IssuanceStatus::Accepted];
+        let t = match event {
+            "credential_accepted" => {
+                Transition::event(&accepted, event_kind::CREDENTIAL_ACCEPTED, now)
+            }
+            "credential_deleted" => Transition::status(
+                &accepted,
+                IssuanceStatus::Rejected,
+                Some(reason::DECLINED),
+                event_kind::CREDENTIAL_DELETED,
+                now,
+            ),
+            "credential_failure" => Transition::status(
+                &accepted,
+                IssuanceStatus::Error,
+                Some(reason::CREDENTIAL_FAILURE),
+                event_kind::CREDENTIAL_FAILURE,
+                now,
+            ),
+            _ => {
+                return Err(bad(
+                    "event must be credential_accepted, credential_deleted or credential_failure",
+                ));
+            }
+        };
+        // A notification after the status already moved on changes nothing and is no error:
+        // wallets retry notifications.
+        let outcome = self.store.transition(tenant, id, &t).await?;
+        tracing::info!(
+            tenant_id = %tenant,
+            issuance_id = %id,
+            event,
+            applied = matches!(outcome, TransitionOutcome::Applied(_)),
+            "wallet notification"
+        );
+        Ok(())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

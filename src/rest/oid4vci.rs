@@ -1,0 +1,161 @@
+//! Wallet-facing OID4VCI 1.0 endpoints: metadata (both the RFC 8615 well-known form and the
+//! older suffix form), nonce, credential and notification. Errors use the OID4VCI error codes:
+//! 400 `{"error", "error_description"}`, or 401 with `WWW-Authenticate` for a bad token.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use issuer_domain::ErrorCode;
+use issuer_oid4vci::{
+    ConfigurationView, WalletError, authorization_server_metadata,
+    credential_issuer_metadata_with_display, jwt_vc_issuer_metadata,
+};
+use serde_json::{Value, json};
+
+use super::{AppState, bearer_token};
+
+/// Metadata changes only with a deploy; let wallets cache it briefly.
+const METADATA_CACHE: &str = "public, max-age=300";
+
+pub async fn credential_issuer(State(app): State<AppState>) -> impl IntoResponse {
+    let issuer = app.issuances.credential_issuer();
+    let configs: Vec<ConfigurationView> = app
+        .issuances
+        .catalog()
+        .iter()
+        .map(|c| ConfigurationView {
+            id: c.id.clone(),
+            format: c.format.clone(),
+            vct: c.vct.clone(),
+            display: c.display.clone(),
+            schema: c.schema.clone(),
+        })
+        .collect();
+    let display = json!([{"name": "Issuer", "locale": "en"}]);
+    let body = credential_issuer_metadata_with_display(&issuer, Some(&display), &configs);
+    ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
+}
+
+pub async fn authorization_server(State(app): State<AppState>) -> impl IntoResponse {
+    let issuer = app.issuances.credential_issuer();
+    let body = authorization_server_metadata(
+        &issuer,
+        &format!("{issuer}/oauth/token"),
+        &format!("{issuer}/oauth/jwks"),
+    );
+    ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
+}
+
+pub async fn jwt_vc_issuer(State(app): State<AppState>) -> impl IntoResponse {
+    let body = jwt_vc_issuer_metadata(
+        &app.issuances.credential_issuer(),
+        app.credential_jwks.clone(),
+    );
+    ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
+}
+
+/// `POST /issuer/oid4vci/v1/nonce`.
+pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"c_nonce": app.wallet.nonce()})),
+    )
+}
+
+/// `POST /issuer/oid4vci/v1/credential`.
+pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        let token = wallet_token(&headers)?;
+        let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
+            code: "invalid_credential_request",
+            description: "the body must be JSON".into(),
+        })?;
+        app.wallet.credential(token, &body).await
+    }
+    .await;
+    match result {
+        Ok(issued) => ([(header::CACHE_CONTROL, "no-store")], Json(issued.body())).into_response(),
+        Err(e) => wallet_error(e),
+    }
+}
+
+/// `POST /issuer/oid4vci/v1/notification`.
+pub async fn notification(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        let token = wallet_token(&headers)?;
+        let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
+            code: "invalid_notification_request",
+            description: "the body must be JSON".into(),
+        })?;
+        app.wallet.notify(token, &body).await
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => wallet_error(e),
+    }
+}
+
+fn wallet_token(headers: &HeaderMap) -> Result<&str, WalletError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .ok_or_else(|| WalletError::Refused {
+            code: "invalid_token",
+            description: "missing bearer token".into(),
+        })
+}
+
+/// The one mapping of wallet-flow errors to HTTP for the OID4VCI endpoints.
+pub fn wallet_error(e: WalletError) -> Response {
+    match e {
+        WalletError::Refused { code, description } => {
+            let status = if code == "invalid_token" {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            let mut res = (
+                status,
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(json!({"error": code, "error_description": description})),
+            )
+                .into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                let challenge = format!(
+                    r#"Bearer realm="issuer", error="invalid_token", error_description="{description}""#
+                );
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            res
+        }
+        WalletError::Internal(e) => {
+            tracing::error!(error = %e.chain(), "wallet request failed");
+            let unavailable = e.code == ErrorCode::Unavailable;
+            let (status, code) = if unavailable {
+                (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+            };
+            let mut res = (status, Json(json!({"error": code}))).into_response();
+            if unavailable {
+                res.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(super::RETRY_AFTER_SECS),
+                );
+            }
+            res
+        }
+    }
+}
