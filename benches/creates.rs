@@ -12,23 +12,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use issuer::{
-    App, Settings, admin,
-    config::Secret,
-    grpc::{
-        pb::{CreateIssuanceRequest, issuance_service_client::IssuanceServiceClient},
-        structs::json_to_struct,
-    },
+use issuer::grpc::{
+    pb::{CreateIssuanceRequest, issuance_service_client::IssuanceServiceClient},
+    structs::json_to_struct,
 };
-use issuer_domain::model::Scope;
 use serde_json::{Value, json};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
+mod common;
+
+use common::{BenchService, env_or, percentile_ms};
 
 fn payload() -> Value {
     json!({
@@ -68,13 +63,7 @@ impl Stage {
     }
 
     fn pct(&self, p: f64) -> f64 {
-        let mut l = self.latencies.clone();
-        l.sort();
-        if l.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
-        l[i].as_secs_f64() * 1000.0
+        percentile_ms(&self.latencies, p)
     }
 
     fn print(&self) {
@@ -216,77 +205,17 @@ fn main() {
         .split(',')
         .map(|s| s.trim().parse().unwrap())
         .collect();
-    let admin_url = env_or(
-        "TEST_DATABASE_URL",
-        "postgres://postgres@127.0.0.1:5432/postgres",
-    );
-    let redis_url = env_or("TEST_REDIS_URL", "redis://127.0.0.1:6379");
-
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let service = BenchService::start("creates");
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-
-    // A fresh database for this run.
-    let db_name = format!("issuer_bench_{}", std::process::id());
-    let db_url = format!("{}/{db_name}", admin_url.rsplit_once('/').unwrap().0);
-    server_rt.block_on(async {
-        let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
-            .await
-            .unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {db_name}"
-        )))
-        .execute(&mut c)
-        .await
-        .unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-    });
-
-    let listener = server_rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let settings = Settings {
-        listen_addr: addr,
-        public_url: format!("http://{addr}"),
-        database_url: Some(Secret::new(&db_url)),
-        redis_url: Some(Secret::new(&redis_url)),
-        secret_key: Some(Secret::new(issuer_auth::ServerSecret::generate_text())),
-        token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
-        credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
-        ..Settings::default()
-    }
-    .validate()
-    .unwrap();
-    let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());
-    let creds = server_rt.block_on(async {
-        let t = admin::create_tenant(&app, "bench").await.unwrap();
-        admin::create_client(&app, t.id, &Scope::ALL).await.unwrap()
-    });
-    server_rt.spawn(issuer::serve(app.clone(), listener, std::future::pending()));
-    let base = format!("http://{addr}");
-
-    let token: String = client_rt.block_on(async {
-        let res: Value = reqwest::Client::new()
-            .post(format!("{base}/issuer/oauth/token"))
-            .basic_auth(&creds.client_id, Some(&creds.client_secret))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        res["access_token"].as_str().unwrap().to_owned()
-    });
+    let (base, token, db_url) = (
+        service.base.clone(),
+        service.token.clone(),
+        service.db_url.clone(),
+    );
+    let tenant_id = service.creds.tenant_id.clone();
 
     println!(
         "issuer create benchmark: {rounds} rounds of {secs} s per load, service and clients on this machine ({} cores)",
@@ -376,7 +305,7 @@ fn main() {
                 }
             });
 
-            let pg = pgbench(&db_url, &creds.tenant_id, conns, secs);
+            let pg = pgbench(&db_url, &tenant_id, conns, secs);
             println!(
                 "  round {}: REST {:.0}/s, gRPC {:.0}/s, pgbench {:.0}/s",
                 round + 1,
@@ -401,15 +330,5 @@ fn main() {
         );
     }
 
-    server_rt.block_on(async {
-        drop(app);
-        if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-            )))
-            .execute(&mut c)
-            .await;
-        }
-    });
-    server_rt.shutdown_timeout(Duration::from_secs(1));
+    service.finish();
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create throughput and latency over REST and gRPC, with pgbench on the same SQL transaction in
-# the same run. Usage: scripts/bench.sh   (BENCH_SECS=10 BENCH_CONNECTIONS=16,64 by default)
+# the same run; then the OID4VCI wallet flow. Usage: scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -8,3 +8,4 @@ ensure_postgres
 ensure_redis
 command -v pgbench >/dev/null || apt_install postgresql-client
 cargo bench --bench creates --locked
+cargo bench --bench wallet --locked

@@ -102,6 +102,13 @@ pub fn shared_keys() -> (&'static str, &'static str) {
     (pem, secret)
 }
 
+/// The credential signing key of every Postgres instance in this process: distinct from the
+/// token key, as in production.
+pub fn shared_credential_key() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| issuer_auth::SigningKey::generate().to_pem())
+}
+
 /// Settings for an instance on Postgres (and Redis when given).
 pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
     let (pem, secret) = shared_keys();
@@ -110,7 +117,7 @@ pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
         redis_url: redis.map(Secret::new),
         secret_key: Some(Secret::new(secret)),
         token_signing_key: Some(Secret::new(pem)),
-        credential_signing_key: Some(Secret::new(pem)),
+        credential_signing_key: Some(Secret::new(shared_credential_key())),
         database_max_connections: 30,
         ..Settings::default()
     }
@@ -322,5 +329,33 @@ pub fn create_request_pb(body: &Value) -> issuer::grpc::pb::CreateIssuanceReques
         grant_type: s("grant_type"),
         expires_in: body.get("expires_in").and_then(Value::as_i64),
         tx_code: body.get("tx_code").and_then(Value::as_bool),
+    }
+}
+
+impl TestApp {
+    /// Starts an instance on `addr`, e.g. the address of a stopped instance to restart it under
+    /// the same public URL.
+    pub async fn spawn_at(mut settings: Settings, addr: SocketAddr) -> Self {
+        init_logs();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        settings.listen_addr = addr;
+        settings.public_url = format!("http://{addr}");
+        let app = Arc::new(
+            App::build(settings.validate().unwrap())
+                .await
+                .expect("app builds"),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(issuer::serve(app.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            base: format!("http://{addr}"),
+            app,
+            http: reqwest::Client::new(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
     }
 }

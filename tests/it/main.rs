@@ -7,4 +7,6 @@ mod auth;
 mod helpers;
 mod idempotency;
 mod lifecycle;
+mod privacy;
 mod walkthrough;
+mod wallet;

@@ -11,7 +11,7 @@ use std::{
 };
 
 /// Kills the service when the test ends, however it ends.
-struct Service(Child);
+pub(crate) struct Service(Child);
 
 impl Drop for Service {
     fn drop(&mut self) {
@@ -20,7 +20,7 @@ impl Drop for Service {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -28,7 +28,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn issuer(dir: &Path, port: u16) -> Command {
+pub(crate) fn issuer(dir: &Path, port: u16) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_issuer"));
     cmd.current_dir(dir);
     for (k, _) in std::env::vars() {
@@ -44,7 +44,14 @@ fn issuer(dir: &Path, port: u16) -> Command {
 
 /// Starts the service and collects stdout until it logs that it serves.
 fn start(dir: &Path, port: u16) -> (Service, Vec<String>) {
-    let mut child = issuer(dir, port)
+    let (service, lines, _rest) = start_with(issuer(dir, port));
+    (service, lines)
+}
+
+/// Starts `cmd` and collects stdout until the service logs that it serves; the receiver yields
+/// the lines after that.
+pub(crate) fn start_with(mut cmd: Command) -> (Service, Vec<String>, mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -67,7 +74,7 @@ fn start(dir: &Path, port: u16) -> (Service, Vec<String>) {
         let serving = line.contains("serving REST and gRPC");
         lines.push(line);
         if serving {
-            return (service, lines);
+            return (service, lines, rx);
         }
     }
 }

@@ -1,0 +1,132 @@
+//! Shared by the benchmarks: a fresh Postgres database, the service on its own runtime
+//! (Postgres + Redis, as in production), a tenant with a client, and a management token.
+
+// Each benchmark uses a part of this module.
+#![allow(dead_code)]
+
+use std::{sync::Arc, time::Duration};
+
+use issuer::{App, Settings, admin, admin::ClientCredentials, config::Secret};
+use issuer_domain::model::Scope;
+use serde_json::Value;
+
+pub fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub struct BenchService {
+    pub base: String,
+    pub db_url: String,
+    pub creds: ClientCredentials,
+    pub token: String,
+    /// Runs the service; load generators use their own runtime.
+    pub server_rt: tokio::runtime::Runtime,
+    app: Arc<App>,
+    admin_url: String,
+    db_name: String,
+}
+
+impl BenchService {
+    pub fn start(name: &str) -> Self {
+        let admin_url = env_or(
+            "TEST_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        );
+        let redis_url = env_or("TEST_REDIS_URL", "redis://127.0.0.1:6379");
+        let server_rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let db_name = format!("issuer_bench_{name}_{}", std::process::id());
+        let db_url = format!("{}/{db_name}", admin_url.rsplit_once('/').unwrap().0);
+        server_rt.block_on(async {
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+                .await
+                .unwrap();
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {db_name}"),
+                format!("CREATE DATABASE {db_name}"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        });
+        let listener = server_rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Settings {
+            listen_addr: addr,
+            public_url: format!("http://{addr}"),
+            database_url: Some(Secret::new(&db_url)),
+            redis_url: Some(Secret::new(&redis_url)),
+            secret_key: Some(Secret::new(issuer_auth::ServerSecret::generate_text())),
+            token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
+            credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
+        let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());
+        let creds = server_rt.block_on(async {
+            let t = admin::create_tenant(&app, "bench").await.unwrap();
+            admin::create_client(&app, t.id, &Scope::ALL).await.unwrap()
+        });
+        server_rt.spawn(issuer::serve(app.clone(), listener, std::future::pending()));
+        let base = format!("http://{addr}");
+        let token = server_rt.block_on(async {
+            let res: Value = reqwest::Client::new()
+                .post(format!("{base}/issuer/oauth/token"))
+                .basic_auth(&creds.client_id, Some(&creds.client_secret))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            res["access_token"].as_str().unwrap().to_owned()
+        });
+        Self {
+            base,
+            db_url,
+            creds,
+            token,
+            server_rt,
+            app,
+            admin_url,
+            db_name,
+        }
+    }
+
+    /// Stops the service and drops the database.
+    pub fn finish(self) {
+        let Self {
+            server_rt,
+            app,
+            admin_url,
+            db_name,
+            ..
+        } = self;
+        server_rt.block_on(async {
+            drop(app);
+            if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await {
+                let sql = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+            }
+        });
+        server_rt.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+/// Milliseconds at quantile `p` of `samples`.
+pub fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+}
