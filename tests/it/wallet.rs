@@ -1304,3 +1304,52 @@ async fn the_test_wallet_refuses_tampered_sd_jwts() {
     // Keys that are not the issuer's.
     assert!(refused(sd_jwt, &json!({"keys": []})));
 }
+
+/// Key rotation: retired credential keys stay published beside the current one, so
+/// credentials they signed keep verifying until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_credential_keys_stay_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let current = issuer_auth::SigningKey::generate();
+    let retired = [
+        issuer_auth::SigningKey::generate(),
+        issuer_auth::SigningKey::generate(),
+    ];
+    let bundle = dir.path().join("previous.pem");
+    std::fs::write(
+        &bundle,
+        format!("{}\n{}", retired[0].to_pem(), retired[1].to_pem()),
+    )
+    .unwrap();
+    let settings = issuer::Settings {
+        credential_signing_key: Some(issuer::config::Secret::new(current.to_pem())),
+        credential_previous_keys_file: Some(bundle),
+        ..crate::helpers::embedded_settings(dir.path())
+    };
+    let app = TestApp::spawn(settings).await;
+    let meta: Value = app
+        .http
+        .get(app.url("/.well-known/jwt-vc-issuer/issuer"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["issuer"], app.url("/issuer"));
+    let kids: Vec<&str> = meta["jwks"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, [current.kid(), retired[0].kid(), retired[1].kid()]);
+    assert!(
+        meta["jwks"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k.get("d").is_none()),
+        "only public keys are published"
+    );
+}
