@@ -121,16 +121,19 @@ impl TokenService {
             scope: scope.clone(),
             tenant_id: tenant.to_string(),
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.typ = Some("at+jwt".into());
-        header.kid = Some(self.signing_kid.clone());
-        let access_token = jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .expect("ES256 signing does not fail");
         IssuedToken {
-            access_token,
+            access_token: self.sign(&claims),
             expires_in: self.ttl_secs,
             scope,
         }
+    }
+
+    /// An RFC 9068 JWT: ES256, `typ: at+jwt`, the current `kid`.
+    fn sign(&self, claims: &impl Serialize) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.typ = Some("at+jwt".into());
+        header.kid = Some(self.signing_kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("ES256 signing does not fail")
     }
 
     /// Verifies signature, algorithm (ES256 only), `typ`, `kid`, `iss`, `aud`, `exp`, `nbf`.
@@ -266,13 +269,8 @@ impl TokenService {
             tenant_id: tenant.to_string(),
             issuance_id: issuance.to_string(),
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.typ = Some("at+jwt".into());
-        header.kid = Some(self.signing_kid.clone());
-        let access_token = jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .expect("ES256 signing does not fail");
         IssuedToken {
-            access_token,
+            access_token: self.sign(&claims),
             expires_in: self.ttl_secs,
             scope: String::new(),
         }
