@@ -8,13 +8,13 @@ use issuer_auth::{AesSealer, SecretHasher, ServerSecret, SigningKey, TokenServic
 use issuer_domain::{
     catalog::Catalog,
     ports::{Clock, CodeSealer, IdempotencyLock, Store, SystemClock},
-    service::{IdempotencySettings, IssuanceService},
+    service::{IdempotencySettings, IssuancePorts, IssuanceService},
 };
-use issuer_lock::{InProcessLock, RedisLock};
+use issuer_lock::{InProcessLock, RedisLock, events::EventHub};
 use issuer_oid4vci::{WalletService, WalletSettings};
 use issuer_store::{PgStore, SqliteStore};
 
-use crate::config::Settings;
+use crate::{config::Settings, watch::WatchTiming};
 
 /// Everything a request handler needs, shared by REST and gRPC.
 pub struct App {
@@ -28,6 +28,9 @@ pub struct App {
     pub hasher: SecretHasher,
     pub clock: Arc<dyn Clock>,
     pub issuances: IssuanceService,
+    /// Announces new events to watchers on every replica.
+    pub hub: Arc<EventHub>,
+    pub watch_timing: WatchTiming,
 }
 
 impl App {
@@ -69,6 +72,14 @@ impl App {
             None => Catalog::builtin(),
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let hub = match &settings.redis_url {
+            Some(url) => EventHub::with_redis(url.expose()).context("ISSUER_REDIS_URL")?,
+            None => EventHub::local(),
+        };
+        let watch_timing = WatchTiming {
+            heartbeat: Duration::from_secs(settings.watch_heartbeat_secs),
+            resync: Duration::from_secs(settings.watch_resync_secs),
+        };
         let sealer: Arc<dyn CodeSealer> = Arc::new(AesSealer::new(&secret));
         let catalog = Arc::new(catalog);
         let wallet = WalletService::new(
@@ -85,12 +96,16 @@ impl App {
                 credential_ttl: chrono::Duration::days(settings.credential_ttl_days),
                 ..WalletSettings::default()
             },
+            hub.clone(),
         );
         let issuances = IssuanceService::new(
-            store.clone(),
-            lock.clone(),
-            sealer,
-            clock.clone(),
+            IssuancePorts {
+                store: store.clone(),
+                lock: lock.clone(),
+                sealer,
+                clock: clock.clone(),
+                notifier: hub.clone(),
+            },
             catalog,
             &settings.public_url,
             IdempotencySettings {
@@ -108,6 +123,8 @@ impl App {
             credential_jwks,
             clock,
             issuances,
+            hub,
+            watch_timing,
         })
     }
 }

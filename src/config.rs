@@ -86,6 +86,11 @@ pub struct Settings {
     pub idempotency_lock_wait_ms: u64,
     /// `ISSUER_SWEEP_INTERVAL_MS`: how often overdue pending issuances are expired.
     pub sweep_interval_ms: u64,
+    /// `ISSUER_WATCH_HEARTBEAT_SECS`: heartbeat interval of idle watch and SSE streams.
+    pub watch_heartbeat_secs: u64,
+    /// `ISSUER_WATCH_RESYNC_SECS`: how often an idle watcher re-reads the store anyway, in case
+    /// an announcement was lost.
+    pub watch_resync_secs: u64,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -115,6 +120,8 @@ impl Default for Settings {
             migrate_on_start: true,
             idempotency_lock_wait_ms: 10_000,
             sweep_interval_ms: 1_000,
+            watch_heartbeat_secs: 15,
+            watch_resync_secs: 60,
             log_format: LogFormat::Json,
             log_level: "info".into(),
         }
@@ -160,6 +167,14 @@ impl Settings {
         anyhow::ensure!(
             (300..=900).contains(&self.token_ttl_secs),
             "ISSUER_TOKEN_TTL_SECS must be from 300 to 900 (RFC 9068 tokens stay short-lived)"
+        );
+        anyhow::ensure!(
+            (1..=300).contains(&self.watch_heartbeat_secs),
+            "ISSUER_WATCH_HEARTBEAT_SECS must be from 1 to 300"
+        );
+        anyhow::ensure!(
+            (1..=3600).contains(&self.watch_resync_secs),
+            "ISSUER_WATCH_RESYNC_SECS must be from 1 to 3600"
         );
         anyhow::ensure!(
             (1..=3650).contains(&self.credential_ttl_days),

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod rest;
 pub mod telemetry;
 pub mod view;
+pub mod watch;
 
 pub use app::App;
 pub use config::Settings;

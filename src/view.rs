@@ -2,7 +2,10 @@
 //! adapters always show the same fields.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use issuer_domain::{model::Issuance, service::IssuanceService};
+use issuer_domain::{
+    model::{Issuance, IssuanceEvent},
+    service::IssuanceService,
+};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +38,32 @@ impl IssuanceView {
             expires_at: i.expires_at,
             created_at: i.created_at,
             updated_at: i.updated_at,
+        }
+    }
+}
+
+/// The public shape of an event, for the events endpoint, SSE and gRPC.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub issuance_id: String,
+    pub sequence: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: &'static str,
+    pub reason: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl From<&IssuanceEvent> for EventView {
+    fn from(e: &IssuanceEvent) -> Self {
+        Self {
+            issuance_id: e.issuance_id.to_string(),
+            sequence: e.sequence,
+            kind: e.kind.clone(),
+            status: e.status.as_str(),
+            reason: e.reason.clone(),
+            occurred_at: e.occurred_at,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `IssuanceService` over gRPC: the same use cases as the REST shim.
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
 
 use issuer_domain::{model::Issuance, service::ListParams};
 use prost_types::Timestamp;
@@ -13,7 +15,11 @@ use super::{
     status,
     structs::struct_to_json,
 };
-use crate::{app::App, view::IssuanceView};
+use crate::{
+    app::App,
+    view::{EventView, IssuanceView},
+    watch::{WatchItem, watch},
+};
 
 pub struct IssuanceGrpc {
     app: Arc<App>,
@@ -76,8 +82,52 @@ fn create_body(r: pb::CreateIssuanceRequest) -> Value {
     Value::Object(m)
 }
 
+fn event_message(e: &issuer_domain::model::IssuanceEvent) -> pb::IssuanceEvent {
+    let v = EventView::from(e);
+    pb::IssuanceEvent {
+        issuance_id: v.issuance_id,
+        sequence: v.sequence,
+        r#type: v.kind,
+        status: v.status.to_owned(),
+        reason: v.reason.unwrap_or_default(),
+        occurred_at: Some(timestamp(&v.occurred_at)),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchIssuanceResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl IssuanceService for IssuanceGrpc {
+    type WatchIssuanceStream = WatchStream;
+
+    async fn watch_issuance(
+        &self,
+        req: Request<pb::WatchIssuanceRequest>,
+    ) -> Result<Response<Self::WatchIssuanceStream>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let r = req.into_inner();
+        let rx = watch(self.app.clone(), who, r.issuance_id, r.after_sequence)
+            .await
+            .map_err(status)?;
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            let msg = item.map_err(status).map(|item| pb::WatchIssuanceResponse {
+                item: Some(match item {
+                    WatchItem::Event(e) => {
+                        pb::watch_issuance_response::Item::Event(event_message(&e))
+                    }
+                    WatchItem::Heartbeat => {
+                        pb::watch_issuance_response::Item::Heartbeat(pb::Heartbeat {
+                            at: Some(timestamp(&chrono::Utc::now())),
+                        })
+                    }
+                }),
+            });
+            Some((msg, rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn create_issuance(
         &self,
         req: Request<pb::CreateIssuanceRequest>,

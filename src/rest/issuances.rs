@@ -5,8 +5,11 @@ use std::collections::HashMap;
 use axum::{
     Json,
     extract::{Path, Query, State},
-    http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event as SseEvent, Sse},
+    },
 };
 use issuer_domain::{Error, service::ListParams};
 use serde_json::json;
@@ -15,7 +18,10 @@ use super::{
     ApiError, AppState,
     extract::{Auth, JsonBody},
 };
-use crate::view::IssuanceView;
+use crate::{
+    view::{EventView, IssuanceView},
+    watch::{WatchItem, watch},
+};
 
 /// 201 + `Location` for a new issuance; 200 + `Idempotent-Replayed: true` for a replay.
 pub async fn create(
@@ -101,4 +107,56 @@ pub async fn cancel(
 ) -> Result<Json<IssuanceView>, ApiError> {
     let issuance = app.issuances.cancel(&who, &issuance_id).await?;
     Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+}
+
+/// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with
+/// `Accept: text/event-stream` a live SSE stream (resumable with `Last-Event-ID`) that ends
+/// after the outcome.
+pub async fn events(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = match q.get("after") {
+        Some(s) => s
+            .parse::<i64>()
+            .map_err(|_| Error::invalid_field("after", "must be an integer"))?,
+        None => headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0),
+    };
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_stream {
+        let (_, events) = app.issuances.events(&who, &issuance_id, after).await?;
+        let events: Vec<EventView> = events.iter().map(EventView::from).collect();
+        return Ok(Json(json!({ "events": events })).into_response());
+    }
+    let rx = watch(app.clone(), who, issuance_id, after).await?;
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        let event = match item {
+            Ok(WatchItem::Event(e)) => {
+                let view = EventView::from(&e);
+                SseEvent::default()
+                    .id(view.sequence.to_string())
+                    .event(view.kind.clone())
+                    .json_data(&view)
+                    .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"))
+            }
+            Ok(WatchItem::Heartbeat) => SseEvent::default().comment("heartbeat"),
+            Err(e) => {
+                tracing::error!(error = %e.chain(), "event stream failed");
+                return None;
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Ok(Sse::new(stream).into_response())
 }

@@ -45,6 +45,10 @@ pub fn router(app: AppState) -> Router {
             post(issuances::cancel),
         )
         .route(
+            "/issuer/api/v1/issuances/{issuance_id}/events",
+            get(issuances::events),
+        )
+        .route(
             "/issuer/oid4vci/v1/credential-offer/{offer_id}",
             get(offers::credential_offer),
         )

@@ -136,6 +136,20 @@ pub trait CodeSealer: Send + Sync + 'static {
     fn digest(&self, value: &str) -> String;
 }
 
+/// Announces that an issuance has new events, after they are committed. Fire and forget: a
+/// lost announcement only delays watchers until they re-read the store, never loses an event.
+pub trait EventNotifier: Send + Sync + 'static {
+    fn notify(&self, tenant: TenantId, issuance: IssuanceId);
+}
+
+/// A notifier for contexts nobody watches (provisioning, tests of other parts).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoNotifier;
+
+impl EventNotifier for NoNotifier {
+    fn notify(&self, _: TenantId, _: IssuanceId) {}
+}
+
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> DateTime<Utc>;
 }

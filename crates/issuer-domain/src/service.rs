@@ -27,7 +27,7 @@ use crate::{
         PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
         reason,
     },
-    ports::{Clock, CodeSealer, IdempotencyLock, LockAttempt, Store},
+    ports::{Clock, CodeSealer, EventNotifier, IdempotencyLock, LockAttempt, Store},
 };
 
 /// Who is calling: taken only from a verified access token.
@@ -105,22 +105,36 @@ pub struct IssuanceService {
     public_url: String,
     idempotency: IdempotencySettings,
     tenants: Mutex<HashMap<TenantId, (Tenant, DateTime<Utc>)>>,
+    notifier: Arc<dyn EventNotifier>,
 }
 
 /// How long tenant settings are cached per instance, and how many.
 const TENANT_CACHE_TTL: chrono::Duration = chrono::Duration::seconds(60);
 const TENANT_CACHE_MAX: usize = 10_000;
 
+/// The ports the issuance use cases run on.
+pub struct IssuancePorts {
+    pub store: Arc<dyn Store>,
+    pub lock: Arc<dyn IdempotencyLock>,
+    pub sealer: Arc<dyn CodeSealer>,
+    pub clock: Arc<dyn Clock>,
+    pub notifier: Arc<dyn EventNotifier>,
+}
+
 impl IssuanceService {
     pub fn new(
-        store: Arc<dyn Store>,
-        lock: Arc<dyn IdempotencyLock>,
-        sealer: Arc<dyn CodeSealer>,
-        clock: Arc<dyn Clock>,
+        ports: IssuancePorts,
         catalog: Arc<Catalog>,
         public_url: &str,
         idempotency: IdempotencySettings,
     ) -> Self {
+        let IssuancePorts {
+            store,
+            lock,
+            sealer,
+            clock,
+            notifier,
+        } = ports;
         Self {
             store,
             lock,
@@ -130,6 +144,7 @@ impl IssuanceService {
             public_url: public_url.trim_end_matches('/').to_owned(),
             idempotency,
             tenants: Mutex::new(HashMap::new()),
+            notifier,
         }
     }
 
@@ -267,6 +282,7 @@ impl IssuanceService {
         };
         match self.store.insert_issuance(&issuance, &event).await? {
             InsertOutcome::Inserted(stored) => {
+                self.notifier.notify(stored.tenant_id, stored.id);
                 tracing::info!(
                     tenant_id = %stored.tenant_id,
                     issuance_id = %stored.id,
@@ -371,6 +387,7 @@ impl IssuanceService {
         );
         match self.store.transition(who.tenant_id, id, &t).await? {
             TransitionOutcome::Applied(i) => {
+                self.notifier.notify(i.tenant_id, i.id);
                 tracing::info!(tenant_id = %i.tenant_id, issuance_id = %i.id, "issuance cancelled");
                 Ok(i)
             }
@@ -407,11 +424,28 @@ impl IssuanceService {
                 now,
             );
             if let TransitionOutcome::Applied(_) = self.store.transition(tenant, id, &t).await? {
+                self.notifier.notify(tenant, id);
                 tracing::info!(tenant_id = %tenant, issuance_id = %id, "issuance expired");
                 expired += 1;
             }
         }
         Ok(expired)
+    }
+
+    /// Events of one of the caller's issuances with `sequence > after`, oldest first, and the
+    /// issuance itself.
+    pub async fn events(
+        &self,
+        who: &Principal,
+        id: &str,
+        after: i64,
+    ) -> Result<(Issuance, Vec<IssuanceEvent>)> {
+        let issuance = self.get(who, id).await?;
+        let events = self
+            .store
+            .list_events(who.tenant_id, issuance.id, after.max(0))
+            .await?;
+        Ok((issuance, events))
     }
 
     /// The credential offer JSON a wallet fetches from `credential_offer_uri`, while the
@@ -446,6 +480,7 @@ impl IssuanceService {
         ) {
             return Err(Error::not_found("credential offer"));
         }
+        self.notifier.notify(issuance.tenant_id, issuance.id);
         Ok(json!({
             "credential_issuer": self.credential_issuer(),
             "credential_configuration_ids": [issuance.credential_configuration_id],

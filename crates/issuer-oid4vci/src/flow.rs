@@ -17,7 +17,7 @@ use issuer_domain::{
     catalog::Catalog,
     ids::{IssuanceId, TenantId, random_token},
     model::{Issuance, IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
-    ports::{Clock, CodeSealer, Store},
+    ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
 };
 use serde_json::{Map, Value, json};
@@ -119,6 +119,7 @@ pub struct WalletService {
     credential_issuer: String,
     nonce_key: [u8; 32],
     settings: WalletSettings,
+    notifier: Arc<dyn EventNotifier>,
 }
 
 impl WalletService {
@@ -133,6 +134,7 @@ impl WalletService {
         credential_issuer: &str,
         nonce_key: [u8; 32],
         settings: WalletSettings,
+        notifier: Arc<dyn EventNotifier>,
     ) -> Self {
         Self {
             store,
@@ -144,6 +146,7 @@ impl WalletService {
             credential_issuer: credential_issuer.to_owned(),
             nonce_key,
             settings,
+            notifier,
         }
     }
 
@@ -206,7 +209,7 @@ impl WalletService {
             .transition(issuance.tenant_id, issuance.id, &redeem)
             .await?
         {
-            TransitionOutcome::Applied(_) => {}
+            TransitionOutcome::Applied(_) => self.notifier.notify(issuance.tenant_id, issuance.id),
             // Another request redeemed it first, or it was cancelled meanwhile.
             TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
                 return Err(invalid_grant());
@@ -344,6 +347,7 @@ impl WalletService {
         };
         match self.store.transition(tenant, id, &accept).await? {
             TransitionOutcome::Applied(_) => {
+                self.notifier.notify(tenant, id);
                 tracing::info!(tenant_id = %tenant, issuance_id = %id, "credential issued");
                 Ok(IssuedCredential {
                     credential: issued.compact,
@@ -501,6 +505,9 @@ impl WalletService {
         // A notification after the status already moved on changes nothing and is no error:
         // wallets retry notifications.
         let outcome = self.store.transition(tenant, id, &t).await?;
+        if let TransitionOutcome::Applied(_) = outcome {
+            self.notifier.notify(tenant, id);
+        }
         tracing::info!(
             tenant_id = %tenant,
             issuance_id = %id,

@@ -1,0 +1,151 @@
+//! Event fan-out across replicas: "issuance X has new events" announcements, delivered to this
+//! process's watchers directly and to other replicas through the Redis channel
+//! `issuer:events`, whose messages from other replicas a bridge task re-broadcasts locally.
+//!
+//! Announcements carry no event data: the store stays the single source of events, and
+//! watchers read them from there. A lost announcement (Redis down, a replica dying between
+//! commit and publish) only delays watchers until they re-read the store; `generation` tells
+//! them when announcements may have been missed.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use issuer_domain::{
+    ids::{IssuanceId, TenantId, random_token},
+    ports::EventNotifier,
+};
+use tokio::sync::{broadcast, mpsc};
+
+/// Channel on which replicas announce news to each other.
+const REDIS_CHANNEL: &str = "issuer:events";
+
+/// An announcement: this issuance of this tenant has new events.
+pub type News = (TenantId, IssuanceId);
+
+/// Announces and distributes "this issuance has new events".
+pub struct EventHub {
+    local: broadcast::Sender<News>,
+    to_redis: Option<mpsc::Sender<String>>,
+    instance: String,
+    /// Bumped whenever announcements may have been lost (Redis bridge reconnected).
+    generation: Arc<AtomicU64>,
+}
+
+impl EventHub {
+    fn new(to_redis: Option<mpsc::Sender<String>>) -> Self {
+        Self {
+            local: broadcast::channel(4096).0,
+            to_redis,
+            instance: random_token(9),
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// An in-process hub (the embedded default, or Redis not configured).
+    pub fn local() -> Arc<Self> {
+        Arc::new(Self::new(None))
+    }
+
+    /// A hub bridged through Redis pub/sub. Redis being down only costs cross-replica latency
+    /// until it is back (watchers resync from the store meanwhile).
+    pub fn with_redis(url: &str) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let (to_redis, outbox) = mpsc::channel(4096);
+        let hub = Arc::new(Self::new(Some(to_redis)));
+        tokio::spawn(publish_loop(client.clone(), outbox));
+        tokio::spawn(bridge_loop(client, Arc::downgrade(&hub)));
+        Ok(hub)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<News> {
+        self.local.subscribe()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+}
+
+impl EventNotifier for EventHub {
+    fn notify(&self, tenant: TenantId, issuance: IssuanceId) {
+        // No receivers is not an error: nobody watches.
+        let _ = self.local.send((tenant, issuance));
+        if let Some(tx) = &self.to_redis
+            && tx
+                .try_send(format!("{}|{tenant}|{issuance}", self.instance))
+                .is_err()
+        {
+            tracing::warn!("event announcement queue full; remote watchers catch up on resync");
+        }
+    }
+}
+
+async fn publish_loop(client: redis::Client, mut outbox: mpsc::Receiver<String>) {
+    let mut conn = None;
+    while let Some(msg) = outbox.recv().await {
+        if conn.is_none() {
+            conn = redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            continue;
+        };
+        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(REDIS_CHANNEL)
+            .arg(&msg)
+            .query_async(c)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "event announcement not published");
+            conn = None;
+        }
+    }
+}
+
+/// Re-broadcasts other replicas' announcements; reconnects with a pause while Redis is down.
+async fn bridge_loop(client: redis::Client, hub: std::sync::Weak<EventHub>) {
+    loop {
+        let Some(me) = hub.upgrade() else { return };
+        let instance = me.instance.clone();
+        drop(me);
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(REDIS_CHANNEL).await.is_ok() {
+                    if let Some(me) = hub.upgrade() {
+                        // Anything announced while we were not subscribed may be missed.
+                        me.generation.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Some(me) = hub.upgrade() else { return };
+                        let Ok(payload) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        let mut parts = payload.splitn(3, '|');
+                        let (Some(from), Some(t), Some(i)) =
+                            (parts.next(), parts.next(), parts.next())
+                        else {
+                            continue;
+                        };
+                        if from == instance {
+                            continue;
+                        }
+                        if let (Ok(t), Ok(i)) = (t.parse(), i.parse()) {
+                            let _ = me.local.send((t, i));
+                        }
+                    }
+                }
+                tracing::warn!("event bridge lost its Redis subscription; reconnecting");
+            }
+            Err(e) => tracing::debug!(error = %e, "event bridge cannot reach Redis"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,128 @@
+//! The watch stream shared by `WatchIssuance` and SSE: the events of one issuance after a
+//! sequence, then live ones as they commit, until the outcome.
+//!
+//! A watcher subscribes to the event hub before it reads history (no gap), de-duplicates by
+//! sequence (no repeats), and re-reads the store after any broadcast lag, after the hub reports
+//! that announcements may have been lost, and every `resync` interval.
+
+use std::{sync::Arc, time::Duration};
+
+use issuer_domain::{
+    Error,
+    model::{IssuanceEvent, IssuanceStatus},
+    service::Principal,
+};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::app::App;
+
+/// One item of a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    Event(IssuanceEvent),
+    Heartbeat,
+}
+
+/// Timing of watch streams.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchTiming {
+    pub heartbeat: Duration,
+    pub resync: Duration,
+}
+
+/// The events of one issuance after `after`, then live ones as they commit, ending after the
+/// event that leaves `pending` (the outcome). Heartbeats keep idle streams alive. Fails with
+/// `NotFound` for another tenant's issuance, before anything is streamed.
+pub async fn watch(
+    app: Arc<App>,
+    who: Principal,
+    issuance_id: String,
+    after: i64,
+) -> Result<mpsc::Receiver<Result<WatchItem, Error>>, Error> {
+    // Subscribe before reading history, so nothing committed in between is missed.
+    let mut news = app.hub.subscribe();
+    let (issuance, history) = app.issuances.events(&who, &issuance_id, after).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let timing = app.watch_timing;
+    tokio::spawn(async move {
+        let (tenant, id) = (issuance.tenant_id, issuance.id);
+        let mut last = after.max(0);
+        // `true` once the outcome has been sent (or lies before `after`).
+        let mut done = false;
+        let first = take_new(history, &mut last, &mut done);
+        if first.is_empty() && issuance.status != IssuanceStatus::Pending {
+            // Resumed after the outcome: nothing more will come.
+            done = true;
+        }
+        for e in first {
+            if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
+                return;
+            }
+        }
+        let mut heartbeat = tokio::time::interval(timing.heartbeat);
+        heartbeat.tick().await;
+        let mut since_resync = Duration::ZERO;
+        let mut generation = app.hub.generation();
+        while !done {
+            let reread = tokio::select! {
+                msg = news.recv() => match msg {
+                    Ok((t, i)) => t == tenant && i == id,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = heartbeat.tick() => {
+                    if tx.send(Ok(WatchItem::Heartbeat)).await.is_err() {
+                        return;
+                    }
+                    since_resync += timing.heartbeat;
+                    let g = app.hub.generation();
+                    let lost = g != generation;
+                    generation = g;
+                    if since_resync >= timing.resync || lost {
+                        since_resync = Duration::ZERO;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                _ = tx.closed() => return,
+            };
+            if !reread {
+                continue;
+            }
+            match app.store.list_events(tenant, id, last).await {
+                Ok(events) => {
+                    for e in take_new(events, &mut last, &mut done) {
+                        if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The events after `last` up to and including the outcome; advances `last`, sets `done` at
+/// the outcome. Drops anything already sent, so re-reads never repeat an event.
+fn take_new(events: Vec<IssuanceEvent>, last: &mut i64, done: &mut bool) -> Vec<IssuanceEvent> {
+    let mut out = Vec::new();
+    for e in events {
+        if e.sequence <= *last {
+            continue;
+        }
+        *last = e.sequence;
+        let outcome = e.status != IssuanceStatus::Pending;
+        out.push(e);
+        if outcome {
+            *done = true;
+            break;
+        }
+    }
+    out
+}
