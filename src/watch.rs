@@ -41,12 +41,15 @@ pub async fn watch(
 ) -> Result<mpsc::Receiver<Result<WatchItem, Error>>, Error> {
     // Subscribe before reading history, so nothing committed in between is missed.
     let mut news = app.hub.subscribe();
-    let (issuance, history) = app.issuances.events(&who, &issuance_id, after).await?;
+    // The whole history (a handful of events): it also tells where the log ends, so a resume
+    // point past the end cannot hide the events still to come.
+    let (issuance, history) = app.issuances.events(&who, &issuance_id, 0).await?;
+    let end = history.last().map_or(0, |e| e.sequence);
     let (tx, rx) = mpsc::channel(64);
     let timing = app.watch_timing;
     tokio::spawn(async move {
         let (tenant, id) = (issuance.tenant_id, issuance.id);
-        let mut last = after.max(0);
+        let mut last = after.clamp(0, end);
         // `true` once the outcome has been sent (or lies before `after`).
         let mut done = false;
         let first = take_new(history, &mut last, &mut done);

@@ -119,15 +119,20 @@ pub async fn events(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let after = match q.get("after") {
-        Some(s) => s
+    // Access first, as over gRPC: another tenant's id is 404 whatever the parameters.
+    app.issuances.get(&who, &issuance_id).await?;
+    let after = match (q.get("after"), headers.get("last-event-id")) {
+        (Some(s), _) => s
             .parse::<i64>()
             .map_err(|_| Error::invalid_field("after", "must be an integer"))?,
-        None => headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
+        (None, Some(v)) => v
+            .to_str()
+            .ok()
             .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0),
+            .ok_or_else(|| {
+                Error::invalid_field("Last-Event-ID", "must be an event id this service sent")
+            })?,
+        (None, None) => 0,
     };
     let wants_stream = headers
         .get(header::ACCEPT)

@@ -10,3 +10,4 @@ mod lifecycle;
 mod privacy;
 mod walkthrough;
 mod wallet;
+mod watch;
