@@ -6,12 +6,15 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, State},
-    http::StatusCode,
+    http::{Method, StatusCode, header},
     response::IntoResponse,
     routing::{get, post},
 };
 use serde_json::json;
-use tower_http::trace::TraceLayer;
+use tower_http::{
+    cors::{Any, CorsLayer},
+    trace::TraceLayer,
+};
 
 use crate::app::App;
 
@@ -30,7 +33,18 @@ pub type AppState = Arc<App>;
 pub fn router(app: AppState) -> Router {
     let limit = app.settings.max_body_bytes;
     Router::new()
-        .route("/issuer/oauth/token", post(oauth::token))
+        .merge(management())
+        .merge(wallet_facing())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+/// The backends' API: no CORS, since browsers have no business holding client secrets.
+fn management() -> Router<AppState> {
+    Router::new()
         .route("/issuer/oauth/jwks", get(oauth::jwks))
         .route(
             "/issuer/api/v1/issuances",
@@ -48,6 +62,19 @@ pub fn router(app: AppState) -> Router {
             "/issuer/api/v1/issuances/{issuance_id}/events",
             get(issuances::events),
         )
+}
+
+/// What wallets call, open to any origin so that web wallets work: nothing here relies on
+/// ambient credentials (cookies); access tokens travel in `Authorization`, which CORS must
+/// allow explicitly.
+fn wallet_facing() -> Router<AppState> {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600));
+    Router::new()
+        .route("/issuer/oauth/token", post(oauth::token))
         .route(
             "/issuer/oid4vci/v1/credential-offer/{offer_id}",
             get(offers::credential_offer),
@@ -78,11 +105,7 @@ pub fn router(app: AppState) -> Router {
             "/issuer/oid4vci/v1/notification",
             post(oid4vci::notification),
         )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
-        .with_state(app)
+        .layer(cors)
 }
 
 async fn healthz() -> impl IntoResponse {

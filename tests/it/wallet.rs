@@ -1353,3 +1353,47 @@ async fn retired_credential_keys_stay_published() {
         "only public keys are published"
     );
 }
+
+/// Web wallets can call the wallet-facing endpoints from any origin; the management API
+/// grants no origin anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_endpoints_allow_cross_origin_calls_and_management_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(crate::helpers::embedded_settings(dir.path())).await;
+    let preflight = |path: &str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url(path))
+            .header("origin", "https://wallet.example")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    for path in [
+        "/issuer/oid4vci/v1/credential",
+        "/issuer/oid4vci/v1/nonce",
+        "/issuer/oauth/token",
+    ] {
+        let res = preflight(path).await.unwrap();
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        assert_eq!(res.headers()["access-control-allow-origin"], "*", "{path}");
+        let allowed = res.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(allowed.contains("authorization"), "{path}: {allowed}");
+    }
+    let meta = app
+        .http
+        .get(app.url("/.well-known/openid-credential-issuer/issuer"))
+        .header("origin", "https://wallet.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(meta.headers()["access-control-allow-origin"], "*");
+
+    let res = preflight("/issuer/api/v1/issuances").await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
