@@ -13,5 +13,6 @@ pub mod model;
 pub mod ports;
 pub mod schema;
 pub mod service;
+pub mod webhook;
 
 pub use error::{Error, ErrorCode, FieldViolation};

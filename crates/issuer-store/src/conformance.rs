@@ -16,6 +16,7 @@ use issuer_domain::{
         PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
     },
     ports::Store,
+    webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::json;
 
@@ -45,13 +46,16 @@ pub async fn run_all(store: &dyn Store) {
     code_lookup_and_tx_code_failures(store).await;
     redemption_applies_once_and_keeps_notification_id(store).await;
     nonces_are_single_use_per_tenant(store).await;
+    webhook_outbox_follows_events(store).await;
+    webhook_claims_are_leased_and_recorded(store).await;
 }
 
 /// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
 pub async fn run_concurrency(store: Arc<dyn Store>) {
     concurrent_duplicates(store.clone(), 50).await;
     concurrent_transitions(store.clone(), 20).await;
-    concurrent_redemptions(store, 20).await;
+    concurrent_redemptions(store.clone(), 20).await;
+    concurrent_claims_are_disjoint(store).await;
 }
 
 /// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
@@ -1151,4 +1155,296 @@ pub async fn concurrent_redemptions(store: Arc<dyn Store>, n: usize) {
         applied, 1,
         "exactly one of {n} concurrent redemptions applies"
     );
+}
+
+fn endpoint(tenant: TenantId, types: &[&str], enabled: bool) -> WebhookEndpoint {
+    let now = now_with_nanos();
+    WebhookEndpoint {
+        tenant_id: tenant,
+        id: uuid::Uuid::new_v4(),
+        url: format!("https://hooks.example/{}", random_token(6)),
+        event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        secret_sealed: random_token(32),
+        previous_secret_sealed: None,
+        previous_secret_expires_at: None,
+        enabled,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn deliveries(
+    store: &dyn Store,
+    tenant: TenantId,
+    endpoint: &WebhookEndpoint,
+) -> Vec<WebhookDelivery> {
+    store
+        .list_deliveries(tenant, endpoint.id, 100)
+        .await
+        .expect("list_deliveries failed")
+}
+
+/// Deliveries are written with the events they announce, to the endpoints that asked for the
+/// type and are enabled, with the documented payload.
+pub async fn webhook_outbox_follows_events(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let outcomes = endpoint(tenant, &webhook::DEFAULT_TYPES, true);
+    let created_only = endpoint(tenant, &[webhook::ISSUANCE_CREATED], true);
+    let disabled = endpoint(tenant, &webhook::ALL_TYPES, false);
+    for e in [&outcomes, &created_only, &disabled] {
+        store
+            .insert_webhook_endpoint(e)
+            .await
+            .expect("insert_webhook_endpoint failed");
+    }
+    assert_eq!(
+        store
+            .get_webhook_endpoint(tenant, outcomes.id)
+            .await
+            .unwrap()
+            .map(|e| e.event_types),
+        Some(outcomes.event_types.clone())
+    );
+    assert_eq!(store.list_webhook_endpoints(tenant).await.unwrap().len(), 3);
+
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let created = deliveries(store, tenant, &created_only).await;
+    assert_eq!(
+        created.len(),
+        1,
+        "issuance.created goes to the endpoint that asked for it"
+    );
+    assert_eq!(created[0].event_type, "issuance.created");
+    assert_eq!(created[0].message_id, webhook::message_id(issuance.id, 1));
+    assert_eq!(created[0].payload["data"]["status"], "pending");
+    assert_eq!(created[0].state, DeliveryState::Pending);
+    assert!(deliveries(store, tenant, &outcomes).await.is_empty());
+
+    apply(
+        store,
+        tenant,
+        issuance.id,
+        &Transition::event(
+            &[IssuanceStatus::Pending],
+            "offer_retrieved",
+            now_with_nanos(),
+        ),
+    )
+    .await;
+    assert!(
+        deliveries(store, tenant, &outcomes).await.is_empty(),
+        "not an outcome"
+    );
+    apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await;
+    let rejected = deliveries(store, tenant, &outcomes).await;
+    assert_eq!(rejected.len(), 1);
+    let d = &rejected[0];
+    assert_eq!(
+        (d.event_type.as_str(), d.sequence),
+        ("issuance.rejected", 3)
+    );
+    assert_eq!(d.payload["type"], "issuance.rejected");
+    assert_eq!(d.payload["data"]["reason"], "cancelled");
+    assert_eq!(
+        d.payload["data"]["client_request_id"],
+        issuance.client_request_id
+    );
+    assert_eq!(d.payload["data"]["sequence"], 3);
+    assert!(
+        deliveries(store, tenant, &disabled).await.is_empty(),
+        "disabled endpoints get nothing"
+    );
+    assert_eq!(deliveries(store, tenant, &created_only).await.len(), 1);
+
+    assert!(
+        store
+            .delete_webhook_endpoint(tenant, outcomes.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_webhook_endpoint(tenant, outcomes.id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        deliveries(store, tenant, &outcomes).await.is_empty(),
+        "deleted with the endpoint"
+    );
+}
+
+/// A claim leases deliveries; attempts are recorded with the endpoint's failure bookkeeping.
+pub async fn webhook_claims_are_leased_and_recorded(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let ep = endpoint(tenant, &webhook::ALL_TYPES, true);
+    store.insert_webhook_endpoint(&ep).await.unwrap();
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    let now = now_with_nanos() + Duration::seconds(1);
+    let mine = |v: Vec<WebhookDelivery>| {
+        v.into_iter()
+            .filter(|d| d.tenant_id == tenant)
+            .collect::<Vec<_>>()
+    };
+    let claimed = mine(
+        store
+            .claim_deliveries(now, now + Duration::seconds(60), 1000)
+            .await
+            .expect("claim"),
+    );
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        claimed[0].next_attempt_at,
+        trunc_micros(now + Duration::seconds(60)),
+        "leased"
+    );
+    assert!(
+        mine(
+            store
+                .claim_deliveries(now, now + Duration::seconds(60), 1000)
+                .await
+                .unwrap()
+        )
+        .is_empty(),
+        "not twice"
+    );
+    let later = now + Duration::seconds(61);
+    let again = mine(
+        store
+            .claim_deliveries(later, later + Duration::seconds(60), 1000)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again.len(), 1, "an expired lease frees the delivery");
+
+    let failed = AttemptRecord {
+        tenant_id: tenant,
+        delivery_id: again[0].id,
+        endpoint_id: ep.id,
+        at: later,
+        status: Some(500),
+        error: Some("status 500".to_owned()),
+        latency_ms: 12,
+        state: DeliveryState::Pending,
+        next_attempt_at: Some(later + Duration::seconds(5)),
+        disable_endpoint: None,
+    };
+    store.record_attempt(&failed).await.expect("record_attempt");
+    let d = &deliveries(store, tenant, &ep).await[0];
+    assert_eq!(
+        (d.attempts, d.last_status, d.state),
+        (1, Some(500), DeliveryState::Pending)
+    );
+    assert_eq!(
+        d.next_attempt_at,
+        trunc_micros(later + Duration::seconds(5))
+    );
+    let e = store
+        .get_webhook_endpoint(tenant, ep.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.failing_since, Some(trunc_micros(later)));
+
+    store
+        .record_attempt(&AttemptRecord {
+            status: Some(200),
+            error: None,
+            state: DeliveryState::Delivered,
+            next_attempt_at: None,
+            ..failed.clone()
+        })
+        .await
+        .unwrap();
+    let d = &deliveries(store, tenant, &ep).await[0];
+    assert_eq!((d.attempts, d.state), (2, DeliveryState::Delivered));
+    assert_eq!(
+        store
+            .get_webhook_endpoint(tenant, ep.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .failing_since,
+        None
+    );
+    let far = later + Duration::days(2);
+    assert!(
+        mine(store.claim_deliveries(far, far, 1000).await.unwrap()).is_empty(),
+        "delivered is done"
+    );
+
+    assert!(
+        store
+            .retry_delivery(tenant, ep.id, d.id, far)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        mine(store.claim_deliveries(far, far, 1000).await.unwrap()).len(),
+        1,
+        "manual retry"
+    );
+    store
+        .record_attempt(&AttemptRecord {
+            status: Some(410),
+            state: DeliveryState::Failed,
+            next_attempt_at: None,
+            disable_endpoint: Some("gone".to_owned()),
+            ..failed
+        })
+        .await
+        .unwrap();
+    let e = store
+        .get_webhook_endpoint(tenant, ep.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.enabled, e.disabled_reason.as_deref()),
+        (false, Some("gone"))
+    );
+    let other = new_tenant(store).await;
+    assert!(
+        !store.retry_delivery(other, ep.id, d.id, far).await.unwrap(),
+        "scoped by tenant"
+    );
+}
+
+/// Two dispatchers claiming at once never take the same delivery.
+pub async fn concurrent_claims_are_disjoint(store: Arc<dyn Store>) {
+    let tenant = new_tenant(store.as_ref()).await;
+    let ep = endpoint(tenant, &webhook::ALL_TYPES, true);
+    store.insert_webhook_endpoint(&ep).await.unwrap();
+    for _ in 0..40 {
+        let (issuance, event) = sample_issuance(tenant, &new_request_id());
+        insert_new(store.as_ref(), &issuance, &event).await;
+    }
+    let now = now_with_nanos() + Duration::days(3);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .claim_deliveries(now, now + Duration::seconds(60), 15)
+                    .await
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for d in t
+            .await
+            .unwrap()
+            .expect("claim")
+            .into_iter()
+            .filter(|d| d.tenant_id == tenant)
+        {
+            assert!(seen.insert(d.id), "delivery {} claimed twice", d.id);
+        }
+    }
+    assert_eq!(seen.len(), 40, "all claimed exactly once");
 }

@@ -16,6 +16,7 @@ use issuer_domain::{
         TransitionOutcome,
     },
     ports::Store,
+    webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::Value;
 use sqlx::{
@@ -26,8 +27,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::rows::{
-    self, Backend, RowAccess, client_columns, event_columns, issuance_columns, tenant_columns,
-    trunc_micros,
+    self, Backend, RowAccess, client_columns, delivery_columns, endpoint_columns, event_columns,
+    issuance_columns, tenant_columns, trunc_micros,
 };
 
 /// How long a request waits for a pooled connection. Short, so that with the database down a
@@ -80,6 +81,9 @@ impl RowAccess for PgRow {
         self.try_get(col)
     }
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.try_get(col)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error> {
         self.try_get(col)
     }
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
@@ -222,6 +226,8 @@ impl Store for PgStore {
         first_event: &IssuanceEvent,
     ) -> Result<InsertOutcome> {
         rows::check_first_event(issuance, first_event)?;
+        // `issuance.created` is opt-in; the statement queues it for the endpoints that asked.
+        let webhook = rows::webhook_message(issuance, first_event, false);
         // One statement, so one round trip and atomic without BEGIN/COMMIT: the event insert
         // reads the issuance CTE's RETURNING rows, so it writes nothing on a conflict. On a
         // conflict with an uncommitted insert, Postgres waits for that transaction and then
@@ -235,7 +241,13 @@ impl Store for PgStore {
             issuance_columns!(),
             "), e AS (INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             SELECT tenant_id, id, $22, $23, $24, $25, $26 FROM i) \
+             SELECT tenant_id, id, $22, $23, $24, $25, $26 FROM i), \
+             d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, \
+             sequence, event_type, message_id, payload, state, attempts, next_attempt_at, \
+             created_at, updated_at) \
+             SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, $22, $27, $28, $29, 'pending', \
+             0, $26, $26, $26 FROM i JOIN webhook_endpoints ep ON ep.tenant_id = i.tenant_id \
+             WHERE ep.enabled AND $27 = ANY(string_to_array(ep.event_types, ' '))) \
              SELECT * FROM i"
         ))
         .bind(issuance.tenant_id.0)
@@ -264,6 +276,9 @@ impl Store for PgStore {
         .bind(first_event.status.as_str())
         .bind(&first_event.reason)
         .bind(trunc_micros(first_event.occurred_at))
+        .bind(webhook.as_ref().map_or("", |w| w.0))
+        .bind(webhook.as_ref().map(|w| w.1.clone()).unwrap_or_default())
+        .bind(Json(webhook.map(|w| w.2).unwrap_or(Value::Null)))
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
@@ -474,21 +489,45 @@ impl Store for PgStore {
             current
         };
         let (event_status, event_reason) = (status, reason);
-        sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
              SELECT $1, $2, COALESCE(MAX(sequence), 0) + 1, $3, $4, $5, $6 \
-             FROM issuance_events WHERE tenant_id = $1 AND issuance_id = $2",
-        )
+             FROM issuance_events WHERE tenant_id = $1 AND issuance_id = $2 RETURNING ",
+            event_columns!()
+        ))
         .bind(tenant.0)
         .bind(id.0)
         .bind(&t.kind)
         .bind(event_status.as_str())
         .bind(event_reason)
         .bind(trunc_micros(t.at))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
+        let event = rows::event(&row)?;
+        if let Some((kind, message_id, payload)) =
+            rows::webhook_message(&after, &event, t.to.is_some())
+        {
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
+                 event_type, message_id, payload, state, attempts, next_attempt_at, created_at, \
+                 updated_at) \
+                 SELECT tenant_id, gen_random_uuid(), id, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7 \
+                 FROM webhook_endpoints \
+                 WHERE tenant_id = $1 AND enabled AND $4 = ANY(string_to_array(event_types, ' '))",
+            )
+            .bind(tenant.0)
+            .bind(id.0)
+            .bind(event.sequence)
+            .bind(kind)
+            .bind(message_id)
+            .bind(Json(payload))
+            .bind(trunc_micros(t.at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
         tx.commit().await.map_err(db_error)?;
         Ok(TransitionOutcome::Applied(after))
     }
@@ -514,6 +553,222 @@ impl Store for PgStore {
             Ok((TenantId(tenant), IssuanceId(id)))
         })
         .collect()
+    }
+
+    async fn insert_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<()> {
+        sqlx::query(concat!(
+            "INSERT INTO webhook_endpoints (",
+            endpoint_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        ))
+        .bind(e.tenant_id.0)
+        .bind(e.id)
+        .bind(&e.url)
+        .bind(e.event_types.join(" "))
+        .bind(&e.secret_sealed)
+        .bind(&e.previous_secret_sealed)
+        .bind(e.previous_secret_expires_at.map(trunc_micros))
+        .bind(e.enabled)
+        .bind(&e.disabled_reason)
+        .bind(e.failing_since.map(trunc_micros))
+        .bind(trunc_micros(e.created_at))
+        .bind(trunc_micros(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn list_webhook_endpoints(&self, tenant: TenantId) -> Result<Vec<WebhookEndpoint>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            endpoint_columns!(),
+            " FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(tenant.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_endpoint)
+        .collect()
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<WebhookEndpoint>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            endpoint_columns!(),
+            " FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(tenant.0)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(rows::webhook_endpoint)
+        .transpose()
+    }
+
+    async fn update_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_endpoints SET url = $3, event_types = $4, secret_sealed = $5, \
+             previous_secret_sealed = $6, previous_secret_expires_at = $7, enabled = $8, \
+             disabled_reason = $9, failing_since = $10, updated_at = $11 \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(e.tenant_id.0)
+        .bind(e.id)
+        .bind(&e.url)
+        .bind(e.event_types.join(" "))
+        .bind(&e.secret_sealed)
+        .bind(&e.previous_secret_sealed)
+        .bind(e.previous_secret_expires_at.map(trunc_micros))
+        .bind(e.enabled)
+        .bind(&e.disabled_reason)
+        .bind(e.failing_since.map(trunc_micros))
+        .bind(trunc_micros(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_webhook_endpoint(&self, tenant: TenantId, id: Uuid) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.0)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        // SKIP LOCKED: dispatchers on other replicas take other rows instead of waiting.
+        sqlx::query(concat!(
+            "UPDATE webhook_deliveries SET next_attempt_at = $2, updated_at = $1 \
+             WHERE (tenant_id, id) IN (SELECT d.tenant_id, d.id FROM webhook_deliveries d \
+             JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id \
+             WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND e.enabled \
+             ORDER BY d.next_attempt_at LIMIT $3 FOR UPDATE OF d SKIP LOCKED) RETURNING ",
+            delivery_columns!()
+        ))
+        .bind(trunc_micros(now))
+        .bind(trunc_micros(lease_until))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_delivery)
+        .collect()
+    }
+
+    async fn record_attempt(&self, a: &AttemptRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let row = sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = $3, \
+             next_attempt_at = COALESCE($4, next_attempt_at), last_status = $5, last_error = $6, \
+             last_latency_ms = $7, updated_at = $8 WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
+        )
+        .bind(a.tenant_id.0)
+        .bind(a.delivery_id)
+        .bind(a.state.as_str())
+        .bind(a.next_attempt_at.map(trunc_micros))
+        .bind(a.status)
+        .bind(&a.error)
+        .bind(a.latency_ms)
+        .bind(trunc_micros(a.at))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Deleted with its endpoint meanwhile: nothing left to record.
+        let Some(row) = row else { return Ok(()) };
+        let attempt: i64 = row.try_get("attempts").map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, at, status, error, latency_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(a.tenant_id.0)
+        .bind(a.delivery_id)
+        .bind(attempt)
+        .bind(trunc_micros(a.at))
+        .bind(a.status)
+        .bind(&a.error)
+        .bind(a.latency_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query(
+            "UPDATE webhook_endpoints SET \
+             failing_since = CASE WHEN $3 THEN NULL ELSE COALESCE(failing_since, $4) END, \
+             enabled = enabled AND $5::text IS NULL, \
+             disabled_reason = COALESCE($5, disabled_reason), updated_at = $4 \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(a.tenant_id.0)
+        .bind(a.endpoint_id)
+        .bind(a.state == DeliveryState::Delivered)
+        .bind(trunc_micros(a.at))
+        .bind(&a.disable_endpoint)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn list_deliveries(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM webhook_deliveries WHERE tenant_id = $1 AND endpoint_id = $2 \
+             ORDER BY created_at DESC, sequence DESC LIMIT $3"
+        ))
+        .bind(tenant.0)
+        .bind(endpoint)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_delivery)
+        .collect()
+    }
+
+    async fn retry_delivery(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $4, updated_at = $4 \
+             WHERE tenant_id = $1 AND endpoint_id = $2 AND id = $3",
+        )
+        .bind(tenant.0)
+        .bind(endpoint)
+        .bind(id)
+        .bind(trunc_micros(now))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn list_events(

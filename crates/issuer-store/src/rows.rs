@@ -13,6 +13,7 @@ use issuer_domain::{
     model::{
         ApiClient, Delivery, Issuance, IssuanceEvent, IssuanceStatus, Scope, Tenant, Transition,
     },
+    webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -58,11 +59,28 @@ macro_rules! client_columns {
 }
 pub(crate) use client_columns;
 
+macro_rules! endpoint_columns {
+    () => {
+        "tenant_id, id, url, event_types, secret_sealed, previous_secret_sealed, \
+         previous_secret_expires_at, enabled, disabled_reason, failing_since, created_at, updated_at"
+    };
+}
+pub(crate) use endpoint_columns;
+
+macro_rules! delivery_columns {
+    () => {
+        "tenant_id, id, endpoint_id, issuance_id, sequence, event_type, message_id, payload, state, \
+         attempts, next_attempt_at, last_status, last_error, last_latency_ms, created_at, updated_at"
+    };
+}
+pub(crate) use delivery_columns;
+
 /// Typed column access over a backend's row.
 pub(crate) trait RowAccess {
     fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error>;
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error>;
     fn text(&self, col: &str) -> Result<String, sqlx::Error>;
     fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
     fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
@@ -117,6 +135,68 @@ pub(crate) fn client(row: &impl RowAccess) -> Result<ApiClient, Error> {
         })
     };
     map().map_err(Error::internal)
+}
+
+pub(crate) fn webhook_endpoint(row: &impl RowAccess) -> Result<WebhookEndpoint, Error> {
+    let map = || -> Result<WebhookEndpoint, sqlx::Error> {
+        Ok(WebhookEndpoint {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            id: row.uuid("id")?,
+            url: row.text("url")?,
+            event_types: row
+                .text("event_types")?
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            secret_sealed: row.text("secret_sealed")?,
+            previous_secret_sealed: row.opt_text("previous_secret_sealed")?,
+            previous_secret_expires_at: row.opt_time("previous_secret_expires_at")?,
+            enabled: row.flag("enabled")?,
+            disabled_reason: row.opt_text("disabled_reason")?,
+            failing_since: row.opt_time("failing_since")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+pub(crate) fn webhook_delivery(row: &impl RowAccess) -> Result<WebhookDelivery, Error> {
+    let map = || -> Result<WebhookDelivery, sqlx::Error> {
+        Ok(WebhookDelivery {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            id: row.uuid("id")?,
+            endpoint_id: row.uuid("endpoint_id")?,
+            issuance_id: IssuanceId(row.uuid("issuance_id")?),
+            sequence: row.int("sequence")?,
+            event_type: row.text("event_type")?,
+            message_id: row.text("message_id")?,
+            payload: row.json("payload")?.unwrap_or(Value::Null),
+            state: row.parsed::<DeliveryState>("state")?,
+            attempts: row.int("attempts")?,
+            next_attempt_at: row.time("next_attempt_at")?,
+            last_status: row.opt_int("last_status")?,
+            last_error: row.opt_text("last_error")?,
+            last_latency_ms: row.opt_int("last_latency_ms")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+/// The webhook an event announces, with its body: `(type, message id, payload)`.
+pub(crate) fn webhook_message(
+    issuance: &Issuance,
+    event: &IssuanceEvent,
+    status_changed: bool,
+) -> Option<(&'static str, String, Value)> {
+    let kind = webhook::event_type(event, status_changed)?;
+    Some((
+        kind,
+        webhook::message_id(issuance.id, event.sequence),
+        webhook::payload(issuance, event, kind),
+    ))
 }
 
 pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {

@@ -18,6 +18,7 @@ use issuer_domain::{
         TransitionOutcome,
     },
     ports::Store,
+    webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::Value;
 use sqlx::{
@@ -27,8 +28,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::rows::{
-    self, Backend, RowAccess, client_columns, decode_error, event_columns, issuance_columns,
-    tenant_columns, trunc_micros,
+    self, Backend, RowAccess, client_columns, decode_error, delivery_columns, endpoint_columns,
+    event_columns, issuance_columns, tenant_columns, trunc_micros,
 };
 
 /// How long a writer waits for another writer's lock before giving up with `SQLITE_BUSY`.
@@ -128,6 +129,9 @@ impl RowAccess for SqliteRow {
         DateTime::parse_from_rfc3339(&raw)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error> {
+        self.try_get(col)
     }
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         let raw: Option<String> = self.try_get(col)?;
@@ -361,6 +365,9 @@ impl Store for SqliteStore {
         // Map before committing: a decode failure must not leave a committed row behind a
         // reported error.
         let stored = rows::issuance(&row)?;
+        if let Some(message) = rows::webhook_message(&stored, first_event, false) {
+            queue_deliveries(&mut tx, &stored, first_event, message).await?;
+        }
         tx.commit().await.map_err(db_error)?;
         Ok(InsertOutcome::Inserted(stored))
     }
@@ -558,21 +565,26 @@ impl Store for SqliteStore {
             current
         };
         let (event_status, event_reason) = (status, reason);
-        sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
              SELECT ?1, ?2, COALESCE(MAX(sequence), 0) + 1, ?3, ?4, ?5, ?6 \
-             FROM issuance_events WHERE tenant_id = ?1 AND issuance_id = ?2",
-        )
+             FROM issuance_events WHERE tenant_id = ?1 AND issuance_id = ?2 RETURNING ",
+            event_columns!()
+        ))
         .bind(id_text(tenant.0))
         .bind(id_text(id.0))
         .bind(&t.kind)
         .bind(event_status.as_str())
         .bind(event_reason)
         .bind(time_text(t.at))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
+        let event = rows::event(&row)?;
+        if let Some(message) = rows::webhook_message(&after, &event, t.to.is_some()) {
+            queue_deliveries(&mut tx, &after, &event, message).await?;
+        }
         tx.commit().await.map_err(db_error)?;
         Ok(TransitionOutcome::Applied(after))
     }
@@ -602,6 +614,228 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn insert_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<()> {
+        sqlx::query(concat!(
+            "INSERT INTO webhook_endpoints (",
+            endpoint_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(id_text(e.tenant_id.0))
+        .bind(id_text(e.id))
+        .bind(&e.url)
+        .bind(e.event_types.join(" "))
+        .bind(&e.secret_sealed)
+        .bind(&e.previous_secret_sealed)
+        .bind(e.previous_secret_expires_at.map(time_text))
+        .bind(e.enabled)
+        .bind(&e.disabled_reason)
+        .bind(e.failing_since.map(time_text))
+        .bind(time_text(e.created_at))
+        .bind(time_text(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn list_webhook_endpoints(&self, tenant: TenantId) -> Result<Vec<WebhookEndpoint>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            endpoint_columns!(),
+            " FROM webhook_endpoints WHERE tenant_id = ? ORDER BY created_at, id"
+        ))
+        .bind(id_text(tenant.0))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_endpoint)
+        .collect()
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<WebhookEndpoint>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            endpoint_columns!(),
+            " FROM webhook_endpoints WHERE tenant_id = ? AND id = ?"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(id_text(id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(rows::webhook_endpoint)
+        .transpose()
+    }
+
+    async fn update_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_endpoints SET url = ?3, event_types = ?4, secret_sealed = ?5, \
+             previous_secret_sealed = ?6, previous_secret_expires_at = ?7, enabled = ?8, \
+             disabled_reason = ?9, failing_since = ?10, updated_at = ?11 \
+             WHERE tenant_id = ?1 AND id = ?2",
+        )
+        .bind(id_text(e.tenant_id.0))
+        .bind(id_text(e.id))
+        .bind(&e.url)
+        .bind(e.event_types.join(" "))
+        .bind(&e.secret_sealed)
+        .bind(&e.previous_secret_sealed)
+        .bind(e.previous_secret_expires_at.map(time_text))
+        .bind(e.enabled)
+        .bind(&e.disabled_reason)
+        .bind(e.failing_since.map(time_text))
+        .bind(time_text(e.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_webhook_endpoint(&self, tenant: TenantId, id: Uuid) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = ? AND id = ?")
+            .bind(id_text(tenant.0))
+            .bind(id_text(id))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        // One statement under SQLite's single writer: nothing else can claim in between.
+        sqlx::query(concat!(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?2, updated_at = ?1 \
+             WHERE (tenant_id, id) IN (SELECT d.tenant_id, d.id FROM webhook_deliveries d \
+             JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id \
+             WHERE d.state = 'pending' AND d.next_attempt_at <= ?1 AND e.enabled \
+             ORDER BY d.next_attempt_at LIMIT ?3) RETURNING ",
+            delivery_columns!()
+        ))
+        .bind(time_text(now))
+        .bind(time_text(lease_until))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_delivery)
+        .collect()
+    }
+
+    async fn record_attempt(&self, a: &AttemptRecord) -> Result<()> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let row = sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?3, \
+             next_attempt_at = COALESCE(?4, next_attempt_at), last_status = ?5, last_error = ?6, \
+             last_latency_ms = ?7, updated_at = ?8 WHERE tenant_id = ?1 AND id = ?2 RETURNING attempts",
+        )
+        .bind(id_text(a.tenant_id.0))
+        .bind(id_text(a.delivery_id))
+        .bind(a.state.as_str())
+        .bind(a.next_attempt_at.map(time_text))
+        .bind(a.status)
+        .bind(&a.error)
+        .bind(a.latency_ms)
+        .bind(time_text(a.at))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(());
+        };
+        let attempt: i64 = row.try_get("attempts").map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, at, status, error, latency_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id_text(a.tenant_id.0))
+        .bind(id_text(a.delivery_id))
+        .bind(attempt)
+        .bind(time_text(a.at))
+        .bind(a.status)
+        .bind(&a.error)
+        .bind(a.latency_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query(
+            "UPDATE webhook_endpoints SET \
+             failing_since = CASE WHEN ?3 THEN NULL ELSE COALESCE(failing_since, ?4) END, \
+             enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
+             disabled_reason = COALESCE(?5, disabled_reason), updated_at = ?4 \
+             WHERE tenant_id = ?1 AND id = ?2",
+        )
+        .bind(id_text(a.tenant_id.0))
+        .bind(id_text(a.endpoint_id))
+        .bind(a.state == DeliveryState::Delivered)
+        .bind(time_text(a.at))
+        .bind(&a.disable_endpoint)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn list_deliveries(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM webhook_deliveries WHERE tenant_id = ? AND endpoint_id = ? \
+             ORDER BY created_at DESC, sequence DESC LIMIT ?"
+        ))
+        .bind(id_text(tenant.0))
+        .bind(id_text(endpoint))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::webhook_delivery)
+        .collect()
+    }
+
+    async fn retry_delivery(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?4, updated_at = ?4 \
+             WHERE tenant_id = ?1 AND endpoint_id = ?2 AND id = ?3",
+        )
+        .bind(id_text(tenant.0))
+        .bind(id_text(endpoint))
+        .bind(id_text(id))
+        .bind(time_text(now))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_events(
         &self,
         tenant: TenantId,
@@ -625,4 +859,47 @@ impl Store for SqliteStore {
         .map(rows::event)
         .collect()
     }
+}
+
+/// Queues `message` for the tenant's enabled endpoints that asked for its type, inside the
+/// transaction that wrote `event`.
+async fn queue_deliveries(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    issuance: &Issuance,
+    event: &IssuanceEvent,
+    (kind, message_id, payload): (&'static str, String, Value),
+) -> Result<()> {
+    let endpoints = sqlx::query(
+        "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = ? AND enabled",
+    )
+    .bind(id_text(issuance.tenant_id.0))
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    let payload = payload.to_string();
+    for row in endpoints {
+        let types: String = row.try_get("event_types").map_err(db_error)?;
+        if !types.split_whitespace().any(|t| t == kind) {
+            continue;
+        }
+        let endpoint: String = row.try_get("id").map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
+             event_type, message_id, payload, state, attempts, next_attempt_at, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?9, ?9)",
+        )
+        .bind(id_text(issuance.tenant_id.0))
+        .bind(id_text(Uuid::new_v4()))
+        .bind(endpoint)
+        .bind(id_text(issuance.id.0))
+        .bind(event.sequence)
+        .bind(kind)
+        .bind(&message_id)
+        .bind(&payload)
+        .bind(time_text(event.occurred_at))
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
 }
