@@ -30,6 +30,11 @@ pub struct App {
     pub issuances: IssuanceService,
     /// Announces new events to watchers on every replica.
     pub hub: Arc<EventHub>,
+    pub sealer: Arc<dyn CodeSealer>,
+    pub webhook_sender: issuer_webhooks::Sender,
+    pub webhook_schedule: issuer_webhooks::RetrySchedule,
+    /// Wakes this replica's webhook dispatcher (manual retries).
+    pub dispatch_wake: tokio::sync::broadcast::Sender<()>,
     pub watch_timing: WatchTiming,
 }
 
@@ -98,11 +103,22 @@ impl App {
             },
             hub.clone(),
         );
+        let policy = issuer_webhooks::NetworkPolicy::parse(&settings.webhook_allow_networks)
+            .map_err(|e| anyhow::anyhow!("ISSUER_WEBHOOK_ALLOW_NETWORKS: {e}"))?;
+        let webhook_sender = issuer_webhooks::Sender::try_new(
+            policy,
+            Duration::from_millis(settings.webhook_timeout_ms),
+        )?;
+        let webhook_schedule = match &settings.webhook_retry_schedule {
+            Some(s) => issuer_webhooks::RetrySchedule::parse(s)
+                .map_err(|e| anyhow::anyhow!("ISSUER_WEBHOOK_RETRY_SCHEDULE: {e}"))?,
+            None => issuer_webhooks::RetrySchedule::default(),
+        };
         let issuances = IssuanceService::new(
             IssuancePorts {
                 store: store.clone(),
                 lock: lock.clone(),
-                sealer,
+                sealer: sealer.clone(),
                 clock: clock.clone(),
                 notifier: hub.clone(),
             },
@@ -125,6 +141,10 @@ impl App {
             issuances,
             hub,
             watch_timing,
+            sealer,
+            webhook_sender,
+            webhook_schedule,
+            dispatch_wake: tokio::sync::broadcast::channel(16).0,
         })
     }
 }

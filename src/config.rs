@@ -91,6 +91,18 @@ pub struct Settings {
     /// `ISSUER_WATCH_RESYNC_SECS`: how often an idle watcher re-reads the store anyway, in case
     /// an announcement was lost.
     pub watch_resync_secs: u64,
+    /// `ISSUER_WEBHOOK_ALLOW_NETWORKS`: comma-separated CIDRs webhooks may reach although they
+    /// are private, loopback or otherwise refused (tests, private deployments); also permits
+    /// plain `http://` to them. Empty: public `https` endpoints only.
+    pub webhook_allow_networks: String,
+    /// `ISSUER_WEBHOOK_TIMEOUT_MS`: per-attempt timeout.
+    pub webhook_timeout_ms: u64,
+    /// `ISSUER_WEBHOOK_RETRY_SCHEDULE`: delays between attempts, e.g. `5s,5m,30m,2h,5h,10h,10h`.
+    pub webhook_retry_schedule: Option<String>,
+    /// `ISSUER_WEBHOOK_DISABLE_AFTER_HOURS`: an endpoint failing this long is disabled.
+    pub webhook_disable_after_hours: i64,
+    /// `ISSUER_WEBHOOK_CONCURRENCY`: attempts in flight per replica.
+    pub webhook_concurrency: usize,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -121,6 +133,11 @@ impl Default for Settings {
             idempotency_lock_wait_ms: 10_000,
             sweep_interval_ms: 1_000,
             watch_heartbeat_secs: 15,
+            webhook_allow_networks: String::new(),
+            webhook_timeout_ms: 10_000,
+            webhook_retry_schedule: None,
+            webhook_disable_after_hours: 120,
+            webhook_concurrency: 32,
             watch_resync_secs: 60,
             log_format: LogFormat::Json,
             log_level: "info".into(),
@@ -167,6 +184,18 @@ impl Settings {
         anyhow::ensure!(
             (300..=900).contains(&self.token_ttl_secs),
             "ISSUER_TOKEN_TTL_SECS must be from 300 to 900 (RFC 9068 tokens stay short-lived)"
+        );
+        anyhow::ensure!(
+            (100..=120_000).contains(&self.webhook_timeout_ms),
+            "ISSUER_WEBHOOK_TIMEOUT_MS must be from 100 to 120000"
+        );
+        anyhow::ensure!(
+            (1..=1024).contains(&self.webhook_concurrency),
+            "ISSUER_WEBHOOK_CONCURRENCY must be from 1 to 1024"
+        );
+        anyhow::ensure!(
+            self.webhook_disable_after_hours >= 1,
+            "ISSUER_WEBHOOK_DISABLE_AFTER_HOURS must be at least 1"
         );
         anyhow::ensure!(
             (1..=300).contains(&self.watch_heartbeat_secs),

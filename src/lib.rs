@@ -15,6 +15,7 @@ pub mod rest;
 pub mod telemetry;
 pub mod view;
 pub mod watch;
+pub mod webhooks;
 
 pub use app::App;
 pub use config::Settings;
@@ -45,6 +46,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep(app.clone()));
+    let dispatcher = tokio::spawn(webhooks::dispatch(app.clone()));
     let router = router(app);
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -58,6 +60,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
+    dispatcher.abort();
     Ok(())
 }
 

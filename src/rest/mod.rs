@@ -24,6 +24,7 @@ mod issuances;
 mod oauth;
 mod offers;
 mod oid4vci;
+mod webhooks;
 
 pub use error::{ApiError, RETRY_AFTER_SECS};
 pub use extract::bearer_token;
@@ -61,6 +62,28 @@ fn management() -> Router<AppState> {
         .route(
             "/issuer/api/v1/issuances/{issuance_id}/events",
             get(issuances::events),
+        )
+        .route(
+            "/issuer/api/v1/webhook-endpoints",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            "/issuer/api/v1/webhook-endpoints/{id}",
+            get(webhooks::get)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route(
+            "/issuer/api/v1/webhook-endpoints/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
+        .route(
+            "/issuer/api/v1/webhook-endpoints/{id}/deliveries",
+            get(webhooks::deliveries),
+        )
+        .route(
+            "/issuer/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/retry",
+            post(webhooks::retry),
         )
 }
 
