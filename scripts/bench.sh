@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create throughput and latency over REST and gRPC, with pgbench on the same SQL transaction in
-# the same run; then the OID4VCI wallet flow and 5,000 open watch streams. Usage: scripts/bench.sh
+# the same run; then the OID4VCI wallet flow, 5,000 open watch streams and webhook delivery.
+# Usage: scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -10,3 +11,4 @@ command -v pgbench >/dev/null || apt_install postgresql-client
 cargo bench --bench creates --locked
 cargo bench --bench wallet --locked
 cargo bench --bench watch --locked
+cargo bench --bench webhooks --locked

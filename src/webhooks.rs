@@ -5,11 +5,16 @@
 //! ends; it is woken by the event hub when something commits (so delivery follows a change
 //! within milliseconds) and polls once a second in case a wake-up was lost.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use issuer_domain::{
     Error, FieldViolation,
+    ids::TenantId,
     model::Scope,
     service::Principal,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -23,7 +28,7 @@ use crate::app::App;
 
 /// How long a claimed delivery stays with its dispatcher before another may take it.
 const LEASE: chrono::Duration = chrono::Duration::seconds(60);
-const CLAIM_BATCH: u32 = 64;
+const CLAIM_BATCH: u32 = 128;
 const MAX_OVERLAP_SECS: i64 = 7 * 24 * 3600;
 
 fn time(t: &DateTime<Utc>) -> String {
@@ -308,13 +313,34 @@ pub async fn dispatch(app: Arc<App>) {
                 }
             };
             let full = claimed.len() as u32 == CLAIM_BATCH;
+            // A batch mostly shares a few endpoints: load each once.
+            let mut endpoints: HashMap<(TenantId, Uuid), Option<Arc<WebhookEndpoint>>> =
+                HashMap::new();
             for d in claimed {
+                let key = (d.tenant_id, d.endpoint_id);
+                if let Entry::Vacant(slot) = endpoints.entry(key) {
+                    let loaded = match app
+                        .store
+                        .get_webhook_endpoint(d.tenant_id, d.endpoint_id)
+                        .await
+                    {
+                        Ok(e) => e.filter(|e| e.enabled).map(Arc::new),
+                        Err(e) => {
+                            tracing::warn!(error = %e.chain(), "loading a webhook endpoint failed; the lease will expire");
+                            None
+                        }
+                    };
+                    slot.insert(loaded);
+                }
+                let Some(endpoint) = endpoints[&key].clone() else {
+                    continue;
+                };
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
                 let app = app.clone();
                 tokio::spawn(async move {
-                    attempt(&app, d).await;
+                    attempt(&app, &endpoint, d).await;
                     drop(permit);
                 });
             }
@@ -340,19 +366,7 @@ pub async fn dispatch(app: Arc<App>) {
 }
 
 /// One attempt of one delivery, recorded whatever happens.
-async fn attempt(app: &App, d: WebhookDelivery) {
-    let endpoint = match app
-        .store
-        .get_webhook_endpoint(d.tenant_id, d.endpoint_id)
-        .await
-    {
-        Ok(Some(e)) if e.enabled => e,
-        Ok(_) => return,
-        Err(e) => {
-            tracing::warn!(error = %e.chain(), "loading a webhook endpoint failed; the lease will expire");
-            return;
-        }
-    };
+async fn attempt(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
     let now = app.clock.now();
     let mut secrets = Vec::new();
     let sealed = std::iter::once(Some(&endpoint.secret_sealed)).chain(std::iter::once(

@@ -28,6 +28,11 @@ pub struct BenchService {
 
 impl BenchService {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, |s| s)
+    }
+
+    /// Starts with settings adjusted by `tune` (e.g. a webhook allow-list).
+    pub fn start_with(name: &str, tune: impl FnOnce(Settings) -> Settings) -> Self {
         let admin_url = env_or(
             "TEST_DATABASE_URL",
             "postgres://postgres@127.0.0.1:5432/postgres",
@@ -57,7 +62,7 @@ impl BenchService {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let settings = Settings {
+        let settings = tune(Settings {
             listen_addr: addr,
             public_url: format!("http://{addr}"),
             database_url: Some(Secret::new(&db_url)),
@@ -66,7 +71,7 @@ impl BenchService {
             token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
             credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
             ..Settings::default()
-        }
+        })
         .validate()
         .unwrap();
         let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());

@@ -675,11 +675,23 @@ impl Store for PgStore {
     }
 
     async fn record_attempt(&self, a: &AttemptRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let row = sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = $3, \
+        // One statement: the delivery's state, the attempt log and the endpoint's bookkeeping
+        // commit together. The endpoint row is only touched when its state changes, so that
+        // concurrent successful deliveries to one endpoint do not queue on its row lock.
+        sqlx::query(
+            "WITH d AS (UPDATE webhook_deliveries SET attempts = attempts + 1, state = $3, \
              next_attempt_at = COALESCE($4, next_attempt_at), last_status = $5, last_error = $6, \
-             last_latency_ms = $7, updated_at = $8 WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
+             last_latency_ms = $7, updated_at = $8 WHERE tenant_id = $1 AND id = $2 \
+             RETURNING tenant_id, id, attempts), \
+             a AS (INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, at, status, error, \
+             latency_ms) SELECT tenant_id, id, attempts, $8, $5, $6, $7 FROM d) \
+             UPDATE webhook_endpoints SET \
+             failing_since = CASE WHEN $10 THEN NULL ELSE COALESCE(failing_since, $8) END, \
+             enabled = enabled AND $11::text IS NULL, \
+             disabled_reason = COALESCE($11, disabled_reason) \
+             WHERE tenant_id = $1 AND id = $9 AND EXISTS (SELECT 1 FROM d) \
+             AND (($10 AND failing_since IS NOT NULL) OR (NOT $10 AND failing_since IS NULL) \
+             OR $11::text IS NOT NULL)",
         )
         .bind(a.tenant_id.0)
         .bind(a.delivery_id)
@@ -689,42 +701,13 @@ impl Store for PgStore {
         .bind(&a.error)
         .bind(a.latency_ms)
         .bind(trunc_micros(a.at))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        // Deleted with its endpoint meanwhile: nothing left to record.
-        let Some(row) = row else { return Ok(()) };
-        let attempt: i64 = row.try_get("attempts").map_err(db_error)?;
-        sqlx::query(
-            "INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, at, status, error, latency_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(a.tenant_id.0)
-        .bind(a.delivery_id)
-        .bind(attempt)
-        .bind(trunc_micros(a.at))
-        .bind(a.status)
-        .bind(&a.error)
-        .bind(a.latency_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        sqlx::query(
-            "UPDATE webhook_endpoints SET \
-             failing_since = CASE WHEN $3 THEN NULL ELSE COALESCE(failing_since, $4) END, \
-             enabled = enabled AND $5::text IS NULL, \
-             disabled_reason = COALESCE($5, disabled_reason), updated_at = $4 \
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(a.tenant_id.0)
         .bind(a.endpoint_id)
         .bind(a.state == DeliveryState::Delivered)
-        .bind(trunc_micros(a.at))
         .bind(&a.disable_endpoint)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await
         .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)
+        Ok(())
     }
 
     async fn list_deliveries(

@@ -778,8 +778,10 @@ impl Store for SqliteStore {
             "UPDATE webhook_endpoints SET \
              failing_since = CASE WHEN ?3 THEN NULL ELSE COALESCE(failing_since, ?4) END, \
              enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
-             disabled_reason = COALESCE(?5, disabled_reason), updated_at = ?4 \
-             WHERE tenant_id = ?1 AND id = ?2",
+             disabled_reason = COALESCE(?5, disabled_reason) \
+             WHERE tenant_id = ?1 AND id = ?2 \
+             AND ((?3 AND failing_since IS NOT NULL) OR (NOT ?3 AND failing_since IS NULL) \
+             OR ?5 IS NOT NULL)",
         )
         .bind(id_text(a.tenant_id.0))
         .bind(id_text(a.endpoint_id))
