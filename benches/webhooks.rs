@@ -31,7 +31,7 @@ fn main() {
     let service = BenchService::start_with("webhooks", |s| issuer::Settings {
         webhook_allow_networks: "127.0.0.0/8".into(),
         webhook_concurrency: 64,
-        webhook_timeout_ms: 60_000,
+        webhook_timeout_ms: 30_000,
         ..s
     });
     // Open: the receiver answers at once; closed: it holds requests until opened.

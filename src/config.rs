@@ -186,8 +186,8 @@ impl Settings {
             "ISSUER_TOKEN_TTL_SECS must be from 300 to 900 (RFC 9068 tokens stay short-lived)"
         );
         anyhow::ensure!(
-            (100..=120_000).contains(&self.webhook_timeout_ms),
-            "ISSUER_WEBHOOK_TIMEOUT_MS must be from 100 to 120000"
+            (100..=30_000).contains(&self.webhook_timeout_ms),
+            "ISSUER_WEBHOOK_TIMEOUT_MS must be from 100 to 30000 (well inside the 60 s delivery lease)"
         );
         anyhow::ensure!(
             (1..=1024).contains(&self.webhook_concurrency),

@@ -276,6 +276,12 @@ impl App {
     ) -> Result<(), Error> {
         let e = self.endpoint(who, id).await?;
         let delivery = Uuid::parse_str(delivery).map_err(|_| Error::not_found("delivery"))?;
+        if !e.enabled {
+            return Err(Error::new(
+                issuer_domain::ErrorCode::InvalidState,
+                "the endpoint is disabled; enable it before retrying its deliveries",
+            ));
+        }
         if self
             .store
             .retry_delivery(who.tenant_id, e.id, delivery, self.clock.now())
@@ -301,18 +307,19 @@ pub async fn dispatch(app: Arc<App>) {
     loop {
         loop {
             let now = app.clock.now();
-            let claimed = match app
-                .store
-                .claim_deliveries(now, now + LEASE, CLAIM_BATCH)
-                .await
-            {
+            // Claim no more than can start now, so that no lease runs out waiting for a permit.
+            let free = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
+            if free == 0 {
+                break;
+            }
+            let claimed = match app.store.claim_deliveries(now, now + LEASE, free).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e.chain(), "claiming webhook deliveries failed");
                     break;
                 }
             };
-            let full = claimed.len() as u32 == CLAIM_BATCH;
+            let full = claimed.len() as u32 == free;
             // A batch mostly shares a few endpoints: load each once.
             let mut endpoints: HashMap<(TenantId, Uuid), Option<Arc<WebhookEndpoint>>> =
                 HashMap::new();
@@ -438,6 +445,7 @@ async fn attempt(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
         tenant_id: d.tenant_id,
         delivery_id: d.id,
         endpoint_id: d.endpoint_id,
+        claimed_until: d.next_attempt_at,
         at,
         status: result.status.map(i64::from),
         error: result.error,

@@ -11,3 +11,4 @@ mod privacy;
 mod walkthrough;
 mod wallet;
 mod watch;
+mod webhooks;

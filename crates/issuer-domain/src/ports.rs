@@ -89,7 +89,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(TenantId, IssuanceId)>>;
     async fn insert_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> Result<()>;
     async fn list_webhook_endpoints(&self, tenant: TenantId) -> Result<Vec<WebhookEndpoint>>;
-    async fn get_webhook_endpoint(&self, tenant: TenantId, id: Uuid) -> Result<Option<WebhookEndpoint>>;
+    async fn get_webhook_endpoint(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+    ) -> Result<Option<WebhookEndpoint>>;
     /// Replaces the endpoint's mutable fields; `false` when it does not exist.
     async fn update_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> Result<bool>;
     /// Deletes the endpoint and its deliveries; `false` when it does not exist.
@@ -97,14 +101,31 @@ pub trait Store: Send + Sync + 'static {
     /// Takes up to `limit` pending deliveries due at `now` whose endpoint is enabled, leasing
     /// them until `lease_until` (their `next_attempt_at`), so that no other dispatcher takes
     /// them meanwhile and a crashed one's deliveries come back when the lease ends.
-    async fn claim_deliveries(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>, limit: u32) -> Result<Vec<WebhookDelivery>>;
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
     /// Records an attempt: the delivery's new state, the attempt log, and the endpoint's
-    /// failure bookkeeping, in one transaction.
+    /// failure bookkeeping, in one transaction — only while the delivery is still pending under
+    /// the attempt's lease (`claimed_until`); a late result is dropped.
     async fn record_attempt(&self, attempt: &AttemptRecord) -> Result<()>;
     /// An endpoint's deliveries, newest first.
-    async fn list_deliveries(&self, tenant: TenantId, endpoint: Uuid, limit: u32) -> Result<Vec<WebhookDelivery>>;
+    async fn list_deliveries(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
     /// Makes a delivery due now again (manual retry); `false` when it does not exist.
-    async fn retry_delivery(&self, tenant: TenantId, endpoint: Uuid, id: Uuid, now: DateTime<Utc>) -> Result<bool>;
+    async fn retry_delivery(
+        &self,
+        tenant: TenantId,
+        endpoint: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool>;
     /// Events of one issuance with `sequence > after`, in order.
     async fn list_events(
         &self,

@@ -161,6 +161,9 @@ pub struct AttemptRecord {
     pub tenant_id: TenantId,
     pub delivery_id: Uuid,
     pub endpoint_id: Uuid,
+    /// The lease the attempt ran under (the delivery's `next_attempt_at` when claimed): a
+    /// result that comes back after another dispatcher took the delivery over is dropped.
+    pub claimed_until: DateTime<Utc>,
     pub at: DateTime<Utc>,
     pub status: Option<i64>,
     pub error: Option<String>,

@@ -1325,6 +1325,7 @@ pub async fn webhook_claims_are_leased_and_recorded(store: &dyn Store) {
         tenant_id: tenant,
         delivery_id: again[0].id,
         endpoint_id: ep.id,
+        claimed_until: again[0].next_attempt_at,
         at: later,
         status: Some(500),
         error: Some("status 500".to_owned()),
@@ -1350,18 +1351,46 @@ pub async fn webhook_claims_are_leased_and_recorded(store: &dyn Store) {
         .unwrap();
     assert_eq!(e.failing_since, Some(trunc_micros(later)));
 
+    // A result from a lease that is over (another dispatcher took the delivery) is dropped.
+    store.record_attempt(&failed).await.unwrap();
+    assert_eq!(
+        deliveries(store, tenant, &ep).await[0].attempts,
+        1,
+        "stale result dropped"
+    );
+
+    let retry_at = later + Duration::seconds(6);
+    let third = mine(
+        store
+            .claim_deliveries(retry_at, retry_at + Duration::seconds(60), 1000)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(third.len(), 1, "due again after the retry delay");
+    let delivered = AttemptRecord {
+        claimed_until: third[0].next_attempt_at,
+        status: Some(200),
+        error: None,
+        state: DeliveryState::Delivered,
+        next_attempt_at: None,
+        ..failed.clone()
+    };
+    store.record_attempt(&delivered).await.unwrap();
+    let d = &deliveries(store, tenant, &ep).await[0];
+    assert_eq!((d.attempts, d.state), (2, DeliveryState::Delivered));
     store
         .record_attempt(&AttemptRecord {
-            status: Some(200),
-            error: None,
-            state: DeliveryState::Delivered,
-            next_attempt_at: None,
-            ..failed.clone()
+            state: DeliveryState::Pending,
+            next_attempt_at: Some(retry_at),
+            ..delivered
         })
         .await
         .unwrap();
-    let d = &deliveries(store, tenant, &ep).await[0];
-    assert_eq!((d.attempts, d.state), (2, DeliveryState::Delivered));
+    assert_eq!(
+        deliveries(store, tenant, &ep).await[0].state,
+        DeliveryState::Delivered,
+        "a late failure cannot reopen a delivered delivery"
+    );
     assert_eq!(
         store
             .get_webhook_endpoint(tenant, ep.id)
@@ -1383,13 +1412,11 @@ pub async fn webhook_claims_are_leased_and_recorded(store: &dyn Store) {
             .await
             .unwrap()
     );
-    assert_eq!(
-        mine(store.claim_deliveries(far, far, 1000).await.unwrap()).len(),
-        1,
-        "manual retry"
-    );
+    let retried = mine(store.claim_deliveries(far, far, 1000).await.unwrap());
+    assert_eq!(retried.len(), 1, "manual retry");
     store
         .record_attempt(&AttemptRecord {
+            claimed_until: retried[0].next_attempt_at,
             status: Some(410),
             state: DeliveryState::Failed,
             next_attempt_at: None,

@@ -682,13 +682,14 @@ impl Store for PgStore {
             "WITH d AS (UPDATE webhook_deliveries SET attempts = attempts + 1, state = $3, \
              next_attempt_at = COALESCE($4, next_attempt_at), last_status = $5, last_error = $6, \
              last_latency_ms = $7, updated_at = $8 WHERE tenant_id = $1 AND id = $2 \
+             AND state = 'pending' AND next_attempt_at = $12 \
              RETURNING tenant_id, id, attempts), \
              a AS (INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, at, status, error, \
              latency_ms) SELECT tenant_id, id, attempts, $8, $5, $6, $7 FROM d) \
              UPDATE webhook_endpoints SET \
              failing_since = CASE WHEN $10 THEN NULL ELSE COALESCE(failing_since, $8) END, \
              enabled = enabled AND $11::text IS NULL, \
-             disabled_reason = COALESCE($11, disabled_reason) \
+             disabled_reason = COALESCE($11, disabled_reason), updated_at = $8 \
              WHERE tenant_id = $1 AND id = $9 AND EXISTS (SELECT 1 FROM d) \
              AND (($10 AND failing_since IS NOT NULL) OR (NOT $10 AND failing_since IS NULL) \
              OR $11::text IS NOT NULL)",
@@ -704,6 +705,7 @@ impl Store for PgStore {
         .bind(a.endpoint_id)
         .bind(a.state == DeliveryState::Delivered)
         .bind(&a.disable_endpoint)
+        .bind(trunc_micros(a.claimed_until))
         .execute(&self.pool)
         .await
         .map_err(db_error)?;

@@ -742,7 +742,8 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?3, \
              next_attempt_at = COALESCE(?4, next_attempt_at), last_status = ?5, last_error = ?6, \
-             last_latency_ms = ?7, updated_at = ?8 WHERE tenant_id = ?1 AND id = ?2 RETURNING attempts",
+             last_latency_ms = ?7, updated_at = ?8 WHERE tenant_id = ?1 AND id = ?2 \
+             AND state = 'pending' AND next_attempt_at = ?9 RETURNING attempts",
         )
         .bind(id_text(a.tenant_id.0))
         .bind(id_text(a.delivery_id))
@@ -752,6 +753,7 @@ impl Store for SqliteStore {
         .bind(&a.error)
         .bind(a.latency_ms)
         .bind(time_text(a.at))
+        .bind(time_text(a.claimed_until))
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -778,7 +780,7 @@ impl Store for SqliteStore {
             "UPDATE webhook_endpoints SET \
              failing_since = CASE WHEN ?3 THEN NULL ELSE COALESCE(failing_since, ?4) END, \
              enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
-             disabled_reason = COALESCE(?5, disabled_reason) \
+             disabled_reason = COALESCE(?5, disabled_reason), updated_at = ?4 \
              WHERE tenant_id = ?1 AND id = ?2 \
              AND ((?3 AND failing_since IS NOT NULL) OR (NOT ?3 AND failing_since IS NULL) \
              OR ?5 IS NOT NULL)",
