@@ -117,24 +117,30 @@ where
 fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("create.sql");
-    // The service's write transaction: the issuance row and its first event, atomically.
+    // The service's create statement: the issuance row, its first event and its webhook outbox
+    // rows (none here: the tenant has no endpoints), atomically.
     // (pgbench reads `:name` as a variable, hence the grant-type URN built with chr(58).)
     let payload = payload().to_string().replace('\'', "''");
     std::fs::write(
         &script,
         format!(
-            "BEGIN;
-WITH i AS (INSERT INTO issuances (tenant_id, id, client_request_id, request_fingerprint,
+            "WITH i AS (INSERT INTO issuances (tenant_id, id, client_request_id, request_fingerprint,
   credential_configuration_id, status, payload, delivery, grant_type, offer_id,
   pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at)
   VALUES ('{tenant}', gen_random_uuid(), 'pgb-' || gen_random_uuid(), md5(random()::text) || md5(random()::text),
   'learcredential.employee.sd.1', 'pending', '{payload}'::jsonb, 'none',
   replace('urn;ietf;params;oauth;grant-type;pre-authorized_code', ';', chr(58)), md5(random()::text), md5(random()::text),
   md5(random()::text) || md5(random()::text), now() + interval '1 day', now(), now())
-  ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING tenant_id, id)
-INSERT INTO issuance_events (tenant_id, issuance_id, sequence, kind, status, occurred_at)
-  SELECT tenant_id, id, 1, 'created', 'pending', now() FROM i;
-COMMIT;
+  ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING tenant_id, id),
+e AS (INSERT INTO issuance_events (tenant_id, issuance_id, sequence, kind, status, occurred_at)
+  SELECT tenant_id, id, 1, 'created', 'pending', now() FROM i),
+d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence,
+  event_type, message_id, payload, state, attempts, next_attempt_at, created_at, updated_at)
+  SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, 1, 'issuance.created', md5(random()::text),
+  '{{}}'::jsonb, 'pending', 0, now(), now(), now() FROM i JOIN webhook_endpoints ep
+  ON ep.tenant_id = i.tenant_id WHERE ep.enabled
+  AND 'issuance.created' = ANY(string_to_array(ep.event_types, ' ')))
+SELECT id FROM i;
 "
         ),
     )

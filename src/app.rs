@@ -33,7 +33,7 @@ pub struct App {
     pub sealer: Arc<dyn CodeSealer>,
     pub webhook_sender: issuer_webhooks::Sender,
     pub webhook_schedule: issuer_webhooks::RetrySchedule,
-    /// Wakes this replica's webhook dispatcher (manual retries).
+    /// Wakes this replica's webhook dispatcher (manual retries, finished attempts).
     pub dispatch_wake: tokio::sync::broadcast::Sender<()>,
     pub watch_timing: WatchTiming,
 }
@@ -144,7 +144,7 @@ impl App {
             sealer,
             webhook_sender,
             webhook_schedule,
-            dispatch_wake: tokio::sync::broadcast::channel(16).0,
+            dispatch_wake: tokio::sync::broadcast::channel(1024).0,
         })
     }
 }

@@ -349,6 +349,8 @@ pub async fn dispatch(app: Arc<App>) {
                 tokio::spawn(async move {
                     attempt(&app, &endpoint, d).await;
                     drop(permit);
+                    // A free permit may mean a backlog can move on.
+                    let _ = app.dispatch_wake.send(());
                 });
             }
             if !full {

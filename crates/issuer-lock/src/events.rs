@@ -58,7 +58,7 @@ impl EventHub {
         let client = redis::Client::open(url)?;
         let (to_redis, outbox) = mpsc::channel(4096);
         let hub = Arc::new(Self::new(Some(to_redis)));
-        tokio::spawn(publish_loop(client.clone(), outbox));
+        tokio::spawn(publish_loop(client.clone(), hub.instance.clone(), outbox));
         tokio::spawn(bridge_loop(client, Arc::downgrade(&hub)));
         Ok(hub)
     }
@@ -77,18 +77,28 @@ impl EventNotifier for EventHub {
         // No receivers is not an error: nobody watches.
         let _ = self.local.send((tenant, issuance));
         if let Some(tx) = &self.to_redis
-            && tx
-                .try_send(format!("{}|{tenant}|{issuance}", self.instance))
-                .is_err()
+            && tx.try_send(format!("{tenant}|{issuance}")).is_err()
         {
             tracing::warn!("event announcement queue full; remote watchers catch up on resync");
         }
     }
 }
 
-async fn publish_loop(client: redis::Client, mut outbox: mpsc::Receiver<String>) {
+async fn publish_loop(client: redis::Client, instance: String, mut outbox: mpsc::Receiver<String>) {
     let mut conn = None;
-    while let Some(msg) = outbox.recv().await {
+    while let Some(first) = outbox.recv().await {
+        // One PUBLISH carries every announcement queued meanwhile: under load that is one
+        // Redis round trip (and one message for each bridge) per burst, not per event.
+        let mut msg = format!("{instance}\n{first}");
+        for _ in 0..MAX_BATCH {
+            match outbox.try_recv() {
+                Ok(next) => {
+                    msg.push('\n');
+                    msg.push_str(&next);
+                }
+                Err(_) => break,
+            }
+        }
         if conn.is_none() {
             conn = redis::aio::ConnectionManager::new(client.clone())
                 .await
@@ -109,6 +119,9 @@ async fn publish_loop(client: redis::Client, mut outbox: mpsc::Receiver<String>)
     }
 }
 
+/// Announcements per PUBLISH at most.
+const MAX_BATCH: usize = 512;
+
 /// Re-broadcasts other replicas' announcements; reconnects with a pause while Redis is down.
 async fn bridge_loop(client: redis::Client, hub: std::sync::Weak<EventHub>) {
     loop {
@@ -128,17 +141,17 @@ async fn bridge_loop(client: redis::Client, hub: std::sync::Weak<EventHub>) {
                         let Ok(payload) = msg.get_payload::<String>() else {
                             continue;
                         };
-                        let mut parts = payload.splitn(3, '|');
-                        let (Some(from), Some(t), Some(i)) =
-                            (parts.next(), parts.next(), parts.next())
-                        else {
-                            continue;
-                        };
-                        if from == instance {
+                        // `<instance>` then one `<tenant>|<issuance>` per line.
+                        let mut lines = payload.lines();
+                        if lines.next() == Some(instance.as_str()) {
                             continue;
                         }
-                        if let (Ok(t), Ok(i)) = (t.parse(), i.parse()) {
-                            let _ = me.local.send((t, i));
+                        for line in lines {
+                            if let Some((t, i)) = line.split_once('|')
+                                && let (Ok(t), Ok(i)) = (t.parse(), i.parse())
+                            {
+                                let _ = me.local.send((t, i));
+                            }
                         }
                     }
                 }
