@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use issuer_domain::{
     Error, FieldViolation,
     ids::TenantId,
@@ -24,16 +23,12 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::app::App;
+use crate::{app::App, view::format_time};
 
 /// How long a claimed delivery stays with its dispatcher before another may take it.
 const LEASE: chrono::Duration = chrono::Duration::seconds(60);
 const CLAIM_BATCH: u32 = 128;
 const MAX_OVERLAP_SECS: i64 = 7 * 24 * 3600;
-
-fn time(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
 
 /// An endpoint as the API shows it (never its secret).
 pub fn endpoint_view(e: &WebhookEndpoint) -> Value {
@@ -43,9 +38,9 @@ pub fn endpoint_view(e: &WebhookEndpoint) -> Value {
         "event_types": e.event_types,
         "enabled": e.enabled,
         "disabled_reason": e.disabled_reason,
-        "failing_since": e.failing_since.as_ref().map(time),
-        "created_at": time(&e.created_at),
-        "updated_at": time(&e.updated_at),
+        "failing_since": e.failing_since.as_ref().map(format_time),
+        "created_at": format_time(&e.created_at),
+        "updated_at": format_time(&e.updated_at),
     })
 }
 
@@ -58,12 +53,12 @@ pub fn delivery_view(d: &WebhookDelivery) -> Value {
         "webhook_id": d.message_id,
         "state": d.state.as_str(),
         "attempts": d.attempts,
-        "next_attempt_at": (d.state == DeliveryState::Pending).then(|| time(&d.next_attempt_at)),
+        "next_attempt_at": (d.state == DeliveryState::Pending).then(|| format_time(&d.next_attempt_at)),
         "last_status": d.last_status,
         "last_error": d.last_error,
         "last_latency_ms": d.last_latency_ms,
-        "created_at": time(&d.created_at),
-        "updated_at": time(&d.updated_at),
+        "created_at": format_time(&d.created_at),
+        "updated_at": format_time(&d.updated_at),
     })
 }
 
@@ -257,7 +252,11 @@ impl App {
         tracing::info!(tenant_id = %who.tenant_id, endpoint_id = %e.id, "webhook secret rotated");
         let mut view = endpoint_view(&e);
         view["secret"] = secret.expose().into();
-        view["previous_secret_expires_at"] = e.previous_secret_expires_at.as_ref().map(time).into();
+        view["previous_secret_expires_at"] = e
+            .previous_secret_expires_at
+            .as_ref()
+            .map(format_time)
+            .into();
         Ok(view)
     }
 

@@ -92,7 +92,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bearer_challenge(error: &str, description: &str, scope: Option<&str>) -> HeaderValue {
+pub(super) fn bearer_challenge(error: &str, description: &str, scope: Option<&str>) -> HeaderValue {
     let description: String = description
         .chars()
         .filter(|c| *c != '"' && *c != '\\' && !c.is_control())

@@ -131,12 +131,10 @@ pub fn wallet_error(e: WalletError) -> Response {
             )
                 .into_response();
             if status == StatusCode::UNAUTHORIZED {
-                let challenge = format!(
-                    r#"Bearer realm="issuer", error="invalid_token", error_description="{description}""#
+                res.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    super::error::bearer_challenge("invalid_token", &description, None),
                 );
-                if let Ok(v) = HeaderValue::from_str(&challenge) {
-                    res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-                }
             }
             res
         }

@@ -247,6 +247,15 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn cancel_rest(&self, token: &str, id: impl std::fmt::Display) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn grpc(&self) -> IssuanceServiceClient<Channel> {
         let channel = Channel::from_shared(self.base.clone())
             .unwrap()

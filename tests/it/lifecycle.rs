@@ -56,13 +56,7 @@ async fn cancel_rejects_the_issuance_kills_the_offer_and_purges_the_payload() {
     let offer = offer_url(&issuance);
     assert_eq!(app.http.get(&offer).send().await.unwrap().status(), 200);
 
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&token, id).await;
     assert_eq!(res.status(), 200);
     let cancelled: Value = res.json().await.unwrap();
     assert_eq!(
@@ -92,13 +86,7 @@ async fn cancel_rejects_the_issuance_kills_the_offer_and_purges_the_payload() {
     );
 
     // Cancelling again is idempotent.
-    let again = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let again = app.cancel_rest(&token, id).await;
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<Value>().await.unwrap(), cancelled);
     assert_eq!(
@@ -144,13 +132,7 @@ async fn cancel_over_grpc_and_its_refusals() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&other, id).await;
     assert_eq!(res.status(), 404);
 
     // Read-only clients cannot cancel.
@@ -224,13 +206,7 @@ async fn an_issuance_expires_on_time_with_nobody_reading_it() {
     );
 
     // An expired issuance cannot be cancelled.
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&token, id).await;
     assert_eq!(res.status(), 409);
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["code"], "invalid_state");

@@ -996,13 +996,7 @@ async fn a_cancelled_issuance_has_no_offer_and_its_code_is_refused() {
     let issuer = discover(&app.http, offer["credential_issuer"].as_str().unwrap()).await;
     let code = pre_authorized_code(&offer);
 
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&token, &id).await;
     expect_json(res, 200, "cancel").await;
     let res = app
         .http
@@ -1021,13 +1015,7 @@ async fn a_cancelled_issuance_has_no_offer_and_its_code_is_refused() {
     // Cancelled after the wallet redeemed its code: no credential either.
     let s = session(&app, &token, "cancelled-2").await;
     let sid = id_of(&s.issuance);
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{sid}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&token, &sid).await;
     expect_json(res, 200, "cancel after token").await;
     let res = s
         .issuer

@@ -835,13 +835,7 @@ async fn resuming_past_the_end_still_delivers_the_outcome() {
         .await
         .unwrap()
         .into_inner();
-    let res = app
-        .http
-        .post(app.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = app.cancel_rest(&token, id).await;
     assert_eq!(res.status(), 200);
     let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
