@@ -119,8 +119,9 @@ pub async fn events(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Access first, as over gRPC: another tenant's id is 404 whatever the parameters.
-    app.issuances.get(&who, &issuance_id).await?;
+    // Access first, as over gRPC: another tenant's id is 404 whatever the parameters. The
+    // history read for that check is the JSON answer too.
+    let (_, history) = app.issuances.events(&who, &issuance_id, 0).await?;
     let after = match (q.get("after"), headers.get("last-event-id")) {
         (Some(s), _) => s
             .parse::<i64>()
@@ -139,8 +140,11 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
-        let (_, events) = app.issuances.events(&who, &issuance_id, after).await?;
-        let events: Vec<EventView> = events.iter().map(EventView::from).collect();
+        let events: Vec<EventView> = history
+            .iter()
+            .filter(|e| e.sequence > after)
+            .map(EventView::from)
+            .collect();
         return Ok(Json(json!({ "events": events })).into_response());
     }
     let rx = watch(app.clone(), who, issuance_id, after).await?;
