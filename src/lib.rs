@@ -46,7 +46,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep(app.clone()));
-    let dispatcher = tokio::spawn(webhooks::dispatch(app.clone()));
+    let (stop_dispatch, dispatch_stopped) = tokio::sync::watch::channel(false);
+    let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), dispatch_stopped));
+    // Attempts under way get their own timeout and a margin to record the result.
+    let drain = std::time::Duration::from_millis(app.settings.webhook_timeout_ms)
+        + std::time::Duration::from_secs(2);
     let router = router(app);
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -60,7 +64,11 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
-    dispatcher.abort();
+    let _ = stop_dispatch.send(true);
+    if tokio::time::timeout(drain, &mut dispatcher).await.is_err() {
+        tracing::warn!("webhook attempts still under way at shutdown; their leases will expire");
+        dispatcher.abort();
+    }
     Ok(())
 }
 

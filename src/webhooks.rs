@@ -298,12 +298,16 @@ impl App {
     }
 }
 
-/// Delivers the outbox until the process ends.
-pub async fn dispatch(app: Arc<App>) {
+/// Delivers the outbox until `stop` turns true, then lets the attempts under way finish.
+///
+/// A claim is never cut short: a dispatcher stopped between its claim and the attempts would
+/// leave the claimed deliveries to wait out their lease before another replica could take them.
+pub async fn dispatch(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut news = app.hub.subscribe();
     let mut wake = app.dispatch_wake.subscribe();
-    let permits = Arc::new(Semaphore::new(app.settings.webhook_concurrency));
-    loop {
+    let concurrency = app.settings.webhook_concurrency;
+    let permits = Arc::new(Semaphore::new(concurrency));
+    while !*stop.borrow() {
         loop {
             let now = app.clock.now();
             // Claim no more than can start now, so that no lease runs out waiting for a permit.
@@ -368,9 +372,14 @@ pub async fn dispatch(app: Arc<App>) {
         tokio::select! {
             _ = news.recv() => {}
             _ = wake.recv() => {}
+            _ = stop.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+    // Every permit back means every attempt started has been recorded.
+    let _ = permits
+        .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
+        .await;
 }
 
 /// One attempt of one delivery, recorded whatever happens.

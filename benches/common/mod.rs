@@ -39,6 +39,7 @@ impl BenchService {
         );
         let redis_url = env_or("TEST_REDIS_URL", "redis://127.0.0.1:6379");
         let server_rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("service")
             .enable_all()
             .build()
             .unwrap();

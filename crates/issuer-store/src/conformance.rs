@@ -55,7 +55,9 @@ pub async fn run_concurrency(store: Arc<dyn Store>) {
     concurrent_duplicates(store.clone(), 50).await;
     concurrent_transitions(store.clone(), 20).await;
     concurrent_redemptions(store.clone(), 20).await;
-    concurrent_claims_are_disjoint(store).await;
+    concurrent_claims_are_disjoint(store.clone()).await;
+    // Last: it leaves deliveries due that other checks' claims would pick up.
+    concurrent_mixed_creates(store).await;
 }
 
 /// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
@@ -68,12 +70,7 @@ pub fn now_with_nanos() -> DateTime<Utc> {
 
 /// What the store is expected to hand back for `issuance`: the same, at microsecond precision.
 pub fn normalized(issuance: &Issuance) -> Issuance {
-    Issuance {
-        expires_at: trunc_micros(issuance.expires_at),
-        created_at: trunc_micros(issuance.created_at),
-        updated_at: trunc_micros(issuance.updated_at),
-        ..issuance.clone()
-    }
+    crate::rows::as_stored(issuance)
 }
 
 /// A tenant with a fresh random id.
@@ -797,6 +794,117 @@ pub async fn concurrent_duplicates(store: Arc<dyn Store>, n: usize) {
         listed,
         vec![winner.id],
         "the tenant must hold only the winner"
+    );
+}
+
+/// Many creates at once, some keys requested once and some two or three times, for a tenant
+/// with endpoints: every key is written exactly once with its event and its `issuance.created`
+/// delivery, and every repeat gets the issuance that was written. (A store that groups
+/// concurrent inserts into one statement must keep each caller's answer its own.)
+pub async fn concurrent_mixed_creates(store: Arc<dyn Store>) {
+    const KEYS: usize = 60;
+    let tenant = new_tenant(store.as_ref()).await;
+    let created_only = endpoint(tenant, &[webhook::ISSUANCE_CREATED], true);
+    let outcomes = endpoint(tenant, &webhook::DEFAULT_TYPES, true);
+    for e in [&created_only, &outcomes] {
+        store.insert_webhook_endpoint(e).await.unwrap();
+    }
+    let keys: Vec<String> = (0..KEYS).map(|_| new_request_id()).collect();
+    // Key k is requested 1 + k % 3 times; the requests are interleaved across keys.
+    let mut candidates = Vec::new();
+    for round in 0..3 {
+        for (k, key) in keys.iter().enumerate() {
+            if round <= k % 3 {
+                candidates.push(sample_issuance(tenant, key));
+            }
+        }
+    }
+    let tasks: Vec<_> = candidates
+        .iter()
+        .cloned()
+        .map(|(issuance, event)| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert_issuance(&issuance, &event).await })
+        })
+        .collect();
+    let mut answers: std::collections::HashMap<String, Vec<InsertOutcome>> = Default::default();
+    for task in tasks {
+        let outcome = task
+            .await
+            .expect("insert task panicked")
+            .unwrap_or_else(|e| panic!("a concurrent insert failed: {}", e.chain()));
+        let key = match &outcome {
+            InsertOutcome::Inserted(i) | InsertOutcome::Duplicate(i) => i.client_request_id.clone(),
+        };
+        answers.entry(key).or_default().push(outcome);
+    }
+    assert_eq!(answers.len(), KEYS, "every key gets answers");
+    let mut winners = Vec::new();
+    for (k, key) in keys.iter().enumerate() {
+        let outcomes = &answers[key];
+        assert_eq!(
+            outcomes.len(),
+            1 + k % 3,
+            "one answer per request for {key}"
+        );
+        let inserted: Vec<&Issuance> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                InsertOutcome::Inserted(i) => Some(i),
+                InsertOutcome::Duplicate(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            inserted.len(),
+            1,
+            "exactly one request for {key} is written"
+        );
+        let winner = inserted[0];
+        let requested = candidates
+            .iter()
+            .find(|(i, _)| i.id == winner.id)
+            .expect("the winner is one of the requests");
+        assert_eq!(
+            winner,
+            &normalized(&requested.0),
+            "the written issuance is the one requested"
+        );
+        for o in outcomes {
+            if let InsertOutcome::Duplicate(d) = o {
+                assert_eq!(d, winner, "a repeat of {key} gets the written issuance");
+            }
+        }
+        assert_eq!(
+            get(store.as_ref(), tenant, winner.id).await.as_ref(),
+            Some(winner)
+        );
+        assert_eq!(
+            events(store.as_ref(), tenant, winner.id).await.len(),
+            1,
+            "one event for {key}"
+        );
+        winners.push(winner.id);
+    }
+    let mut announced: Vec<IssuanceId> = deliveries(store.as_ref(), tenant, &created_only)
+        .await
+        .iter()
+        .map(|d| {
+            assert_eq!(d.event_type, webhook::ISSUANCE_CREATED);
+            assert_eq!(d.message_id, webhook::message_id(d.issuance_id, 1));
+            d.issuance_id
+        })
+        .collect();
+    announced.sort_by_key(|id| id.0);
+    winners.sort_by_key(|id| id.0);
+    assert_eq!(
+        announced, winners,
+        "one issuance.created delivery per written issuance"
+    );
+    assert!(
+        deliveries(store.as_ref(), tenant, &outcomes)
+            .await
+            .is_empty(),
+        "creation is not an outcome"
     );
 }
 

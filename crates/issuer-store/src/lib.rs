@@ -12,10 +12,12 @@
 //! [`conformance`] is the behaviour both backends must show, runnable against any `Store`.
 
 pub mod conformance;
+mod pg_batch;
 mod postgres;
 mod rows;
 mod sqlite;
 
+pub use pg_batch::CreateWrites;
 pub use postgres::PgStore;
 pub use rows::trunc_micros;
 pub use sqlite::SqliteStore;

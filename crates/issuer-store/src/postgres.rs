@@ -3,7 +3,7 @@
 //! Idempotency rests on the `issuances_client_request_id_key` constraint: an insert that
 //! conflicts with a concurrent one waits for it to commit, then finds its row.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,6 +26,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+use crate::pg_batch::{CreateWrites, InsertBatcher, NewIssuance};
 use crate::rows::{
     self, Backend, RowAccess, client_columns, delivery_columns, endpoint_columns, event_columns,
     issuance_columns, tenant_columns, trunc_micros,
@@ -43,6 +44,7 @@ fn db_error(e: sqlx::Error) -> Error {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    batcher: Arc<InsertBatcher>,
 }
 
 impl PgStore {
@@ -52,19 +54,31 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before every query: a dead connection fails its query, is discarded and
+            // the caller gets a retryable error, where a ping would cost every query one more
+            // round trip. Idle connections are still recycled by `idle_timeout`.
+            .test_before_acquire(false)
             .connect(url)
             .await
             .map_err(db_error)?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// Wraps a pool configured by the caller.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            batcher: InsertBatcher::new(pool.clone()),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// How many statements the creates so far took; concurrent creates share statements.
+    pub fn create_writes(&self) -> CreateWrites {
+        self.batcher.writes()
     }
 
     /// Applies the embedded migrations (`migrations/postgres`) that have not run yet.
@@ -228,77 +242,28 @@ impl Store for PgStore {
         rows::check_first_event(issuance, first_event)?;
         // `issuance.created` is opt-in; the statement queues it for the endpoints that asked.
         let webhook = rows::webhook_message(issuance, first_event, false);
-        // One statement, so one round trip and atomic without BEGIN/COMMIT: the event insert
-        // reads the issuance CTE's RETURNING rows, so it writes nothing on a conflict. On a
-        // conflict with an uncommitted insert, Postgres waits for that transaction and then
-        // does nothing; no unique-violation error is raised.
-        let inserted = sqlx::query(concat!(
-            "WITH i AS (INSERT INTO issuances (",
-            issuance_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
-             ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
-             RETURNING ",
-            issuance_columns!(),
-            "), e AS (INSERT INTO issuance_events \
-             (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             SELECT tenant_id, id, $22, $23, $24, $25, $26 FROM i), \
-             d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, \
-             sequence, event_type, message_id, payload, state, attempts, next_attempt_at, \
-             created_at, updated_at) \
-             SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, $22, $27, $28, $29, 'pending', \
-             0, $26, $26, $26 FROM i JOIN webhook_endpoints ep ON ep.tenant_id = i.tenant_id \
-             WHERE ep.enabled AND $27 = ANY(string_to_array(ep.event_types, ' '))) \
-             SELECT * FROM i"
-        ))
-        .bind(issuance.tenant_id.0)
-        .bind(issuance.id.0)
-        .bind(&issuance.client_request_id)
-        .bind(&issuance.request_fingerprint)
-        .bind(&issuance.credential_configuration_id)
-        .bind(issuance.status.as_str())
-        .bind(&issuance.reason)
-        .bind(issuance.payload.as_ref().map(Json))
-        .bind(issuance.delivery.as_str())
-        .bind(&issuance.email)
-        .bind(&issuance.grant_type)
-        .bind(&issuance.offer_id)
-        .bind(&issuance.pre_authorized_code_hash)
-        .bind(&issuance.pre_authorized_code_sealed)
-        .bind(trunc_micros(issuance.expires_at))
-        .bind(trunc_micros(issuance.created_at))
-        .bind(trunc_micros(issuance.updated_at))
-        .bind(&issuance.tx_code_hash)
-        .bind(issuance.tx_code_failures)
-        .bind(issuance.code_redeemed_at.map(trunc_micros))
-        .bind(&issuance.notification_id)
-        .bind(first_event.sequence)
-        .bind(&first_event.kind)
-        .bind(first_event.status.as_str())
-        .bind(&first_event.reason)
-        .bind(trunc_micros(first_event.occurred_at))
-        .bind(webhook.as_ref().map_or("", |w| w.0))
-        .bind(webhook.as_ref().map(|w| w.1.clone()).unwrap_or_default())
-        .bind(Json(webhook.map(|w| w.2).unwrap_or(Value::Null)))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
-
-        match inserted {
-            Some(row) => Ok(InsertOutcome::Inserted(rows::issuance(&row)?)),
-            None => {
-                // A new statement gets a fresh snapshot (READ COMMITTED): the conflicting row
-                // is committed by now.
-                let existing = self
-                    .find_issuance_by_request_id(issuance.tenant_id, &issuance.client_request_id)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::internal(
-                            "insert conflicted on client_request_id but no row holds it",
-                        )
-                    })?;
-                Ok(InsertOutcome::Duplicate(existing))
-            }
+        let written = self
+            .batcher
+            .insert(NewIssuance {
+                issuance: issuance.clone(),
+                event: first_event.clone(),
+                webhook,
+            })
+            .await?;
+        if written {
+            // The row holds exactly what was bound; reading it back would only cost the
+            // payload's round trip through jsonb text.
+            return Ok(InsertOutcome::Inserted(rows::as_stored(issuance)));
         }
+        // A new statement gets a fresh snapshot (READ COMMITTED): the conflicting row is
+        // committed by now.
+        let existing = self
+            .find_issuance_by_request_id(issuance.tenant_id, &issuance.client_request_id)
+            .await?
+            .ok_or_else(|| {
+                Error::internal("insert conflicted on client_request_id but no row holds it")
+            })?;
+        Ok(InsertOutcome::Duplicate(existing))
     }
 
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {

@@ -27,6 +27,17 @@ pub fn trunc_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)
 }
 
+/// What a store holds after writing `issuance`: the same entity at stored precision.
+pub(crate) fn as_stored(issuance: &Issuance) -> Issuance {
+    Issuance {
+        expires_at: trunc_micros(issuance.expires_at),
+        created_at: trunc_micros(issuance.created_at),
+        updated_at: trunc_micros(issuance.updated_at),
+        code_redeemed_at: issuance.code_redeemed_at.map(trunc_micros),
+        ..issuance.clone()
+    }
+}
+
 /// The columns of `issuances`, in the order both backends select and insert them.
 macro_rules! issuance_columns {
     () => {

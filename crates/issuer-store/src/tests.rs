@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use issuer_domain::{ErrorCode, ports::Store};
+use issuer_domain::{ErrorCode, model::InsertOutcome, ports::Store};
 use sqlx::{
     Connection, Executor, PgConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -38,44 +38,129 @@ fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
 }
 
+/// A migrated throwaway Postgres database, dropped by [`PgDb::finish`].
+struct PgDb {
+    admin: PgConnection,
+    name: String,
+    store: PgStore,
+}
+
+impl PgDb {
+    async fn create() -> Self {
+        let admin_url = admin_url();
+        let name = format!("issuer_store_test_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Postgres at {admin_url}: {e}"));
+        // The name is generated above from hex digits only; identifiers cannot be bound.
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("create test database");
+        let options = PgConnectOptions::from_str(&admin_url)
+            .expect("parse TEST_DATABASE_URL")
+            .database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(options)
+            .await
+            .expect("connect to test database");
+        let store = PgStore::from_pool(pool);
+        store.migrate().await.expect("migrate");
+        Self { admin, name, store }
+    }
+
+    /// Drops the database, then re-raises the checks' panic, if any.
+    async fn finish(mut self, outcome: Result<(), Box<dyn Any + Send>>) {
+        self.store.pool().close().await;
+        self.admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.name
+            )))
+            .await
+            .expect("drop test database");
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_conforms() {
-    let admin_url = admin_url();
-    let name = format!("issuer_store_test_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&admin_url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach Postgres at {admin_url}: {e}"));
-    // The name is generated above from hex digits only; identifiers cannot be bound.
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .expect("create test database");
-
-    let options = PgConnectOptions::from_str(&admin_url)
-        .expect("parse TEST_DATABASE_URL")
-        .database(&name);
-    let pool = PgPoolOptions::new()
-        .max_connections(20)
-        .connect_with(options)
-        .await
-        .expect("connect to test database");
-    let store = PgStore::from_pool(pool);
-    store.migrate().await.expect("migrate");
+    let db = PgDb::create().await;
     // Migrations must be repeatable: a restarted service runs them again.
-    store.migrate().await.expect("second migrate");
+    db.store.migrate().await.expect("second migrate");
+    let outcome = guarded(Arc::new(db.store.clone()), 100).await;
+    db.finish(outcome).await;
+}
 
-    let outcome = guarded(Arc::new(store.clone()), 100).await;
-
-    store.pool().close().await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {name} WITH (FORCE)"
-        )))
-        .await
-        .expect("drop test database");
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+/// Concurrent creates share statements, and a row that cannot be written (the schema refuses
+/// its event) fails alone: the creates grouped with it are written and answered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_groups_concurrent_creates_and_isolates_a_bad_row() {
+    let db = PgDb::create().await;
+    let store = db.store.clone();
+    let outcome = tokio::spawn(async move {
+        let tenant = conformance::new_tenant(&store).await;
+        let before = store.create_writes();
+        let tasks: Vec<_> = (0..203)
+            .map(|n| {
+                let (issuance, mut event) =
+                    conformance::sample_issuance(tenant, &conformance::new_request_id());
+                // Every 70th create carries an event the schema refuses (sequence 0).
+                let valid = n % 70 != 35;
+                if !valid {
+                    event.sequence = 0;
+                }
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let outcome = store.insert_issuance(&issuance, &event).await;
+                    (valid, issuance, outcome)
+                })
+            })
+            .collect();
+        let (mut written, mut refused) = (0, 0);
+        for task in tasks {
+            let (valid, issuance, outcome) = task.await.expect("insert task panicked");
+            match (valid, outcome) {
+                (true, Ok(InsertOutcome::Inserted(i))) => {
+                    assert_eq!(i, conformance::normalized(&issuance));
+                    assert_eq!(
+                        store.get_issuance(tenant, i.id).await.unwrap().as_ref(),
+                        Some(&i)
+                    );
+                    written += 1;
+                }
+                (false, Err(_)) => {
+                    assert_eq!(
+                        store.get_issuance(tenant, issuance.id).await.unwrap(),
+                        None,
+                        "a refused create leaves no row"
+                    );
+                    refused += 1;
+                }
+                (valid, outcome) => panic!(
+                    "unexpected answer for a create (valid: {valid}): {:?}",
+                    outcome.map_err(|e| e.chain())
+                ),
+            }
+        }
+        assert_eq!((written, refused), (200, 3));
+        let after = store.create_writes();
+        let (statements, creates) = (
+            after.statements - before.statements,
+            after.creates - before.creates,
+        );
+        assert_eq!(creates, 203, "every create went through the group writer");
+        assert!(
+            statements < creates,
+            "203 concurrent creates took {statements} statements; none were grouped"
+        );
+    })
+    .await
+    .map_err(|e| e.into_panic());
+    db.finish(outcome).await;
 }
 
 #[tokio::test]
