@@ -5,7 +5,7 @@ use issuer_auth::{generate_client_id, generate_client_secret};
 use issuer_domain::{
     Error,
     ids::TenantId,
-    model::{ApiClient, Scope, Tenant},
+    model::{ApiClient, Branding, Scope, Tenant},
 };
 use serde::Serialize;
 
@@ -28,6 +28,16 @@ pub async fn create_tenant(app: &App, name: &str) -> Result<Tenant, Error> {
     app.store.insert_tenant(&tenant).await?;
     tracing::info!(tenant_id = %tenant.id, "tenant created");
     Ok(tenant)
+}
+
+/// Sets how the tenant appears to recipients (emails, landing page).
+pub async fn brand_tenant(app: &App, tenant: TenantId, branding: Branding) -> Result<(), Error> {
+    branding.validate()?;
+    if !app.store.update_tenant_branding(tenant, &branding).await? {
+        return Err(Error::not_found("tenant"));
+    }
+    tracing::info!(tenant_id = %tenant, "tenant branding updated");
+    Ok(())
 }
 
 pub async fn create_client(

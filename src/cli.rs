@@ -42,6 +42,23 @@ pub enum TenantCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Set how the tenant appears to recipients, in offer emails and on the landing page.
+    /// Replaces all three fields; an omitted one is cleared.
+    Brand {
+        #[arg(long)]
+        tenant: String,
+        /// The organisation's name as recipients know it (default: the tenant name).
+        #[arg(long)]
+        display_name: Option<String>,
+        /// An https URL of the organisation's logo.
+        #[arg(long)]
+        logo_url: Option<String>,
+        /// Where recipients get help: an email address or an https URL.
+        #[arg(long)]
+        support_contact: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

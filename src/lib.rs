@@ -11,6 +11,8 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod landing;
+pub mod qr;
 pub mod rest;
 pub mod telemetry;
 pub mod view;

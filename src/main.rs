@@ -42,6 +42,34 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Tenant(TenantCommand::Brand {
+            tenant,
+            display_name,
+            logo_url,
+            support_contact,
+            output,
+        }) => {
+            let app = provisioning_app(settings).await?;
+            let tenant = parse_tenant(&tenant)?;
+            let branding = issuer_domain::model::Branding {
+                display_name,
+                logo_url,
+                support_contact,
+            };
+            admin::brand_tenant(&app, tenant, branding.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            print(
+                output,
+                json!({
+                    "tenant_id": tenant.to_string(),
+                    "display_name": branding.display_name,
+                    "logo_url": branding.logo_url,
+                    "support_contact": branding.support_contact,
+                }),
+            );
+            Ok(())
+        }
         Command::Client(ClientCommand::Create {
             tenant,
             scopes,

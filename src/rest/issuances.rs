@@ -11,7 +11,7 @@ use axum::{
         sse::{Event as SseEvent, Sse},
     },
 };
-use issuer_domain::{Error, service::ListParams};
+use issuer_domain::{Error, FieldViolation, service::ListParams};
 use serde_json::json;
 
 use super::{
@@ -63,6 +63,56 @@ pub async fn get(
 ) -> Result<Json<IssuanceView>, ApiError> {
     let issuance = app.issuances.get(&who, &issuance_id).await?;
     Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+}
+
+/// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048).
+pub async fn qr(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let mut violations = Vec::new();
+    let format = q.get("format").map_or("png", String::as_str);
+    if !matches!(format, "png" | "svg") {
+        violations.push(FieldViolation::new("format", "must be `png` or `svg`"));
+    }
+    let size = match q.get("size").map(|s| s.parse::<u32>()) {
+        None => crate::qr::DEFAULT_SIZE,
+        Some(Ok(n)) if crate::qr::SIZES.contains(&n) => n,
+        Some(_) => {
+            violations.push(FieldViolation::new(
+                "size",
+                format!(
+                    "must be an integer from {} to {}",
+                    crate::qr::SIZES.start(),
+                    crate::qr::SIZES.end()
+                ),
+            ));
+            0
+        }
+    };
+    if !violations.is_empty() {
+        return Err(Error::invalid(violations).into());
+    }
+    let uri = app.issuances.open_offer_uri(&who, &id).await?;
+    // The image is the offer: as private as the offer itself.
+    let headers = [(header::CACHE_CONTROL, "no-store")];
+    Ok(if format == "svg" {
+        (
+            headers,
+            [(header::CONTENT_TYPE, "image/svg+xml")],
+            crate::qr::svg(&uri, size)?,
+        )
+            .into_response()
+    } else {
+        (
+            headers,
+            [(header::CONTENT_TYPE, "image/png")],
+            crate::qr::png(&uri, size)?,
+        )
+            .into_response()
+    })
 }
 
 pub async fn list(

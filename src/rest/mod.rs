@@ -36,6 +36,8 @@ pub fn router(app: AppState) -> Router {
     Router::new()
         .merge(management())
         .merge(wallet_facing())
+        // The recipient's page: a browser's, not an API client's.
+        .route("/issuer/offer/{offer_id}", get(crate::landing::page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
@@ -62,6 +64,10 @@ fn management() -> Router<AppState> {
         .route(
             "/issuer/api/v1/issuances/{issuance_id}/events",
             get(issuances::events),
+        )
+        .route(
+            "/issuer/api/v1/issuances/{issuance_id}/qr",
+            get(issuances::qr),
         )
         .route(
             "/issuer/api/v1/webhook-endpoints",

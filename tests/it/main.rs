@@ -7,6 +7,7 @@ mod auth;
 mod helpers;
 mod idempotency;
 mod lifecycle;
+mod offers;
 mod privacy;
 mod walkthrough;
 mod wallet;

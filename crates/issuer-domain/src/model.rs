@@ -19,7 +19,73 @@ pub struct Tenant {
     pub max_offer_ttl_secs: i64,
     /// Every offer of this tenant needs a transaction code (delivered over a second channel).
     pub require_tx_code: bool,
+    /// How the tenant appears to recipients.
+    pub branding: Branding,
     pub created_at: DateTime<Utc>,
+}
+
+/// How a tenant appears to recipients: in offer emails and on the offer landing page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Branding {
+    /// The organisation's name as recipients know it; the tenant name when unset.
+    pub display_name: Option<String>,
+    /// An `https` URL of the organisation's logo.
+    pub logo_url: Option<String>,
+    /// Where recipients get help: an email address or an `https` URL.
+    pub support_contact: Option<String>,
+}
+
+impl Branding {
+    /// Checks every field; an empty string is refused (unset a field with `None`).
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let mut v = Vec::new();
+        if let Some(name) = &self.display_name
+            && (name.trim().is_empty()
+                || name.chars().count() > 100
+                || name.chars().any(char::is_control))
+        {
+            v.push(crate::FieldViolation::new(
+                "display_name",
+                "must be 1 to 100 characters, without control characters",
+            ));
+        }
+        if let Some(url) = &self.logo_url
+            && !is_https_url(url)
+        {
+            v.push(crate::FieldViolation::new(
+                "logo_url",
+                "must be an https URL of at most 2048 characters",
+            ));
+        }
+        if let Some(contact) = &self.support_contact
+            && !is_https_url(contact)
+            && !crate::create::is_valid_email(contact)
+        {
+            v.push(crate::FieldViolation::new(
+                "support_contact",
+                "must be an email address or an https URL",
+            ));
+        }
+        if v.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::Error::invalid(v))
+        }
+    }
+}
+
+/// An absolute `https` URL with a host, of printable ASCII without quotes, angle brackets or
+/// spaces: safe to place in an HTML attribute or an email once escaped.
+fn is_https_url(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    s.len() <= 2048
+        && !host.is_empty()
+        && !host.contains('@')
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'<' | b'>' | b'`'))
 }
 
 impl Tenant {
@@ -33,6 +99,7 @@ impl Tenant {
             default_offer_ttl_secs: Self::DEFAULT_OFFER_TTL_SECS,
             max_offer_ttl_secs: Self::MAX_OFFER_TTL_SECS,
             require_tx_code: false,
+            branding: Branding::default(),
             created_at: now,
         }
     }
@@ -261,6 +328,8 @@ pub mod event_kind {
     pub const CREDENTIAL_ACCEPTED: &str = "credential_accepted";
     pub const CREDENTIAL_DELETED: &str = "credential_deleted";
     pub const CREDENTIAL_FAILURE: &str = "credential_failure";
+    pub const EMAIL_SENT: &str = "email_sent";
+    pub const EMAIL_FAILED: &str = "email_failed";
 }
 
 /// Reasons of `rejected` / `error` issuances.
@@ -293,6 +362,8 @@ pub struct Transition {
     pub redeem_code: bool,
     /// Also stores the notification id handed to the wallet.
     pub notification_id: Option<String>,
+    /// Also records an attempt in the issuance's email outbox row.
+    pub email: Option<EmailUpdate>,
 }
 
 impl Transition {
@@ -319,8 +390,87 @@ impl Transition {
             at,
             redeem_code: false,
             notification_id: None,
+            email: None,
         }
     }
+
+    /// An email attempt's event (`email_sent` or `email_failed`, the error as its reason) and
+    /// its outcome in the outbox, recorded whatever the issuance's status is by now.
+    pub fn email(update: EmailUpdate, at: DateTime<Utc>) -> Self {
+        let kind = if update.state == EmailState::Sent {
+            event_kind::EMAIL_SENT
+        } else {
+            event_kind::EMAIL_FAILED
+        };
+        Self {
+            email: Some(update),
+            ..Self::event(&IssuanceStatus::ALL, kind, at)
+        }
+    }
+}
+
+/// Where an offer email stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EmailState {
+    /// Not sent yet; the next attempt is due at `next_attempt_at`.
+    Pending,
+    Sent,
+    /// Given up: a permanent refusal, or every retry failed.
+    Failed,
+    /// The issuance ended before the email went out.
+    Cancelled,
+}
+
+impl EmailState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EmailState::Pending => "pending",
+            EmailState::Sent => "sent",
+            EmailState::Failed => "failed",
+            EmailState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for EmailState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(EmailState::Pending),
+            "sent" => Ok(EmailState::Sent),
+            "failed" => Ok(EmailState::Failed),
+            "cancelled" => Ok(EmailState::Cancelled),
+            other => Err(format!("unknown email state `{other}`")),
+        }
+    }
+}
+
+/// The email outbox row of an issuance with `delivery: email`, written with the issuance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailDelivery {
+    pub tenant_id: TenantId,
+    pub issuance_id: IssuanceId,
+    pub state: EmailState,
+    /// Attempts made so far.
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    /// Why the last attempt failed, without the address or message content.
+    pub last_error: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The outcome of one email attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailUpdate {
+    /// The lease the attempt ran under (the claimed row's `next_attempt_at`).
+    pub claimed_until: DateTime<Utc>,
+    pub state: EmailState,
+    /// When `state` is `Pending`: the next attempt.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
 }
 
 /// What applying a transition did.
@@ -349,4 +499,82 @@ pub enum InsertOutcome {
     Inserted(Issuance),
     /// Another issuance of the tenant holds this `client_request_id`; here it is.
     Duplicate(Issuance),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(b: &Branding) -> Vec<String> {
+        match b.validate() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.violations.iter().map(|v| v.field.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn branding_accepts_names_https_urls_and_contacts() {
+        let b = Branding {
+            display_name: Some("Acme Credentials".into()),
+            logo_url: Some("https://cdn.acme.example/logo.png?v=2".into()),
+            support_contact: Some("help@acme.example".into()),
+        };
+        assert!(fields(&b).is_empty());
+        let url_contact = Branding {
+            support_contact: Some("https://acme.example/help".into()),
+            ..Branding::default()
+        };
+        assert!(fields(&url_contact).is_empty());
+        assert!(fields(&Branding::default()).is_empty());
+    }
+
+    #[test]
+    fn branding_refuses_what_could_break_a_page_or_a_header() {
+        for (b, field) in [
+            (
+                Branding {
+                    display_name: Some(" ".into()),
+                    ..Branding::default()
+                },
+                "display_name",
+            ),
+            (
+                Branding {
+                    display_name: Some("Acme\r\nBcc: x@y".into()),
+                    ..Branding::default()
+                },
+                "display_name",
+            ),
+            (
+                Branding {
+                    logo_url: Some("http://acme.example/logo.png".into()),
+                    ..Branding::default()
+                },
+                "logo_url",
+            ),
+            (
+                Branding {
+                    logo_url: Some("https://acme.example/\"onerror=\"x".into()),
+                    ..Branding::default()
+                },
+                "logo_url",
+            ),
+            (
+                Branding {
+                    logo_url: Some("javascript:alert(1)".into()),
+                    ..Branding::default()
+                },
+                "logo_url",
+            ),
+            (
+                Branding {
+                    support_contact: Some("not a contact".into()),
+                    ..Branding::default()
+                },
+                "support_contact",
+            ),
+        ] {
+            assert_eq!(fields(&b), vec![field.to_owned()], "{b:?}");
+        }
+    }
 }

@@ -12,8 +12,8 @@ use crate::{
     error::Result,
     ids::{IssuanceId, TenantId},
     model::{
-        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Tenant, Transition,
-        TransitionOutcome,
+        ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
+        Tenant, Transition, TransitionOutcome,
     },
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
@@ -29,6 +29,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_tenant(&self, tenant: &Tenant) -> Result<()>;
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>>;
     async fn count_tenants(&self) -> Result<u64>;
+    /// Replaces the tenant's branding; `false` when there is no such tenant.
+    async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool>;
 
     /// Fails with `AlreadyExists` when the client id is taken.
     async fn insert_client(&self, client: &ApiClient) -> Result<()>;
@@ -41,7 +43,8 @@ pub trait Store: Send + Sync + 'static {
         secret_hash: &str,
     ) -> Result<bool>;
 
-    /// Inserts the issuance and its first event in one transaction. When the tenant already has
+    /// Inserts the issuance and its first event in one transaction, with its email outbox row
+    /// when its delivery is `email`. When the tenant already has
     /// an issuance with the same `client_request_id`, nothing is written and that one is
     /// returned: the database, not a lock, decides idempotency.
     async fn insert_issuance(
@@ -74,7 +77,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `transition` if the issuance is in one of its `from` statuses: updates status,
     /// reason and `updated_at`, purges the payload when the new status does not keep it, and
     /// appends the event with the next sequence, all in one transaction. Concurrent transitions
-    /// of one issuance serialize; only those whose `from` still matches apply.
+    /// of one issuance serialize; only those whose `from` still matches apply. A status change
+    /// out of `pending` cancels a pending email. With `transition.email`, the email outbox row
+    /// is updated too, only while it is still pending under the attempt's lease
+    /// (`claimed_until`); otherwise nothing is written and the outcome is `Skipped`.
     async fn transition(
         &self,
         tenant: TenantId,
@@ -126,6 +132,20 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         now: DateTime<Utc>,
     ) -> Result<bool>;
+    /// Takes up to `limit` pending emails due at `now`, leasing them until `lease_until` (their
+    /// `next_attempt_at`), as [`Store::claim_deliveries`] does for webhooks.
+    async fn claim_emails(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EmailDelivery>>;
+    /// The email outbox rows of those of `ids` that have one (delivery `email`), in any order.
+    async fn get_email_deliveries(
+        &self,
+        tenant: TenantId,
+        ids: &[IssuanceId],
+    ) -> Result<Vec<EmailDelivery>>;
     /// Events of one issuance with `sequence > after`, in order.
     async fn list_events(
         &self,

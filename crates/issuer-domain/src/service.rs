@@ -312,6 +312,25 @@ impl IssuanceService {
             .ok_or_else(|| Error::not_found("issuance"))
     }
 
+    /// The `credential_offer_uri` of one of the caller's issuances, while its offer can still be
+    /// redeemed; `InvalidState` once it is used, cancelled or expired.
+    pub async fn open_offer_uri(&self, who: &Principal, id: &str) -> Result<String> {
+        let issuance = self.get(who, id).await?;
+        if issuance.status != IssuanceStatus::Pending {
+            return Err(Error::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "the offer is closed: the issuance is `{}`",
+                    issuance.status.as_str()
+                ),
+            ));
+        }
+        if issuance.expires_at <= self.clock.now() {
+            return Err(Error::new(ErrorCode::InvalidState, "the offer has expired"));
+        }
+        Ok(self.credential_offer_uri(&issuance))
+    }
+
     pub async fn list(&self, who: &Principal, params: ListParams) -> Result<Page> {
         who.require(Scope::IssuanceRead)?;
         let mut violations = Vec::new();
@@ -486,6 +505,63 @@ impl IssuanceService {
             "credential_configuration_ids": [issuance.credential_configuration_id],
             "grants": { PRE_AUTHORIZED_CODE_GRANT: grant }
         }))
+    }
+}
+
+/// What the recipient's landing page shows: the issuer as the tenant brands it and where the
+/// offer stands. Nothing from the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Landing {
+    pub issuer_name: String,
+    pub branding: crate::model::Branding,
+    pub offer: OfferState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferState {
+    /// Redeemable: the deep link, its expiry, and whether a transaction code will be asked for.
+    Open {
+        credential_offer_uri: String,
+        expires_at: DateTime<Utc>,
+        needs_tx_code: bool,
+    },
+    Expired,
+    /// A wallet redeemed it.
+    Used,
+    /// Cancelled by the issuer, or ended without a credential.
+    Withdrawn,
+}
+
+impl IssuanceService {
+    /// The landing page of an offer, by its offer id (the recipient's link holds nothing else).
+    pub async fn landing(&self, offer_id: &str) -> Result<Landing> {
+        let issuance = self
+            .store
+            .find_issuance_by_offer_id(offer_id)
+            .await?
+            .ok_or_else(|| Error::not_found("offer"))?;
+        let tenant = self.tenant(issuance.tenant_id).await?;
+        let offer = match issuance.status {
+            IssuanceStatus::Pending if issuance.expires_at > self.clock.now() => OfferState::Open {
+                credential_offer_uri: self.credential_offer_uri(&issuance),
+                expires_at: issuance.expires_at,
+                needs_tx_code: issuance.tx_code_hash.is_some(),
+            },
+            IssuanceStatus::Pending => OfferState::Expired,
+            _ if issuance.reason.as_deref() == Some(reason::EXPIRED) => OfferState::Expired,
+            _ if issuance.code_redeemed_at.is_some() => OfferState::Used,
+            IssuanceStatus::Accepted => OfferState::Used,
+            IssuanceStatus::Rejected | IssuanceStatus::Error => OfferState::Withdrawn,
+        };
+        Ok(Landing {
+            issuer_name: tenant
+                .branding
+                .display_name
+                .clone()
+                .unwrap_or_else(|| tenant.name.clone()),
+            branding: tenant.branding,
+            offer,
+        })
     }
 }
 

@@ -12,8 +12,9 @@ use issuer_domain::{
     ErrorCode,
     ids::{IssuanceId, TenantId, random_token},
     model::{
-        ApiClient, Delivery, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
+        ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, InsertOutcome,
+        Issuance, IssuanceEvent, IssuanceStatus, ListFilter, PRE_AUTHORIZED_CODE_GRANT, Scope,
+        Tenant, Transition, TransitionOutcome, event_kind,
     },
     ports::Store,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -48,6 +49,7 @@ pub async fn run_all(store: &dyn Store) {
     nonces_are_single_use_per_tenant(store).await;
     webhook_outbox_follows_events(store).await;
     webhook_claims_are_leased_and_recorded(store).await;
+    email_outbox(store).await;
 }
 
 /// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
@@ -191,6 +193,11 @@ pub async fn tenant_round_trip(store: &dyn Store) {
     let tenant = Tenant {
         default_offer_ttl_secs: 600,
         max_offer_ttl_secs: 7200,
+        branding: Branding {
+            display_name: Some("Acme Credentials".into()),
+            logo_url: Some("https://acme.example/logo.png".into()),
+            support_contact: None,
+        },
         ..sample_tenant()
     };
     store
@@ -218,6 +225,32 @@ pub async fn tenant_round_trip(store: &dyn Store) {
             .expect("get_tenant failed"),
         None,
         "get_tenant of an unknown id must be None"
+    );
+    let rebranded = Branding {
+        display_name: None,
+        logo_url: None,
+        support_contact: Some("help@acme.example".into()),
+    };
+    assert!(
+        store
+            .update_tenant_branding(tenant.id, &rebranded)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_tenant(tenant.id)
+            .await
+            .unwrap()
+            .map(|t| t.branding),
+        Some(rebranded.clone())
+    );
+    assert!(
+        !store
+            .update_tenant_branding(TenantId::new(), &rebranded)
+            .await
+            .unwrap(),
+        "branding an unknown tenant changes nothing"
     );
     // Other checks may insert tenants concurrently on a shared database.
     let after = store.count_tenants().await.expect("count_tenants failed");
@@ -883,6 +916,13 @@ pub async fn concurrent_mixed_creates(store: Arc<dyn Store>) {
             1,
             "one event for {key}"
         );
+        assert_eq!(
+            email_rows(store.as_ref(), tenant, winner.id)
+                .await
+                .map(|e| e.state),
+            Some(EmailState::Pending),
+            "one email row for {key}"
+        );
         winners.push(winner.id);
     }
     let mut announced: Vec<IssuanceId> = deliveries(store.as_ref(), tenant, &created_only)
@@ -905,6 +945,180 @@ pub async fn concurrent_mixed_creates(store: Arc<dyn Store>) {
             .await
             .is_empty(),
         "creation is not an outcome"
+    );
+}
+
+async fn email_rows(store: &dyn Store, tenant: TenantId, id: IssuanceId) -> Option<EmailDelivery> {
+    let mut rows = store
+        .get_email_deliveries(tenant, &[id])
+        .await
+        .unwrap_or_else(|e| panic!("get_email_deliveries failed: {}", e.chain()));
+    assert!(rows.len() <= 1, "one email row per issuance");
+    rows.pop()
+}
+
+/// Claims due emails until one of `id` comes back (other checks may leave due emails behind on a
+/// shared database).
+async fn claim_email(
+    store: &dyn Store,
+    id: IssuanceId,
+    now: DateTime<Utc>,
+    lease: DateTime<Utc>,
+) -> Option<EmailDelivery> {
+    let claimed = store
+        .claim_emails(now, lease, 1000)
+        .await
+        .unwrap_or_else(|e| panic!("claim_emails failed: {}", e.chain()));
+    claimed.into_iter().find(|d| d.issuance_id == id)
+}
+
+/// The email outbox: a row written with every `delivery: email` issuance and only those; claims
+/// lease it; attempts are recorded with their event only under their lease; the end of the offer
+/// cancels an email not yet sent.
+pub async fn email_outbox(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let (mail, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &mail, &event).await;
+    let (quiet, _) = sample_issuance(tenant, &new_request_id());
+    let quiet = Issuance {
+        delivery: Delivery::None,
+        email: None,
+        ..quiet
+    };
+    let event = first_event(&quiet);
+    insert_new(store, &quiet, &event).await;
+
+    let row = email_rows(store, tenant, mail.id)
+        .await
+        .expect("an email row");
+    assert_eq!(
+        (row.state, row.attempts, row.next_attempt_at, row.sent_at),
+        (EmailState::Pending, 0, trunc_micros(mail.created_at), None),
+        "due at once"
+    );
+    assert_eq!(
+        email_rows(store, tenant, quiet.id).await,
+        None,
+        "no email for delivery none"
+    );
+    assert_eq!(
+        email_rows(store, other, mail.id).await,
+        None,
+        "scoped by tenant"
+    );
+
+    let now = now_with_nanos() + Duration::seconds(1);
+    let lease = now + Duration::seconds(300);
+    let claimed = claim_email(store, mail.id, now, lease)
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.next_attempt_at, trunc_micros(lease), "leased");
+    assert!(
+        claim_email(store, mail.id, now, lease).await.is_none(),
+        "a leased email is not claimed again"
+    );
+
+    // A result under another lease is dropped, event and all.
+    let stale = EmailUpdate {
+        claimed_until: lease - Duration::seconds(1),
+        state: EmailState::Sent,
+        next_attempt_at: None,
+        error: None,
+    };
+    assert!(matches!(
+        store
+            .transition(tenant, mail.id, &Transition::email(stale, now))
+            .await
+            .unwrap(),
+        TransitionOutcome::Skipped(_)
+    ));
+    assert_eq!(
+        events(store, tenant, mail.id).await.len(),
+        1,
+        "no event written"
+    );
+
+    // A failed attempt with a retry: event `email_failed` carrying the error.
+    let retry_at = now + Duration::seconds(30);
+    let failed = EmailUpdate {
+        claimed_until: claimed.next_attempt_at,
+        state: EmailState::Pending,
+        next_attempt_at: Some(retry_at),
+        error: Some("smtp: connection refused".into()),
+    };
+    apply(store, tenant, mail.id, &Transition::email(failed, now)).await;
+    let row = email_rows(store, tenant, mail.id).await.unwrap();
+    assert_eq!(
+        (
+            row.state,
+            row.attempts,
+            row.next_attempt_at,
+            row.last_error.as_deref()
+        ),
+        (
+            EmailState::Pending,
+            1,
+            trunc_micros(retry_at),
+            Some("smtp: connection refused")
+        )
+    );
+    let history = events(store, tenant, mail.id).await;
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.status, last.reason.as_deref()),
+        (
+            event_kind::EMAIL_FAILED,
+            IssuanceStatus::Pending,
+            Some("smtp: connection refused")
+        )
+    );
+    assert!(
+        claim_email(store, mail.id, now, lease).await.is_none(),
+        "not due yet"
+    );
+
+    // The retry succeeds.
+    let later = retry_at + Duration::seconds(1);
+    let claimed = claim_email(store, mail.id, later, later + Duration::seconds(300))
+        .await
+        .expect("due again");
+    let sent = EmailUpdate {
+        claimed_until: claimed.next_attempt_at,
+        state: EmailState::Sent,
+        next_attempt_at: None,
+        error: None,
+    };
+    apply(store, tenant, mail.id, &Transition::email(sent, later)).await;
+    let row = email_rows(store, tenant, mail.id).await.unwrap();
+    assert_eq!(
+        (row.state, row.attempts, row.sent_at),
+        (EmailState::Sent, 2, Some(trunc_micros(later)))
+    );
+    let last = events(store, tenant, mail.id).await.pop().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.reason),
+        (event_kind::EMAIL_SENT, None)
+    );
+    apply(store, tenant, mail.id, &cancel_at(later)).await;
+    assert_eq!(
+        email_rows(store, tenant, mail.id).await.unwrap().state,
+        EmailState::Sent,
+        "a sent email stays sent"
+    );
+
+    // Cancelled before it went out: never claimed.
+    let (early, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &early, &event).await;
+    apply(store, tenant, early.id, &cancel_at(now_with_nanos())).await;
+    assert_eq!(
+        email_rows(store, tenant, early.id).await.unwrap().state,
+        EmailState::Cancelled
+    );
+    assert!(
+        claim_email(store, early.id, later, later + Duration::seconds(300))
+            .await
+            .is_none()
     );
 }
 

@@ -7,6 +7,9 @@
 //! service writes each create at once, alone, so batching adds no latency when there is nothing
 //! to share a commit with. See `docs/adr/0008-group-commit-for-creates.md`.
 //!
+//! The statement writes what a single create writes: the issuance, its first event, its webhook
+//! outbox rows and, for `delivery: email`, its email outbox row.
+//!
 //! Every caller still gets its own answer: inserted, or a duplicate of an existing request (the
 //! unique constraint decides, as for a single insert). A statement that fails is retried row by
 //! row, so that one bad row cannot fail its neighbours and each caller sees its own error.
@@ -212,7 +215,10 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
          created_at, updated_at) \
          SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, $22, $27, $28, $29, 'pending', \
          0, $26, $26, $26 FROM i JOIN webhook_endpoints ep ON ep.tenant_id = i.tenant_id \
-         WHERE ep.enabled AND $27 = ANY(string_to_array(ep.event_types, ' '))) \
+         WHERE ep.enabled AND $27 = ANY(string_to_array(ep.event_types, ' '))), \
+         m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
+         next_attempt_at, created_at, updated_at) \
+         SELECT tenant_id, id, 'pending', 0, $16, $16, $16 FROM i WHERE $9 = 'email') \
          SELECT id FROM i"
     ))
     .bind(issuance.tenant_id.0)
@@ -357,7 +363,11 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
          v.wh_message_id, v.wh_payload, 'pending', 0, v.ev_occurred_at, v.ev_occurred_at, \
          v.ev_occurred_at FROM v JOIN i ON i.tenant_id = v.tenant_id AND i.id = v.id \
          JOIN webhook_endpoints ep ON ep.tenant_id = v.tenant_id \
-         WHERE ep.enabled AND v.wh_type = ANY(string_to_array(ep.event_types, ' '))) \
+         WHERE ep.enabled AND v.wh_type = ANY(string_to_array(ep.event_types, ' '))), \
+         m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
+         next_attempt_at, created_at, updated_at) \
+         SELECT v.tenant_id, v.id, 'pending', 0, v.created_at, v.created_at, v.created_at \
+         FROM v JOIN i ON i.tenant_id = v.tenant_id AND i.id = v.id WHERE v.delivery = 'email') \
          SELECT id FROM i"
     ))
     .bind(&c.tenant_id)

@@ -12,8 +12,8 @@ use issuer_domain::{
     error::Result,
     ids::{IssuanceId, TenantId},
     model::{
-        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant, Transition,
-        TransitionOutcome,
+        ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
+        IssuanceStatus, ListFilter, Scope, Tenant, Transition, TransitionOutcome,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use crate::pg_batch::{CreateWrites, InsertBatcher, NewIssuance};
 use crate::rows::{
-    self, Backend, RowAccess, client_columns, delivery_columns, endpoint_columns, event_columns,
-    issuance_columns, tenant_columns, trunc_micros,
+    self, Backend, RowAccess, client_columns, delivery_columns, email_columns, endpoint_columns,
+    event_columns, issuance_columns, tenant_columns, trunc_micros,
 };
 
 /// How long a request waits for a pooled connection. Short, so that with the database down a
@@ -134,7 +134,7 @@ impl Store for PgStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(tenant.id.0)
         .bind(&tenant.name)
@@ -142,6 +142,9 @@ impl Store for PgStore {
         .bind(tenant.max_offer_ttl_secs)
         .bind(trunc_micros(tenant.created_at))
         .bind(tenant.require_tx_code)
+        .bind(&tenant.branding.display_name)
+        .bind(&tenant.branding.logo_url)
+        .bind(&tenant.branding.support_contact)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -164,6 +167,21 @@ impl Store for PgStore {
         .map_err(db_error)?
         .map(|row| rows::tenant(&row))
         .transpose()
+    }
+
+    async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET display_name = $2, logo_url = $3, support_contact = $4 \
+             WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(&branding.display_name)
+        .bind(&branding.logo_url)
+        .bind(&branding.support_contact)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn count_tenants(&self) -> Result<u64> {
@@ -424,9 +442,46 @@ impl Store for PgStore {
         if !rows::transition_applies(&current, t) {
             return Ok(TransitionOutcome::Skipped(current));
         }
+        if let Some(email) = &t.email {
+            // Only under the attempt's own lease: a result that comes after another mailer
+            // took the row over is dropped, event and all (the transaction rolls back).
+            let done = sqlx::query(
+                "UPDATE email_deliveries SET state = $3, attempts = attempts + 1, \
+                 next_attempt_at = COALESCE($4, next_attempt_at), last_error = $5, \
+                 sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, updated_at = $6 \
+                 WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending' \
+                 AND next_attempt_at = $7",
+            )
+            .bind(tenant.0)
+            .bind(id.0)
+            .bind(email.state.as_str())
+            .bind(email.next_attempt_at.map(trunc_micros))
+            .bind(&email.error)
+            .bind(trunc_micros(t.at))
+            .bind(trunc_micros(email.claimed_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if done.rows_affected() == 0 {
+                return Ok(TransitionOutcome::Skipped(current));
+            }
+        }
         let (status, reason) =
             t.to.clone()
                 .unwrap_or_else(|| (current.status, current.reason.clone()));
+        if status != IssuanceStatus::Pending && current.delivery == Delivery::Email {
+            // The offer is over: an email not yet sent must not go out.
+            sqlx::query(
+                "UPDATE email_deliveries SET state = 'cancelled', updated_at = $3 \
+                 WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending'",
+            )
+            .bind(tenant.0)
+            .bind(id.0)
+            .bind(trunc_micros(t.at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
         let after = if rows::transition_writes_row(t) {
             let row = sqlx::query(concat!(
                 "UPDATE issuances SET status = $3, reason = $4, \
@@ -453,7 +508,8 @@ impl Store for PgStore {
         } else {
             current
         };
-        let (event_status, event_reason) = (status, reason);
+        let event_status = status;
+        let event_reason = rows::event_reason(t, reason);
         let row = sqlx::query(concat!(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
@@ -719,6 +775,55 @@ impl Store for PgStore {
         .await
         .map_err(db_error)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_emails(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EmailDelivery>> {
+        // SKIP LOCKED: mailers on other replicas take other rows instead of waiting.
+        sqlx::query(concat!(
+            "UPDATE email_deliveries SET next_attempt_at = $2, updated_at = $1 \
+             WHERE (tenant_id, issuance_id) IN (SELECT tenant_id, issuance_id \
+             FROM email_deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
+            email_columns!()
+        ))
+        .bind(trunc_micros(now))
+        .bind(trunc_micros(lease_until))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::email_delivery)
+        .collect()
+    }
+
+    async fn get_email_deliveries(
+        &self,
+        tenant: TenantId,
+        ids: &[IssuanceId],
+    ) -> Result<Vec<EmailDelivery>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
+        sqlx::query(concat!(
+            "SELECT ",
+            email_columns!(),
+            " FROM email_deliveries WHERE tenant_id = $1 AND issuance_id = ANY($2)"
+        ))
+        .bind(tenant.0)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::email_delivery)
+        .collect()
     }
 
     async fn list_events(

@@ -11,7 +11,8 @@ use issuer_domain::{
     Error, ErrorCode,
     ids::{IssuanceId, TenantId},
     model::{
-        ApiClient, Delivery, Issuance, IssuanceEvent, IssuanceStatus, Scope, Tenant, Transition,
+        ApiClient, Branding, Delivery, EmailDelivery, Issuance, IssuanceEvent, IssuanceStatus,
+        Scope, Tenant, Transition,
     },
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
@@ -58,10 +59,19 @@ pub(crate) use event_columns;
 
 macro_rules! tenant_columns {
     () => {
-        "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at, require_tx_code"
+        "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at, require_tx_code, \
+         display_name, logo_url, support_contact"
     };
 }
 pub(crate) use tenant_columns;
+
+macro_rules! email_columns {
+    () => {
+        "tenant_id, issuance_id, state, attempts, next_attempt_at, last_error, sent_at, \
+         created_at, updated_at"
+    };
+}
+pub(crate) use email_columns;
 
 macro_rules! client_columns {
     () => {
@@ -126,7 +136,29 @@ pub(crate) fn tenant(row: &impl RowAccess) -> Result<Tenant, Error> {
             default_offer_ttl_secs: row.int("default_offer_ttl_secs")?,
             max_offer_ttl_secs: row.int("max_offer_ttl_secs")?,
             require_tx_code: row.flag("require_tx_code")?,
+            branding: Branding {
+                display_name: row.opt_text("display_name")?,
+                logo_url: row.opt_text("logo_url")?,
+                support_contact: row.opt_text("support_contact")?,
+            },
             created_at: row.time("created_at")?,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+pub(crate) fn email_delivery(row: &impl RowAccess) -> Result<EmailDelivery, Error> {
+    let map = || -> Result<EmailDelivery, sqlx::Error> {
+        Ok(EmailDelivery {
+            tenant_id: TenantId(row.uuid("tenant_id")?),
+            issuance_id: IssuanceId(row.uuid("issuance_id")?),
+            state: row.parsed("state")?,
+            attempts: row.int("attempts")?,
+            next_attempt_at: row.time("next_attempt_at")?,
+            last_error: row.opt_text("last_error")?,
+            sent_at: row.opt_time("sent_at")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
         })
     };
     map().map_err(Error::internal)
@@ -344,6 +376,14 @@ pub(crate) fn conflict_or_db_error(
 /// the code unredeemed.
 pub(crate) fn transition_applies(current: &Issuance, t: &Transition) -> bool {
     t.from.contains(&current.status) && !(t.redeem_code && current.code_redeemed_at.is_some())
+}
+
+/// The reason an event carries: an email attempt's error, or else the issuance's reason.
+pub(crate) fn event_reason(t: &Transition, issuance_reason: Option<String>) -> Option<String> {
+    match &t.email {
+        Some(email) => email.error.clone(),
+        None => issuance_reason,
+    }
 }
 
 /// Whether `t` changes the issuance row, beyond appending its event.

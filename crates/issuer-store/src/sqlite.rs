@@ -14,8 +14,8 @@ use issuer_domain::{
     error::Result,
     ids::{IssuanceId, TenantId},
     model::{
-        ApiClient, InsertOutcome, Issuance, IssuanceEvent, ListFilter, Scope, Tenant, Transition,
-        TransitionOutcome,
+        ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
+        IssuanceStatus, ListFilter, Scope, Tenant, Transition, TransitionOutcome,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -28,8 +28,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::rows::{
-    self, Backend, RowAccess, client_columns, decode_error, delivery_columns, endpoint_columns,
-    event_columns, issuance_columns, tenant_columns, trunc_micros,
+    self, Backend, RowAccess, client_columns, decode_error, delivery_columns, email_columns,
+    endpoint_columns, event_columns, issuance_columns, tenant_columns, trunc_micros,
 };
 
 /// How long a writer waits for another writer's lock before giving up with `SQLITE_BUSY`.
@@ -175,7 +175,7 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(id_text(tenant.id.0))
         .bind(&tenant.name)
@@ -183,6 +183,9 @@ impl Store for SqliteStore {
         .bind(tenant.max_offer_ttl_secs)
         .bind(time_text(tenant.created_at))
         .bind(tenant.require_tx_code)
+        .bind(&tenant.branding.display_name)
+        .bind(&tenant.branding.logo_url)
+        .bind(&tenant.branding.support_contact)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -191,6 +194,21 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(())
+    }
+
+    async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET display_name = ?2, logo_url = ?3, support_contact = ?4 \
+             WHERE id = ?1",
+        )
+        .bind(id_text(id.0))
+        .bind(&branding.display_name)
+        .bind(&branding.logo_url)
+        .bind(&branding.support_contact)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>> {
@@ -368,6 +386,18 @@ impl Store for SqliteStore {
         if let Some(message) = rows::webhook_message(&stored, first_event, false) {
             queue_deliveries(&mut tx, &stored, first_event, message).await?;
         }
+        if stored.delivery == Delivery::Email {
+            sqlx::query(
+                "INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
+                 next_attempt_at, created_at, updated_at) VALUES (?1, ?2, 'pending', 0, ?3, ?3, ?3)",
+            )
+            .bind(id_text(stored.tenant_id.0))
+            .bind(id_text(stored.id.0))
+            .bind(time_text(stored.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
         tx.commit().await.map_err(db_error)?;
         Ok(InsertOutcome::Inserted(stored))
     }
@@ -535,9 +565,46 @@ impl Store for SqliteStore {
             tx.rollback().await.map_err(db_error)?;
             return Ok(TransitionOutcome::Skipped(current));
         }
+        if let Some(email) = &t.email {
+            // Only under the attempt's own lease, as on Postgres.
+            let done = sqlx::query(
+                "UPDATE email_deliveries SET state = ?3, attempts = attempts + 1, \
+                 next_attempt_at = COALESCE(?4, next_attempt_at), last_error = ?5, \
+                 sent_at = CASE WHEN ?3 = 'sent' THEN ?6 ELSE sent_at END, updated_at = ?6 \
+                 WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending' \
+                 AND next_attempt_at = ?7",
+            )
+            .bind(id_text(tenant.0))
+            .bind(id_text(id.0))
+            .bind(email.state.as_str())
+            .bind(email.next_attempt_at.map(time_text))
+            .bind(&email.error)
+            .bind(time_text(t.at))
+            .bind(time_text(email.claimed_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(db_error)?;
+                return Ok(TransitionOutcome::Skipped(current));
+            }
+        }
         let (status, reason) =
             t.to.clone()
                 .unwrap_or_else(|| (current.status, current.reason.clone()));
+        if status != IssuanceStatus::Pending && current.delivery == Delivery::Email {
+            // The offer is over: an email not yet sent must not go out.
+            sqlx::query(
+                "UPDATE email_deliveries SET state = 'cancelled', updated_at = ?3 \
+                 WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending'",
+            )
+            .bind(id_text(tenant.0))
+            .bind(id_text(id.0))
+            .bind(time_text(t.at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
         let after = if rows::transition_writes_row(t) {
             let row = sqlx::query(concat!(
                 "UPDATE issuances SET status = ?3, reason = ?4, \
@@ -564,7 +631,8 @@ impl Store for SqliteStore {
         } else {
             current
         };
-        let (event_status, event_reason) = (status, reason);
+        let event_status = status;
+        let event_reason = rows::event_reason(t, reason);
         let row = sqlx::query(concat!(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
@@ -838,6 +906,59 @@ impl Store for SqliteStore {
         .await
         .map_err(db_error)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_emails(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EmailDelivery>> {
+        // One statement under SQLite's single writer: nothing else can claim in between.
+        sqlx::query(concat!(
+            "UPDATE email_deliveries SET next_attempt_at = ?2, updated_at = ?1 \
+             WHERE (tenant_id, issuance_id) IN (SELECT tenant_id, issuance_id \
+             FROM email_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1 \
+             ORDER BY next_attempt_at LIMIT ?3) RETURNING ",
+            email_columns!()
+        ))
+        .bind(time_text(now))
+        .bind(time_text(lease_until))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(rows::email_delivery)
+        .collect()
+    }
+
+    async fn get_email_deliveries(
+        &self,
+        tenant: TenantId,
+        ids: &[IssuanceId],
+    ) -> Result<Vec<EmailDelivery>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            email_columns!(),
+            " FROM email_deliveries WHERE tenant_id = "
+        ));
+        q.push_bind(id_text(tenant.0)).push(" AND issuance_id IN (");
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(id_text(id.0));
+        }
+        q.push(")");
+        q.build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(rows::email_delivery)
+            .collect()
     }
 
     async fn list_events(
