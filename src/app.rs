@@ -36,6 +36,8 @@ pub struct App {
     /// Wakes this replica's webhook dispatcher (manual retries, finished attempts).
     pub dispatch_wake: tokio::sync::broadcast::Sender<()>,
     pub watch_timing: WatchTiming,
+    /// Sends offer emails (SMTP, or `.eml` files without it).
+    pub mailer: crate::mail::Mailer,
 }
 
 impl App {
@@ -114,6 +116,7 @@ impl App {
                 .map_err(|e| anyhow::anyhow!("ISSUER_WEBHOOK_RETRY_SCHEDULE: {e}"))?,
             None => issuer_webhooks::RetrySchedule::default(),
         };
+        let mailer = crate::mail::Mailer::from_settings(&settings)?;
         let issuances = IssuanceService::new(
             IssuancePorts {
                 store: store.clone(),
@@ -145,6 +148,7 @@ impl App {
             webhook_sender,
             webhook_schedule,
             dispatch_wake: tokio::sync::broadcast::channel(1024).0,
+            mailer,
         })
     }
 }

@@ -103,6 +103,19 @@ pub struct Settings {
     pub webhook_disable_after_hours: i64,
     /// `ISSUER_WEBHOOK_CONCURRENCY`: attempts in flight per replica.
     pub webhook_concurrency: usize,
+    /// `ISSUER_SMTP_URL`: `smtp://user:pass@host:587?tls=required` (STARTTLS),
+    /// `?tls=opportunistic`, or `smtps://user:pass@host:465` (implicit TLS); always name the
+    /// port. Unset: offer emails are written as `.eml` files into the mail directory.
+    pub smtp_url: Option<Secret>,
+    /// `ISSUER_SMTP_FROM`: the sender of offer emails, e.g. `Acme Credentials <no-reply@acme.example>`.
+    pub smtp_from: String,
+    /// `ISSUER_MAIL_DIR`: where emails go without SMTP; default `mail/` in the data dir.
+    pub mail_dir: Option<PathBuf>,
+    /// `ISSUER_EMAIL_TIMEOUT_MS`: bound on one SMTP send.
+    pub email_timeout_ms: u64,
+    /// `ISSUER_EMAIL_RETRY_SCHEDULE`: delays between attempts while SMTP fails, e.g.
+    /// `30s,2m,10m,30m,1h,2h,4h` (the default).
+    pub email_retry_schedule: Option<String>,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -139,6 +152,11 @@ impl Default for Settings {
             webhook_disable_after_hours: 120,
             webhook_concurrency: 32,
             watch_resync_secs: 60,
+            smtp_url: None,
+            smtp_from: "Credential Issuer <no-reply@localhost>".into(),
+            mail_dir: None,
+            email_timeout_ms: 30_000,
+            email_retry_schedule: None,
             log_format: LogFormat::Json,
             log_level: "info".into(),
         }
@@ -170,6 +188,7 @@ impl Settings {
             &mut self.redis_url,
             &mut self.secret_key,
             &mut self.token_signing_key,
+            &mut self.smtp_url,
         ] {
             if opt.as_ref().is_some_and(|s| s.expose().trim().is_empty()) {
                 *opt = None;
@@ -188,6 +207,15 @@ impl Settings {
         anyhow::ensure!(
             (100..=30_000).contains(&self.webhook_timeout_ms),
             "ISSUER_WEBHOOK_TIMEOUT_MS must be from 100 to 30000 (well inside the 60 s delivery lease)"
+        );
+        anyhow::ensure!(
+            (100..=120_000).contains(&self.email_timeout_ms),
+            "ISSUER_EMAIL_TIMEOUT_MS must be from 100 to 120000 (well inside the mailer's lease)"
+        );
+        anyhow::ensure!(
+            self.smtp_from.parse::<lettre::message::Mailbox>().is_ok(),
+            "ISSUER_SMTP_FROM must be a mailbox such as `Name <address@example.org>`, got `{}`",
+            self.smtp_from
         );
         anyhow::ensure!(
             (1..=1024).contains(&self.webhook_concurrency),

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod landing;
+pub mod mail;
 pub mod qr;
 pub mod rest;
 pub mod telemetry;
@@ -48,11 +49,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep(app.clone()));
-    let (stop_dispatch, dispatch_stopped) = tokio::sync::watch::channel(false);
-    let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), dispatch_stopped));
+    let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
+    let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), workers_stopped.clone()));
+    let mut mailer = tokio::spawn(mail::run(app.clone(), workers_stopped));
     // Attempts under way get their own timeout and a margin to record the result.
-    let drain = std::time::Duration::from_millis(app.settings.webhook_timeout_ms)
-        + std::time::Duration::from_secs(2);
+    let drain = std::time::Duration::from_millis(
+        app.settings
+            .webhook_timeout_ms
+            .max(app.settings.email_timeout_ms),
+    ) + std::time::Duration::from_secs(2);
     let router = router(app);
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -66,10 +71,18 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
-    let _ = stop_dispatch.send(true);
-    if tokio::time::timeout(drain, &mut dispatcher).await.is_err() {
-        tracing::warn!("webhook attempts still under way at shutdown; their leases will expire");
+    let _ = stop_workers.send(true);
+    let drained = tokio::time::timeout(drain, async {
+        let _ = (&mut dispatcher).await;
+        let _ = (&mut mailer).await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "webhook or email attempts still under way at shutdown; their leases will expire"
+        );
         dispatcher.abort();
+        mailer.abort();
     }
     Ok(())
 }

@@ -3,9 +3,45 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use issuer_domain::{
-    model::{Issuance, IssuanceEvent},
+    Error,
+    model::{Delivery, EmailDelivery, EmailState, Issuance, IssuanceEvent},
     service::IssuanceService,
 };
+
+use crate::app::App;
+
+/// The views of issuances of one tenant, each with its offer email's state.
+pub async fn issuance_views(app: &App, issuances: &[Issuance]) -> Result<Vec<IssuanceView>, Error> {
+    let Some(first) = issuances.first() else {
+        return Ok(Vec::new());
+    };
+    let emailed: Vec<_> = issuances
+        .iter()
+        .filter(|i| i.delivery == Delivery::Email)
+        .map(|i| i.id)
+        .collect();
+    let emails = app
+        .store
+        .get_email_deliveries(first.tenant_id, &emailed)
+        .await?;
+    Ok(issuances
+        .iter()
+        .map(|i| {
+            let email = emails
+                .iter()
+                .find(|e| e.issuance_id == i.id && e.tenant_id == i.tenant_id);
+            IssuanceView::with_email(&app.issuances, i, email)
+        })
+        .collect())
+}
+
+/// The view of one issuance with its offer email's state.
+pub async fn issuance_view(app: &App, issuance: &Issuance) -> Result<IssuanceView, Error> {
+    let mut views = issuance_views(app, std::slice::from_ref(issuance)).await?;
+    views
+        .pop()
+        .ok_or_else(|| Error::internal("no view for the issuance"))
+}
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,9 +59,56 @@ pub struct IssuanceView {
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
+    /// Where the offer email stands; only for `delivery: email`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email_delivery: Option<EmailDeliveryView>,
+}
+
+/// The public shape of an issuance's offer email.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmailDeliveryView {
+    pub state: &'static str,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub sent_at: Option<DateTime<Utc>>,
+    /// When `pending`: the next attempt.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+impl From<&EmailDelivery> for EmailDeliveryView {
+    fn from(e: &EmailDelivery) -> Self {
+        Self {
+            state: e.state.as_str(),
+            attempts: e.attempts,
+            last_error: e.last_error.clone(),
+            sent_at: e.sent_at,
+            next_attempt_at: (e.state == EmailState::Pending).then_some(e.next_attempt_at),
+        }
+    }
+}
+
+fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&format_time(t)),
+        None => s.serialize_none(),
+    }
 }
 
 impl IssuanceView {
+    /// The view with its offer email's state, `email` being the issuance's outbox row if any.
+    pub fn with_email(
+        service: &IssuanceService,
+        i: &Issuance,
+        email: Option<&EmailDelivery>,
+    ) -> Self {
+        Self {
+            email_delivery: email.map(EmailDeliveryView::from),
+            ..Self::new(service, i)
+        }
+    }
+
     pub fn new(service: &IssuanceService, i: &Issuance) -> Self {
         Self {
             issuance_id: i.id.to_string(),
@@ -38,6 +121,7 @@ impl IssuanceView {
             expires_at: i.expires_at,
             created_at: i.created_at,
             updated_at: i.updated_at,
+            email_delivery: None,
         }
     }
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     app::App,
-    view::{EventView, IssuanceView},
+    view::{EventView, IssuanceView, issuance_views},
     watch::{WatchItem, watch},
 };
 
@@ -30,21 +30,42 @@ impl IssuanceGrpc {
         Self { app }
     }
 
-    fn message(&self, i: &Issuance) -> pb::Issuance {
-        let v = IssuanceView::new(&self.app.issuances, i);
-        pb::Issuance {
-            issuance_id: v.issuance_id,
-            client_request_id: v.client_request_id,
-            credential_configuration_id: v.credential_configuration_id,
-            status: v.status.to_owned(),
-            reason: v.reason.unwrap_or_default(),
-            credential_offer_uri: v.credential_offer_uri,
-            delivery: v.delivery.to_owned(),
-            expires_at: Some(timestamp(&v.expires_at)),
-            created_at: Some(timestamp(&v.created_at)),
-            updated_at: Some(timestamp(&v.updated_at)),
-            tx_code: String::new(),
-        }
+    async fn message(&self, i: &Issuance) -> Result<pb::Issuance, Status> {
+        let mut v = self.messages(std::slice::from_ref(i)).await?;
+        v.pop()
+            .ok_or_else(|| status(issuer_domain::Error::internal("no message")))
+    }
+
+    async fn messages(&self, issuances: &[Issuance]) -> Result<Vec<pb::Issuance>, Status> {
+        Ok(issuance_views(&self.app, issuances)
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(to_message)
+            .collect())
+    }
+}
+
+fn to_message(v: IssuanceView) -> pb::Issuance {
+    pb::Issuance {
+        issuance_id: v.issuance_id,
+        client_request_id: v.client_request_id,
+        credential_configuration_id: v.credential_configuration_id,
+        status: v.status.to_owned(),
+        reason: v.reason.unwrap_or_default(),
+        credential_offer_uri: v.credential_offer_uri,
+        delivery: v.delivery.to_owned(),
+        expires_at: Some(timestamp(&v.expires_at)),
+        created_at: Some(timestamp(&v.created_at)),
+        updated_at: Some(timestamp(&v.updated_at)),
+        tx_code: String::new(),
+        email_delivery: v.email_delivery.map(|e| pb::EmailDelivery {
+            state: e.state.to_owned(),
+            attempts: e.attempts,
+            last_error: e.last_error.unwrap_or_default(),
+            sent_at: e.sent_at.as_ref().map(timestamp),
+            next_attempt_at: e.next_attempt_at.as_ref().map(timestamp),
+        }),
     }
 }
 
@@ -140,7 +161,7 @@ impl IssuanceService for IssuanceGrpc {
             .create(&who, &body)
             .await
             .map_err(status)?;
-        let mut message = self.message(&out.issuance);
+        let mut message = self.message(&out.issuance).await?;
         message.tx_code = out.tx_code.unwrap_or_default();
         let mut res = Response::new(message);
         res.metadata_mut().insert(
@@ -157,7 +178,7 @@ impl IssuanceService for IssuanceGrpc {
         let who = authenticate(&self.app, &req)?;
         let id = req.into_inner().issuance_id;
         let issuance = self.app.issuances.get(&who, &id).await.map_err(status)?;
-        Ok(Response::new(self.message(&issuance)))
+        Ok(Response::new(self.message(&issuance).await?))
     }
 
     async fn cancel_issuance(
@@ -167,7 +188,7 @@ impl IssuanceService for IssuanceGrpc {
         let who = authenticate(&self.app, &req)?;
         let id = req.into_inner().issuance_id;
         let issuance = self.app.issuances.cancel(&who, &id).await.map_err(status)?;
-        Ok(Response::new(self.message(&issuance)))
+        Ok(Response::new(self.message(&issuance).await?))
     }
 
     async fn list_issuances(
@@ -191,7 +212,7 @@ impl IssuanceService for IssuanceGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListIssuancesResponse {
-            issuances: page.issuances.iter().map(|i| self.message(i)).collect(),
+            issuances: self.messages(&page.issuances).await?,
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }

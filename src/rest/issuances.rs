@@ -19,7 +19,7 @@ use super::{
     extract::{Auth, JsonBody},
 };
 use crate::{
-    view::{EventView, IssuanceView},
+    view::{EventView, issuance_view, issuance_views},
     watch::{WatchItem, watch},
 };
 
@@ -30,7 +30,7 @@ pub async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let out = app.issuances.create(&who, &body).await?;
-    let view = IssuanceView::new(&app.issuances, &out.issuance);
+    let view = issuance_view(&app, &out.issuance).await?;
     let location = format!(
         "{}/issuer/api/v1/issuances/{}",
         app.settings.public_url, view.issuance_id
@@ -60,9 +60,9 @@ pub async fn get(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(issuance_id): Path<String>,
-) -> Result<Json<IssuanceView>, ApiError> {
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.get(&who, &issuance_id).await?;
-    Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+    Ok(Json(issuance_view(&app, &issuance).await?))
 }
 
 /// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048).
@@ -139,11 +139,7 @@ pub async fn list(
             },
         )
         .await?;
-    let items: Vec<IssuanceView> = page
-        .issuances
-        .iter()
-        .map(|i| IssuanceView::new(&app.issuances, i))
-        .collect();
+    let items = issuance_views(&app, &page.issuances).await?;
     Ok(Json(
         json!({"issuances": items, "next_page_token": page.next_page_token}),
     ))
@@ -154,9 +150,9 @@ pub async fn cancel(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(issuance_id): Path<String>,
-) -> Result<Json<IssuanceView>, ApiError> {
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.cancel(&who, &issuance_id).await?;
-    Ok(Json(IssuanceView::new(&app.issuances, &issuance)))
+    Ok(Json(issuance_view(&app, &issuance).await?))
 }
 
 /// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with

@@ -119,6 +119,8 @@ pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
         token_signing_key: Some(Secret::new(pem)),
         credential_signing_key: Some(Secret::new(shared_credential_key())),
         database_max_connections: 30,
+        // Offer emails of tests that do not read them: out of the working tree.
+        mail_dir: Some(std::env::temp_dir().join("issuer-test-mail")),
         ..Settings::default()
     }
 }

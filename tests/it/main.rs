@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod email;
 #[allow(dead_code)] // each test module uses a subset of the harness
 mod helpers;
 mod idempotency;
