@@ -45,10 +45,11 @@ ensure_redis() {
 }
 
 # Tools the tests drive: curl and jq (README walk-through), an SMTP server (Debian's aiosmtpd,
-# run by the email tests with Debian's python3).
+# run by the email tests with Debian's python3), and headless Chromium (the landing page).
 ensure_tools() {
   local missing=()
   for t in curl jq; do command -v "$t" >/dev/null || missing+=("$t"); done
   /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || missing+=(python3-aiosmtpd)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then echo "==> installing ${missing[*]}"; apt_install "${missing[@]}"; fi
 }

@@ -327,10 +327,15 @@ pub async fn run(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
             continue;
         }
         // New creates announce themselves; retries come due on the poll.
-        tokio::select! {
-            _ = news.recv() => {}
-            _ = stop.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        let woken = tokio::select! {
+            _ = news.recv() => true,
+            _ = stop.changed() => false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+        };
+        if woken {
+            // Coalesce a burst of announcements (most are not emails) into one claim.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            while news.try_recv().is_ok() {}
         }
     }
     let _ = permits.acquire_many(CONCURRENCY as u32).await;

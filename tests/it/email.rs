@@ -156,29 +156,11 @@ fn email_body(crid: &str, to: &str) -> Value {
 }
 
 async fn get(app: &TestApp, token: &str, id: &str) -> Value {
-    app.http
-        .get(app.url(&format!("/issuer/api/v1/issuances/{id}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_rest(token, id).await.json().await.unwrap()
 }
 
 async fn event_types(app: &TestApp, token: &str, id: &str) -> Vec<String> {
-    let body: Value = app
-        .http
-        .get(app.url(&format!("/issuer/api/v1/issuances/{id}/events")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["events"]
+    app.events_rest(token, id).await["events"]
         .as_array()
         .unwrap()
         .iter()

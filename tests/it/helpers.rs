@@ -249,6 +249,19 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The issuance's event history (`{"events": [...]}`).
+    pub async fn events_rest(&self, token: &str, id: &str) -> Value {
+        self.http
+            .get(self.url(&format!("/issuer/api/v1/issuances/{id}/events")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn cancel_rest(&self, token: &str, id: impl std::fmt::Display) -> reqwest::Response {
         self.http
             .post(self.url(&format!("/issuer/api/v1/issuances/{id}/cancel")))

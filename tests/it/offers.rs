@@ -143,6 +143,20 @@ async fn qr_png_and_svg_decode_to_the_offer_uri() {
     assert_eq!(body["code"], "invalid_state", "{body}");
 }
 
+async fn brand(app: &TestApp, creds: &crate::helpers::Creds, name: &str, logo: Option<&str>) {
+    issuer::admin::brand_tenant(
+        &app.app,
+        creds.tenant_id.parse().unwrap(),
+        issuer_domain::model::Branding {
+            display_name: Some(name.into()),
+            logo_url: logo.map(Into::into),
+            support_contact: Some("help@acme.example".into()),
+        },
+    )
+    .await
+    .unwrap();
+}
+
 fn offer_path(created: &Value) -> String {
     let uri = created["credential_offer_uri"].as_str().unwrap();
     let offer_id = uri.rsplit("%2F").next().unwrap();
@@ -163,17 +177,13 @@ async fn the_landing_page_shows_the_qr_and_the_wallet_link_and_nothing_personal(
     let db = TestDb::new().await;
     let app = pg_app(&db).await;
     let (creds, token) = app.tenant_token().await;
-    issuer::admin::brand_tenant(
-        &app.app,
-        creds.tenant_id.parse().unwrap(),
-        issuer_domain::model::Branding {
-            display_name: Some("Acme <Credentials>".into()),
-            logo_url: Some("https://acme.example/logo.png".into()),
-            support_contact: Some("help@acme.example".into()),
-        },
+    brand(
+        &app,
+        &creds,
+        "Acme <Credentials>",
+        Some("https://acme.example/logo.png"),
     )
-    .await
-    .unwrap();
+    .await;
     let created = create(&app, &token, "landing-1").await;
     let uri = created["credential_offer_uri"].as_str().unwrap();
 
@@ -201,16 +211,7 @@ async fn the_landing_page_shows_the_qr_and_the_wallet_link_and_nothing_personal(
     }
     // Showing the page is not retrieving the offer: the history is unchanged.
     let id = created["issuance_id"].as_str().unwrap();
-    let events: Value = app
-        .http
-        .get(app.url(&format!("/issuer/api/v1/issuances/{id}/events")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = app.events_rest(&token, id).await;
     assert_eq!(events["events"].as_array().unwrap().len(), 1, "{events}");
 
     // Cancelled: the page says so and shows no link.
@@ -252,4 +253,80 @@ async fn after_expiry_the_landing_page_says_so() {
         html.contains("This offer has expired"),
         "after the sweep: {html}"
     );
+}
+
+/// Runs headless Chromium (Debian `chromium`, installed by scripts/test.sh when missing) with a
+/// profile of its own; returns stdout.
+async fn chromium(profile: &std::path::Path, args: &[String]) -> String {
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--no-first-run",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args)
+    .stdin(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium finishes within a minute")
+        .expect("chromium runs");
+    assert!(out.status.success(), "chromium exited with {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_the_landing_page_shows_a_scannable_qr_and_the_wallet_link() {
+    let db = TestDb::new().await;
+    let app = pg_app(&db).await;
+    let (creds, token) = app.tenant_token().await;
+    brand(&app, &creds, "Acme Credentials", None).await;
+    let mut body = create_body("landing-chromium");
+    body["expires_in"] = 10.into();
+    let res = app.create_rest(&token, &body).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let created: Value = res.json().await.unwrap();
+    let expires = std::time::Instant::now() + Duration::from_secs(10);
+    let uri = created["credential_offer_uri"].as_str().unwrap();
+    let url = app.url(&offer_path(&created));
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile");
+
+    let shot = dir.path().join("landing.png");
+    chromium(
+        &profile,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=520,860".into(),
+            url.clone(),
+        ],
+    )
+    .await;
+    let screenshot = image::open(&shot).expect("a screenshot").to_luma8();
+    assert_eq!(
+        decode_qr(screenshot),
+        uri,
+        "the rendered QR code scans to the offer"
+    );
+    if std::env::var_os("ISSUER_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(
+            &shot,
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/landing-page.png"),
+        )
+        .unwrap();
+    }
+
+    let dom = chromium(&profile, &["--dump-dom".into(), url.clone()]).await;
+    assert!(dom.contains("Acme Credentials offers you a credential"));
+    assert!(dom.contains(">Open in wallet</a>"));
+    assert!(dom.contains(&format!(r#"href="{uri}""#)));
+
+    tokio::time::sleep_until((expires + Duration::from_millis(200)).into()).await;
+    let dom = chromium(&profile, &["--dump-dom".into(), url]).await;
+    assert!(dom.contains("This offer has expired"), "{dom}");
+    assert!(!dom.contains("Open in wallet"));
 }
