@@ -352,8 +352,12 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
             return;
         }
     };
-    // Over already: a status change cancels the email; an expired one is swept soon.
-    if issuance.status != IssuanceStatus::Pending || issuance.expires_at <= app.clock.now() {
+    // Over already: leaving `pending` cancels the email (an expired offer is swept soon, a
+    // redeemed one is issued soon); until then the row waits out its lease.
+    if issuance.status != IssuanceStatus::Pending
+        || issuance.expires_at <= app.clock.now()
+        || issuance.code_redeemed_at.is_some()
+    {
         return;
     }
     let outcome = match compose(app, &issuance).await {

@@ -326,17 +326,30 @@ async fn without_smtp_the_embedded_default_writes_eml_files() {
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::spawn(embedded_settings(data.path())).await;
     let (_, token) = app.tenant_token().await;
-    let res = app
-        .create_rest(&token, &email_body("mail-eml", "ada@acme.example"))
-        .await;
+    // An offer with a transaction code: the code is never in the email.
+    let mut body = email_body("mail-eml", "ada@acme.example");
+    body["tx_code"] = json!(true);
+    let res = app.create_rest(&token, &body).await;
     assert_eq!(res.status(), StatusCode::CREATED);
     let created: Value = res.json().await.unwrap();
+    let tx_code = created["tx_code"].as_str().expect("a tx_code").to_owned();
     let mail_dir = data.path().join("mail");
     let found = wait_for_messages(&mail_dir, 1, Duration::from_secs(15)).await;
     assert_eq!(found.len(), 1, "one .eml file in {}", mail_dir.display());
+    let raw = String::from_utf8_lossy(&found[0]).into_owned();
     let mail = open(&found[0]);
     assert_eq!(mail.to, "ada@acme.example");
     assert_eq!(mail.qr, created["credential_offer_uri"].as_str().unwrap());
+    assert!(
+        mail.text.contains("transaction code"),
+        "says one will be asked for"
+    );
+    for place in [&raw, &mail.text, &mail.html] {
+        assert!(
+            !place.contains(&tx_code),
+            "the transaction code is not in the email"
+        );
+    }
     let id = created["issuance_id"].as_str().unwrap();
     assert_eq!(
         get(&app, &token, id).await["email_delivery"]["state"],

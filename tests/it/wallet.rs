@@ -1385,3 +1385,33 @@ async fn wallet_endpoints_allow_cross_origin_calls_and_management_does_not() {
     let res = preflight("/issuer/api/v1/issuances").await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+/// Once a wallet has redeemed the code, the recipient's landing page says the offer is used,
+/// before and after the credential is issued, and shows no link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_landing_page_says_used_once_a_wallet_redeemed_the_offer() {
+    let (_db, app) = pg_app().await;
+    let (_, token) = app.tenant_token().await;
+    let session = session(&app, &token, "landing-used").await;
+    let offer_id = offer_uri(&session.issuance)
+        .rsplit("%2F")
+        .next()
+        .unwrap()
+        .to_owned();
+    let landing = || async {
+        let res = app
+            .http
+            .get(app.url(&format!("/issuer/offer/{offer_id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.text().await.unwrap()
+    };
+    let html = landing().await;
+    assert!(html.contains("This offer has already been used"), "{html}");
+    assert!(!html.contains("openid-credential-offer"));
+    session.issue(&app, &HolderKey::generate()).await;
+    let html = landing().await;
+    assert!(html.contains("This offer has already been used"), "{html}");
+}

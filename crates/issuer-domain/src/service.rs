@@ -313,7 +313,7 @@ impl IssuanceService {
     }
 
     /// The `credential_offer_uri` of one of the caller's issuances, while its offer can still be
-    /// redeemed; `InvalidState` once it is used, cancelled or expired.
+    /// redeemed; `InvalidState` once it is redeemed, cancelled or expired.
     pub async fn open_offer_uri(&self, who: &Principal, id: &str) -> Result<String> {
         let issuance = self.get(who, id).await?;
         if issuance.status != IssuanceStatus::Pending {
@@ -327,6 +327,12 @@ impl IssuanceService {
         }
         if issuance.expires_at <= self.clock.now() {
             return Err(Error::new(ErrorCode::InvalidState, "the offer has expired"));
+        }
+        if issuance.code_redeemed_at.is_some() {
+            return Err(Error::new(
+                ErrorCode::InvalidState,
+                "the offer has been redeemed by a wallet",
+            ));
         }
         Ok(self.credential_offer_uri(&issuance))
     }
@@ -542,6 +548,8 @@ impl IssuanceService {
             .ok_or_else(|| Error::not_found("offer"))?;
         let tenant = self.tenant(issuance.tenant_id).await?;
         let offer = match issuance.status {
+            // Redeemed: the wallet holds a token or the credential; the offer is spent.
+            _ if issuance.code_redeemed_at.is_some() => OfferState::Used,
             IssuanceStatus::Pending if issuance.expires_at > self.clock.now() => OfferState::Open {
                 credential_offer_uri: self.credential_offer_uri(&issuance),
                 expires_at: issuance.expires_at,
@@ -549,7 +557,6 @@ impl IssuanceService {
             },
             IssuanceStatus::Pending => OfferState::Expired,
             _ if issuance.reason.as_deref() == Some(reason::EXPIRED) => OfferState::Expired,
-            _ if issuance.code_redeemed_at.is_some() => OfferState::Used,
             IssuanceStatus::Accepted => OfferState::Used,
             IssuanceStatus::Rejected | IssuanceStatus::Error => OfferState::Withdrawn,
         };
