@@ -117,8 +117,9 @@ where
 fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("create.sql");
-    // The service's create statement: the issuance row, its first event and its webhook outbox
-    // rows (none here: the tenant has no endpoints), atomically.
+    // The service's create statement: the issuance row, its first event, its webhook outbox
+    // rows (none here: the tenant has no endpoints) and its email outbox row (none: delivery
+    // `none`), atomically.
     // The payload is a bound parameter, as the service binds it, so Postgres parses it on every
     // execution; a literal would be parsed once when the statement is prepared.
     // (pgbench reads `:name` as a variable, hence the grant-type URN built with chr(58).)
@@ -140,7 +141,10 @@ d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, s
   SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, 1, 'issuance.created', md5(random()::text),
   '{{}}'::jsonb, 'pending', 0, now(), now(), now() FROM i JOIN webhook_endpoints ep
   ON ep.tenant_id = i.tenant_id WHERE ep.enabled
-  AND 'issuance.created' = ANY(string_to_array(ep.event_types, ' ')))
+  AND 'issuance.created' = ANY(string_to_array(ep.event_types, ' '))),
+m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, next_attempt_at,
+  created_at, updated_at) SELECT tenant_id, id, 'pending', 0, now(), now(), now() FROM i
+  WHERE CAST(:delivery AS text) = 'email')
 SELECT id FROM i;
 "
         ),
@@ -161,6 +165,8 @@ SELECT id FROM i;
             &secs.to_string(),
             "-D",
             &format!("payload={}", payload()),
+            "-D",
+            "delivery=none",
         ])
         .arg("-f")
         .arg(&script)
