@@ -13,6 +13,7 @@ pub mod config;
 pub mod grpc;
 pub mod landing;
 pub mod mail;
+pub mod metrics;
 pub mod qr;
 pub mod rest;
 pub mod telemetry;
@@ -49,6 +50,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep(app.clone()));
+    let upkeep = tokio::spawn(metrics::upkeep());
     let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
     let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), workers_stopped.clone()));
     let mut mailer = tokio::spawn(mail::run(app.clone(), workers_stopped));
@@ -71,6 +73,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
+    upkeep.abort();
     let _ = stop_workers.send(true);
     let drained = tokio::time::timeout(drain, async {
         let _ = (&mut dispatcher).await;
@@ -122,7 +125,11 @@ pub fn router(app: Arc<App>) -> Router {
     let grpc = tonic::service::Routes::new(issuances)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
-    rest::router(app).merge(grpc)
+    rest::router(app)
+        .merge(grpc)
+        .route("/metrics", axum::routing::get(metrics::scrape))
+        // After routing, so that REST requests are labelled with their route template.
+        .layer(axum::middleware::from_fn(metrics::track))
 }
 
 fn print_bootstrap(creds: &admin::ClientCredentials, public_url: &str) {

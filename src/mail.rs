@@ -415,6 +415,11 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
         }
     };
     let state = update.state;
+    crate::metrics::email_attempt(match state {
+        EmailState::Sent => "sent",
+        EmailState::Pending => "retry",
+        EmailState::Failed | EmailState::Cancelled => "failed",
+    });
     match app
         .store
         .transition(tenant_id, issuance_id, &Transition::email(update, now))

@@ -432,6 +432,11 @@ async fn attempt(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
             }
         }
     };
+    crate::metrics::webhook_attempt(match state {
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Pending => "retry",
+        DeliveryState::Failed => "failed",
+    });
     if state != DeliveryState::Delivered
         && disable.is_none()
         && endpoint.failing_since.is_some_and(|since| {

@@ -161,6 +161,7 @@ impl IssuanceService for IssuanceGrpc {
             .create(&who, &body)
             .await
             .map_err(status)?;
+        crate::metrics::create("grpc", out.replayed);
         let mut message = self.message(&out.issuance).await?;
         message.tx_code = out.tx_code.unwrap_or_default();
         let mut res = Response::new(message);

@@ -30,6 +30,7 @@ pub async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let out = app.issuances.create(&who, &body).await?;
+    crate::metrics::create("rest", out.replayed);
     let view = issuance_view(&app, &out.issuance).await?;
     let location = format!(
         "{}/issuer/api/v1/issuances/{}",

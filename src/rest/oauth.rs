@@ -86,9 +86,20 @@ fn no_store(h: &mut HeaderMap) {
 
 /// `POST /issuer/oauth/token`.
 pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let grant_type = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body)
+        .ok()
+        .and_then(|form| form.into_iter().find(|(k, _)| k == "grant_type"))
+        .map(|(_, v)| v)
+        .unwrap_or_default();
     match issue(&app, &headers, &body).await {
-        Ok(res) => res,
-        Err(e) => e.into_response(),
+        Ok(res) => {
+            crate::metrics::token_grant(&grant_type, "issued");
+            res
+        }
+        Err(e) => {
+            crate::metrics::token_grant(&grant_type, e.error);
+            e.into_response()
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod email;
 mod helpers;
 mod idempotency;
 mod lifecycle;
+mod metrics;
 mod offers;
 mod privacy;
 mod walkthrough;

@@ -1,0 +1,158 @@
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//!
+//! Series (all prefixed `issuer_`):
+//! - `http_requests_total` and `http_request_duration_seconds` (histogram), labelled `protocol`
+//!   (`rest` or `grpc`), `method` (HTTP method, or the gRPC method name), `route` (the matched
+//!   route template, never a raw path with ids) and `status` (HTTP status, or the gRPC code);
+//! - `issuances_created_total{transport}`, `idempotent_replays_total{transport}`;
+//! - `token_grants_total{grant_type, outcome}`;
+//! - `webhook_attempts_total{outcome}`, `email_attempts_total{outcome}`.
+//!
+//! Labels never carry ids, payload values or addresses, so their number stays bounded.
+
+use std::{sync::OnceLock, time::Instant};
+
+use axum::{
+    extract::{MatchedPath, Request},
+    http::header,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, in seconds: from a cached read to a slow SMTP or webhook attempt.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The gRPC methods served; any other path is counted as `unmatched`.
+const GRPC_METHODS: [&str; 5] = [
+    "CreateIssuance",
+    "GetIssuance",
+    "ListIssuances",
+    "CancelIssuance",
+    "WatchIssuance",
+];
+const GRPC_SERVICE: &str = "/issuer.v1.IssuanceService/";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder, installed on first use. One per process: every app in it (tests
+/// start several) reports into the same registry.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+            .expect("the buckets are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics stays empty");
+        }
+        handle
+    })
+}
+
+/// `GET /metrics`.
+pub async fn scrape() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle().render(),
+    )
+}
+
+/// Keeps histograms bounded in memory; run every few seconds.
+pub async fn upkeep() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle().run_upkeep();
+    }
+}
+
+/// Records every request's duration and outcome, REST and gRPC alike (both share the router).
+pub async fn track(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let (protocol, method, route) = if grpc {
+        let name = req
+            .uri()
+            .path()
+            .strip_prefix(GRPC_SERVICE)
+            .and_then(|m| GRPC_METHODS.iter().find(|known| **known == m))
+            .map_or("unmatched", |m| *m);
+        (
+            "grpc",
+            name.to_owned(),
+            GRPC_SERVICE.trim_matches('/').to_owned(),
+        )
+    } else {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", MatchedPath::as_str)
+            .to_owned();
+        ("rest", req.method().as_str().to_owned(), route)
+    };
+    let res = next.run(req).await;
+    let status = if grpc {
+        // A failed call answers with its status in the headers (trailers-only); a successful
+        // one sends it in the trailers, after the body: `0`.
+        res.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_owned()
+    } else {
+        res.status().as_u16().to_string()
+    };
+    let labels = [
+        ("protocol", protocol.to_owned()),
+        ("method", method),
+        ("route", route),
+        ("status", status),
+    ];
+    metrics::counter!("issuer_http_requests_total", &labels).increment(1);
+    metrics::histogram!("issuer_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    res
+}
+
+/// A create answered: new or replayed.
+pub fn create(transport: &'static str, replayed: bool) {
+    if replayed {
+        metrics::counter!("issuer_idempotent_replays_total", "transport" => transport).increment(1);
+    } else {
+        metrics::counter!("issuer_issuances_created_total", "transport" => transport).increment(1);
+    }
+}
+
+/// A token endpoint answer, by grant type (`client_credentials`, `pre-authorized_code`, or
+/// `other`) and outcome (`issued` or the OAuth error code).
+pub fn token_grant(grant_type: &str, outcome: &str) {
+    let grant_type = match grant_type {
+        "client_credentials" => "client_credentials",
+        issuer_domain::model::PRE_AUTHORIZED_CODE_GRANT => "pre-authorized_code",
+        _ => "other",
+    };
+    metrics::counter!(
+        "issuer_token_grants_total",
+        "grant_type" => grant_type,
+        "outcome" => outcome.to_owned()
+    )
+    .increment(1);
+}
+
+/// One webhook attempt, by outcome (`delivered`, `retry`, `failed`).
+pub fn webhook_attempt(outcome: &'static str) {
+    metrics::counter!("issuer_webhook_attempts_total", "outcome" => outcome).increment(1);
+}
+
+/// One email attempt, by outcome (`sent`, `retry`, `failed`).
+pub fn email_attempt(outcome: &'static str) {
+    metrics::counter!("issuer_email_attempts_total", "outcome" => outcome).increment(1);
+}
