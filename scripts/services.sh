@@ -53,3 +53,15 @@ ensure_tools() {
   command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then echo "==> installing ${missing[*]}"; apt_install "${missing[@]}"; fi
 }
+
+# buf (npm @bufbuild/buf) for the gRPC reflection test, in .tools/ of the checkout; exports
+# ISSUER_TEST_BUF with its path.
+ensure_buf() {
+  local bin="$PWD/.tools/node_modules/.bin/buf"
+  if [ ! -x "$bin" ]; then
+    command -v npm >/dev/null || { echo "==> installing npm"; apt_install nodejs npm; }
+    echo "==> installing buf (npm @bufbuild/buf)"
+    npm install --no-audit --no-fund --silent --prefix "$PWD/.tools" @bufbuild/buf@1.75.0 >/dev/null
+  fi
+  export ISSUER_TEST_BUF="$bin"
+}

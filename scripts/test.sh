@@ -9,6 +9,7 @@ source scripts/services.sh
 ensure_postgres
 ensure_redis
 ensure_tools
+ensure_buf
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -60,7 +60,9 @@ pub async fn serve(
             .webhook_timeout_ms
             .max(app.settings.email_timeout_ms),
     ) + std::time::Duration::from_secs(2);
-    let router = router(app);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let readiness = tokio::spawn(follow_readiness(app.clone(), health.clone()));
+    let router = router(app, health_service)?;
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
     // and delayed ACKs hold each response for ~40 ms.
@@ -74,6 +76,10 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     upkeep.abort();
+    readiness.abort();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = stop_workers.send(true);
     let drained = tokio::time::timeout(drain, async {
         let _ = (&mut dispatcher).await;
@@ -116,20 +122,60 @@ async fn sweep(app: Arc<App>) {
 const SWEEP_BATCH: u32 = 500;
 
 /// REST routes and gRPC services (h2c and gRPC-web) on one router.
-pub fn router(app: Arc<App>) -> Router {
+/// REST, gRPC (`issuer.v1.IssuanceService`, `grpc.health.v1.Health`, server reflection v1 and
+/// v1alpha) and `/metrics` on one router.
+pub fn router<H>(app: Arc<App>, health: H) -> anyhow::Result<Router>
+where
+    H: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
     let limit = app.settings.max_body_bytes;
     let issuances = grpc::pb::issuance_service_server::IssuanceServiceServer::new(
         grpc::IssuanceGrpc::new(app.clone()),
     )
     .max_decoding_message_size(limit);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
     let grpc = tonic::service::Routes::new(issuances)
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
-    rest::router(app)
+    Ok(rest::router(app)
         .merge(grpc)
         .route("/metrics", axum::routing::get(metrics::scrape))
         // After routing, so that REST requests are labelled with their route template.
-        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::middleware::from_fn(metrics::track)))
+}
+
+/// gRPC health follows readiness: `SERVING` while the database answers (Redis loss only
+/// degrades, see DESIGN §5), for the server as a whole and for `issuer.v1.IssuanceService`.
+async fn follow_readiness(app: Arc<App>, health: tonic_health::server::HealthReporter) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let status =
+            match tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await {
+                Ok(Ok(())) => tonic_health::ServingStatus::Serving,
+                _ => tonic_health::ServingStatus::NotServing,
+            };
+        for name in ["", "issuer.v1.IssuanceService"] {
+            health.set_service_status(name, status).await;
+        }
+    }
 }
 
 fn print_bootstrap(creds: &admin::ClientCredentials, public_url: &str) {

@@ -10,6 +10,7 @@ mod idempotency;
 mod lifecycle;
 mod metrics;
 mod offers;
+mod ops;
 mod privacy;
 mod walkthrough;
 mod wallet;
