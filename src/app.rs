@@ -53,6 +53,7 @@ impl App {
             Some(url) => Arc::new(RedisLock::connect(url.expose()).context("ISSUER_REDIS_URL")?),
             None => Arc::new(InProcessLock::new()),
         };
+        let lock: Arc<dyn IdempotencyLock> = Arc::new(crate::metrics::MeteredLock(lock));
         let secret = server_secret(&settings)?;
         let signing = token_signing_key(&settings)?;
         let issuer = format!("{}/issuer", settings.public_url);

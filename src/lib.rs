@@ -153,9 +153,13 @@ where
         .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
+    let scraped = app.clone();
     Ok(rest::router(app)
         .merge(grpc)
-        .route("/metrics", axum::routing::get(metrics::scrape))
+        .route(
+            "/metrics",
+            axum::routing::get(move || metrics::scrape(scraped.clone())),
+        )
         // After routing, so that REST requests are labelled with their route template.
         .layer(axum::middleware::from_fn(metrics::track)))
 }

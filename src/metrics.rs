@@ -6,11 +6,19 @@
 //!   route template, never a raw path with ids) and `status` (HTTP status, or the gRPC code);
 //! - `issuances_created_total{transport}`, `idempotent_replays_total{transport}`;
 //! - `token_grants_total{grant_type, outcome}`;
-//! - `webhook_attempts_total{outcome}`, `email_attempts_total{outcome}`.
+//! - `webhook_attempts_total{outcome}`, `email_attempts_total{outcome}`;
+//! - `issuance_status_changes_total{status, reason}` (counted by the store as they commit);
+//! - `idempotency_locks_total{outcome}`, `idempotency_lock_wait_seconds{outcome}`;
+//! - at scrape time: `outbox_pending{outbox}`, `outbox_overdue_seconds{outbox}` (how long the
+//!   earliest due item has been waiting), `db_pool_connections{state}`,
+//!   `db_pool_max_connections`.
 //!
 //! Labels never carry ids, payload values or addresses, so their number stays bounded.
 
-use std::{sync::OnceLock, time::Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use axum::{
     extract::{MatchedPath, Request},
@@ -18,7 +26,10 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use issuer_domain::ports::{IdempotencyLock, LockAttempt, LockError, LockToken};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::app::App;
 
 /// Latency buckets, in seconds: from a cached read to a slow SMTP or webhook attempt.
 const BUCKETS: [f64; 14] = [
@@ -53,12 +64,67 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// `GET /metrics`.
-pub async fn scrape() -> impl IntoResponse {
+/// `GET /metrics`. Store gauges (outbox backlogs, pool) are read at scrape time.
+pub async fn scrape(app: Arc<App>) -> impl IntoResponse {
+    let recorder = handle();
+    match app.store.gauges().await {
+        Ok(g) => {
+            let now = app.clock.now();
+            let age = |due: Option<chrono::DateTime<chrono::Utc>>| {
+                due.map_or(0.0, |d| (now - d).num_milliseconds().max(0) as f64 / 1000.0)
+            };
+            for (outbox, pending, oldest) in [
+                ("webhooks", g.webhooks_pending, g.webhook_oldest_due),
+                ("emails", g.emails_pending, g.email_oldest_due),
+            ] {
+                metrics::gauge!("issuer_outbox_pending", "outbox" => outbox).set(pending as f64);
+                metrics::gauge!("issuer_outbox_overdue_seconds", "outbox" => outbox)
+                    .set(age(oldest));
+            }
+            let in_use = g.pool_size.saturating_sub(g.pool_idle);
+            metrics::gauge!("issuer_db_pool_connections", "state" => "in_use").set(in_use);
+            metrics::gauge!("issuer_db_pool_connections", "state" => "idle").set(g.pool_idle);
+            metrics::gauge!("issuer_db_pool_max_connections").set(g.pool_max);
+        }
+        Err(e) => tracing::warn!(error = %e.chain(), "store gauges unavailable for this scrape"),
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle().render(),
+        recorder.render(),
     )
+}
+
+/// Counts and times idempotency-lock acquisitions around any lock.
+pub struct MeteredLock(pub Arc<dyn IdempotencyLock>);
+
+#[async_trait::async_trait]
+impl IdempotencyLock for MeteredLock {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+        wait: std::time::Duration,
+    ) -> Result<LockAttempt, LockError> {
+        let started = Instant::now();
+        let attempt = self.0.acquire(key, ttl, wait).await;
+        let outcome = match &attempt {
+            Ok(LockAttempt::Acquired(_)) => "acquired",
+            Ok(LockAttempt::Busy) => "busy",
+            Err(_) => "unavailable",
+        };
+        metrics::counter!("issuer_idempotency_locks_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("issuer_idempotency_lock_wait_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        attempt
+    }
+
+    async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError> {
+        self.0.release(key, token).await
+    }
+
+    async fn ping(&self) -> Result<(), LockError> {
+        self.0.ping().await
+    }
 }
 
 /// Keeps histograms bounded in memory; run every few seconds.

@@ -88,6 +88,7 @@ async fn the_documented_series_move_with_requests() {
     }
     let id = created["issuance_id"].as_str().unwrap();
     assert_eq!(app.get_rest(&token, id).await.status(), StatusCode::OK);
+    assert_eq!(app.cancel_rest(&token, id).await.status(), StatusCode::OK);
 
     // gRPC: a create and a read of an unknown issuance.
     let mut grpc = app.grpc().await;
@@ -206,6 +207,45 @@ async fn the_documented_series_move_with_requests() {
         1.0,
         "gRPC calls carry their status code"
     );
+    // Every create, replays included, took the idempotency lock.
+    assert_eq!(
+        delta("issuer_idempotency_locks_total", &[("outcome", "acquired")]),
+        4.0
+    );
+    assert_eq!(
+        delta(
+            "issuer_idempotency_lock_wait_seconds_count",
+            &[("outcome", "acquired")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        delta(
+            "issuer_issuance_status_changes_total",
+            &[("status", "rejected"), ("reason", "cancelled")]
+        ),
+        1.0
+    );
+    // Read from the store at scrape time.
+    assert_eq!(after.value("issuer_db_pool_max_connections", &[]), 30.0);
+    let pool_open = after.value("issuer_db_pool_connections", &[("state", "in_use")])
+        + after.value("issuer_db_pool_connections", &[("state", "idle")]);
+    assert!(
+        (1.0..=30.0).contains(&pool_open),
+        "the pool has open connections: {pool_open}"
+    );
+    for outbox in ["webhooks", "emails"] {
+        assert!(
+            after.0.iter().any(|(n, l, _)| n == "issuer_outbox_pending"
+                && l.get("outbox").map(String::as_str) == Some(outbox)),
+            "outbox_pending for {outbox}"
+        );
+        assert_eq!(
+            after.value("issuer_outbox_overdue_seconds", &[("outbox", outbox)]),
+            0.0,
+            "nothing is overdue"
+        );
+    }
     // Buckets exist for the latency histogram.
     assert!(after.0.iter().any(
         |(n, l, _)| n == "issuer_http_request_duration_seconds_bucket" && l.get("le").is_some()

@@ -462,6 +462,21 @@ pub struct EmailDelivery {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Point-in-time figures a store reports for monitoring.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreGauges {
+    /// Webhook deliveries waiting for an attempt (due or not), and the earliest due time.
+    pub webhooks_pending: u64,
+    pub webhook_oldest_due: Option<DateTime<Utc>>,
+    /// Offer emails not sent yet, and the earliest due time.
+    pub emails_pending: u64,
+    pub email_oldest_due: Option<DateTime<Utc>>,
+    /// Connections of the pool: open, idle, and the most it may open.
+    pub pool_size: u32,
+    pub pool_idle: u32,
+    pub pool_max: u32,
+}
+
 /// The outcome of one email attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmailUpdate {

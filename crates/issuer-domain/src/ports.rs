@@ -13,7 +13,7 @@ use crate::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
-        Tenant, Transition, TransitionOutcome,
+        StoreGauges, Tenant, Transition, TransitionOutcome,
     },
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
@@ -25,6 +25,8 @@ use crate::{
 pub trait Store: Send + Sync + 'static {
     /// Reachability check for readiness.
     async fn ping(&self) -> Result<()>;
+    /// Outbox backlogs and pool usage, for metrics.
+    async fn gauges(&self) -> Result<StoreGauges>;
 
     async fn insert_tenant(&self, tenant: &Tenant) -> Result<()>;
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>>;

@@ -992,6 +992,21 @@ pub async fn email_outbox(store: &dyn Store) {
     let row = email_rows(store, tenant, mail.id)
         .await
         .expect("an email row");
+    let gauges = store
+        .gauges()
+        .await
+        .unwrap_or_else(|e| panic!("gauges failed: {}", e.chain()));
+    assert!(gauges.emails_pending >= 1, "{gauges:?}");
+    assert!(
+        gauges
+            .email_oldest_due
+            .is_some_and(|t| t <= trunc_micros(mail.created_at)),
+        "{gauges:?}"
+    );
+    assert!(
+        gauges.pool_max >= 1 && gauges.pool_size <= gauges.pool_max,
+        "{gauges:?}"
+    );
     assert_eq!(
         (row.state, row.attempts, row.next_attempt_at, row.sent_at),
         (EmailState::Pending, 0, trunc_micros(mail.created_at), None),

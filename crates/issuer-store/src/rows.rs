@@ -12,7 +12,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, Issuance, IssuanceEvent, IssuanceStatus,
-        Scope, Tenant, Transition,
+        Scope, StoreGauges, Tenant, Transition,
     },
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
@@ -26,6 +26,33 @@ use uuid::Uuid;
 /// the input.
 pub fn trunc_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)
+}
+
+/// Outbox backlogs in one statement; both backends understand it.
+pub(crate) const GAUGES_SQL: &str = "SELECT \
+    (SELECT count(*) FROM webhook_deliveries WHERE state = 'pending') AS webhooks_pending, \
+    (SELECT min(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending') AS webhook_oldest_due, \
+    (SELECT count(*) FROM email_deliveries WHERE state = 'pending') AS emails_pending, \
+    (SELECT min(next_attempt_at) FROM email_deliveries WHERE state = 'pending') AS email_oldest_due";
+
+pub(crate) fn gauges(
+    row: &impl RowAccess,
+    pool_size: u32,
+    pool_idle: u32,
+    pool_max: u32,
+) -> Result<StoreGauges, Error> {
+    let map = || -> Result<StoreGauges, sqlx::Error> {
+        Ok(StoreGauges {
+            webhooks_pending: u64::try_from(row.int("webhooks_pending")?).unwrap_or(0),
+            webhook_oldest_due: row.opt_time("webhook_oldest_due")?,
+            emails_pending: u64::try_from(row.int("emails_pending")?).unwrap_or(0),
+            email_oldest_due: row.opt_time("email_oldest_due")?,
+            pool_size,
+            pool_idle,
+            pool_max,
+        })
+    };
+    map().map_err(Error::internal)
 }
 
 /// What a store holds after writing `issuance`: the same entity at stored precision.
@@ -383,6 +410,19 @@ pub(crate) fn event_reason(t: &Transition, issuance_reason: Option<String>) -> O
     match &t.email {
         Some(email) => email.error.clone(),
         None => issuance_reason,
+    }
+}
+
+/// Counts a committed status change for `issuer_issuance_status_changes_total` (the reasons are
+/// the service's own few words, so the labels stay bounded).
+pub(crate) fn count_status_change(t: &Transition) {
+    if let Some((status, reason)) = &t.to {
+        metrics::counter!(
+            "issuer_issuance_status_changes_total",
+            "status" => status.as_str(),
+            "reason" => reason.clone().unwrap_or_default()
+        )
+        .increment(1);
     }
 }
 

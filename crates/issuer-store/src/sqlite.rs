@@ -15,7 +15,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, Scope, Tenant, Transition, TransitionOutcome,
+        IssuanceStatus, ListFilter, Scope, StoreGauges, Tenant, Transition, TransitionOutcome,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -169,6 +169,19 @@ impl Store for SqliteStore {
             .await
             .map_err(db_error)?;
         Ok(())
+    }
+
+    async fn gauges(&self) -> Result<StoreGauges> {
+        let row = sqlx::query(rows::GAUGES_SQL)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows::gauges(
+            &row,
+            self.pool.size(),
+            u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            self.pool.options().get_max_connections(),
+        )
     }
 
     async fn insert_tenant(&self, tenant: &Tenant) -> Result<()> {
@@ -654,6 +667,7 @@ impl Store for SqliteStore {
             queue_deliveries(&mut tx, &after, &event, message).await?;
         }
         tx.commit().await.map_err(db_error)?;
+        rows::count_status_change(t);
         Ok(TransitionOutcome::Applied(after))
     }
 
