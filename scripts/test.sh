@@ -11,6 +11,8 @@ ensure_redis
 ensure_tools
 ensure_buf
 
+echo "==> Helm chart"
+bash scripts/chart.sh
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
