@@ -38,9 +38,21 @@ pub struct App {
     pub watch_timing: WatchTiming,
     /// Sends offer emails (SMTP, or `.eml` files without it).
     pub mailer: crate::mail::Mailer,
+    /// Turns true when shutdown begins: readiness fails, watch streams end.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
+    /// Starts shutting down: readiness and gRPC health report not serving, and open watch
+    /// streams end so that their connections can close.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Connects to the configured stores (migrating them when `migrate_on_start`) and loads
     /// or, in the embedded default, creates the keys.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -150,6 +162,7 @@ impl App {
             webhook_schedule,
             dispatch_wake: tokio::sync::broadcast::channel(1024).0,
             mailer,
+            stopping: tokio::sync::watch::channel(false).0,
         })
     }
 }

@@ -43,6 +43,10 @@ pub async fn run(
     serve(Arc::new(app), listener, shutdown).await
 }
 
+/// How long requests under way may take to finish once shutdown begins; below the chart's
+/// termination grace period, which also covers the workers' drain.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves an already built app.
 pub async fn serve(
     app: Arc<App>,
@@ -62,6 +66,21 @@ pub async fn serve(
     ) + std::time::Duration::from_secs(2);
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = tokio::spawn(follow_readiness(app.clone(), health.clone()));
+    // On the signal: readiness and gRPC health say not serving, watch streams end, the
+    // listener stops accepting, and requests under way finish, within SHUTDOWN_GRACE.
+    let stopping = {
+        let (app, health) = (app.clone(), health.clone());
+        async move {
+            shutdown.await;
+            app.begin_shutdown();
+            for name in ["", "issuer.v1.IssuanceService"] {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+    let mut stopped = app.stopping.subscribe();
     let router = router(app, health_service)?;
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -71,15 +90,19 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let server = axum::serve(listener, router).with_graceful_shutdown(stopping);
+    tokio::select! {
+        served = server => served?,
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("requests still under way after the shutdown grace period; closing them");
+        }
+    }
     sweeper.abort();
     upkeep.abort();
     readiness.abort();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
     let _ = stop_workers.send(true);
     let drained = tokio::time::timeout(drain, async {
         let _ = (&mut dispatcher).await;
@@ -173,7 +196,7 @@ async fn follow_readiness(app: Arc<App>, health: tonic_health::server::HealthRep
         tick.tick().await;
         let status =
             match tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await {
-                Ok(Ok(())) => tonic_health::ServingStatus::Serving,
+                Ok(Ok(())) if !app.is_stopping() => tonic_health::ServingStatus::Serving,
                 _ => tonic_health::ServingStatus::NotServing,
             };
         for name in ["", "issuer.v1.IssuanceService"] {

@@ -47,6 +47,7 @@ pub async fn watch(
     let end = history.last().map_or(0, |e| e.sequence);
     let (tx, rx) = mpsc::channel(64);
     let timing = app.watch_timing;
+    let mut stopping = app.stopping.subscribe();
     tokio::spawn(async move {
         let (tenant, id) = (issuance.tenant_id, issuance.id);
         let mut last = after.clamp(0, end);
@@ -89,6 +90,9 @@ pub async fn watch(
                     }
                 }
                 _ = tx.closed() => return,
+                // Shutting down: end the stream cleanly; the client resumes elsewhere from
+                // the last sequence it received.
+                _ = async { let _ = stopping.wait_for(|s| *s).await; } => return,
             };
             if !reread {
                 continue;

@@ -143,6 +143,12 @@ async fn healthz() -> impl IntoResponse {
 
 /// Ready when the database answers; a Redis outage only degrades idempotency to the database.
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    if app.is_stopping() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "stopping"})),
+        );
+    }
     let db = app.store.ping().await;
     let redis = app.lock.ping().await;
     let body = json!({
