@@ -361,7 +361,7 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
         return;
     }
     let outcome = match compose(app, &issuance).await {
-        Ok((message, ..)) => {
+        Ok(message) => {
             let stem = format!(
                 "{}-{}",
                 app.clock.now().format("%Y%m%dT%H%M%S"),
@@ -435,7 +435,7 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
     }
 }
 
-async fn compose(app: &App, issuance: &Issuance) -> Result<(Message, String), Error> {
+async fn compose(app: &App, issuance: &Issuance) -> Result<Message, Error> {
     let tenant = app
         .store
         .get_tenant(issuance.tenant_id)
@@ -463,7 +463,7 @@ async fn compose(app: &App, issuance: &Issuance) -> Result<(Message, String), Er
         .email
         .as_deref()
         .ok_or_else(|| Error::invalid_field("email", "is missing"))?;
-    Ok((email.message(app.mailer.from.clone(), to)?, uri))
+    email.message(app.mailer.from.clone(), to)
 }
 
 #[cfg(test)]

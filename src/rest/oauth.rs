@@ -86,12 +86,9 @@ fn no_store(h: &mut HeaderMap) {
 
 /// `POST /issuer/oauth/token`.
 pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let grant_type = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body)
-        .ok()
-        .and_then(|form| form.into_iter().find(|(k, _)| k == "grant_type"))
-        .map(|(_, v)| v)
-        .unwrap_or_default();
-    match issue(&app, &headers, &body).await {
+    // Set by `issue` once the form is read, for the metrics.
+    let mut grant_type = String::new();
+    match issue(&app, &headers, &body, &mut grant_type).await {
         Ok(res) => {
             crate::metrics::token_grant(&grant_type, "issued");
             res
@@ -103,7 +100,12 @@ pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes)
     }
 }
 
-async fn issue(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Response, OAuthError> {
+async fn issue(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    grant: &mut String,
+) -> Result<Response, OAuthError> {
     let form_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -133,6 +135,7 @@ async fn issue(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Respo
     let grant_type = params
         .get("grant_type")
         .ok_or_else(|| OAuthError::new("invalid_request", "grant_type is required"))?;
+    grant.clone_from(grant_type);
     if grant_type == PRE_AUTHORIZED_CODE_GRANT {
         // Anonymous access: the wallet holds the code, not client credentials.
         let tx_code = params.get("tx_code").or_else(|| params.get("user_pin"));

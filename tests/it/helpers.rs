@@ -152,29 +152,8 @@ pub struct Creds {
 
 impl TestApp {
     /// Starts an instance with `settings` on 127.0.0.1:0; `public_url` follows the port.
-    pub async fn spawn(mut settings: Settings) -> Self {
-        init_logs();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        settings.listen_addr = addr;
-        settings.public_url = format!("http://{addr}");
-        let app = Arc::new(
-            App::build(settings.validate().unwrap())
-                .await
-                .expect("app builds"),
-        );
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(issuer::serve(app.clone(), listener, async {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            base: format!("http://{addr}"),
-            app,
-            http: reqwest::Client::new(),
-            shutdown: Some(tx),
-            handle: Some(handle),
-        }
+    pub async fn spawn(settings: Settings) -> Self {
+        Self::spawn_at(settings, "127.0.0.1:0".parse().unwrap()).await
     }
 
     /// Stops the instance and waits for it.
@@ -362,6 +341,7 @@ impl TestApp {
     pub async fn spawn_at(mut settings: Settings, addr: SocketAddr) -> Self {
         init_logs();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
         settings.listen_addr = addr;
         settings.public_url = format!("http://{addr}");
         let app = Arc::new(
