@@ -11,6 +11,7 @@ mod lifecycle;
 mod metrics;
 mod offers;
 mod ops;
+mod outage;
 mod privacy;
 mod walkthrough;
 mod wallet;

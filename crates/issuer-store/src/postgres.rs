@@ -3,7 +3,13 @@
 //! Idempotency rests on the `issuances_client_request_id_key` constraint: an insert that
 //! conflicts with a concurrent one waits for it to commit, then finds its row.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -45,12 +51,62 @@ fn db_error(e: sqlx::Error) -> Error {
 pub struct PgStore {
     pool: PgPool,
     batcher: Arc<InsertBatcher>,
+    lost: Arc<ConnectionsLost>,
+}
+
+/// When the database was last seen unreachable. After an outage (a restart, a failover) every
+/// pooled connection is dead, but the pool does not test connections before handing them out
+/// (that would cost every query a round trip). Instead, once a ping has failed for want of a
+/// connection, connections opened before that moment are dropped when next acquired, so that
+/// the first requests after the database is back do not fail one by one on dead connections.
+#[derive(Debug)]
+struct ConnectionsLost {
+    epoch: Instant,
+    /// Milliseconds after `epoch`; 0 while no outage has been seen.
+    at_ms: AtomicU64,
+}
+
+impl ConnectionsLost {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn record(&self) {
+        self.at_ms
+            .fetch_max(self.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a connection of this age was opened before (or at) the last outage seen.
+    fn predates_outage(&self, age: Duration) -> bool {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        at != 0 && self.now_ms().saturating_sub(age_ms) <= at
+    }
+}
+
+/// Whether `e` says the connection or the server is gone, as opposed to a busy pool.
+fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
 }
 
 impl PgStore {
     /// Connects a pool of up to `max_connections`; fails if the database cannot be reached
     /// within a few seconds.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let lost = Arc::new(ConnectionsLost::new());
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -58,17 +114,28 @@ impl PgStore {
             // the caller gets a retryable error, where a ping would cost every query one more
             // round trip. Idle connections are still recycled by `idle_timeout`.
             .test_before_acquire(false)
+            .before_acquire({
+                let lost = lost.clone();
+                move |_, meta| {
+                    let keep = !lost.predates_outage(meta.age);
+                    Box::pin(async move { Ok(keep) })
+                }
+            })
             .connect(url)
             .await
             .map_err(db_error)?;
-        Ok(Self::from_pool(pool))
+        Ok(Self {
+            lost,
+            ..Self::from_pool(pool)
+        })
     }
 
-    /// Wraps a pool configured by the caller.
+    /// Wraps a pool configured by the caller (without the outage tracking of [`Self::connect`]).
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             batcher: InsertBatcher::new(pool.clone()),
             pool,
+            lost: Arc::new(ConnectionsLost::new()),
         }
     }
 
@@ -126,7 +193,12 @@ impl Store for PgStore {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
-            .map_err(db_error)?;
+            .map_err(|e| {
+                if is_connection_lost(&e) {
+                    self.lost.record();
+                }
+                db_error(e)
+            })?;
         Ok(())
     }
 
