@@ -342,6 +342,11 @@ pub async fn run(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// One attempt of one email, recorded whatever happens.
+#[tracing::instrument(
+    name = "email.send",
+    skip_all,
+    fields(tenant_id = %delivery.tenant_id, issuance_id = %delivery.issuance_id, attempt = delivery.attempts + 1)
+)]
 async fn attempt(app: &App, delivery: EmailDelivery) {
     let (tenant_id, issuance_id) = (delivery.tenant_id, delivery.issuance_id);
     let issuance = match app.store.get_issuance(tenant_id, issuance_id).await {

@@ -18,8 +18,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config)?;
-    issuer::telemetry::init(&settings);
-    match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    let log_to = match command {
+        Command::Serve => issuer::telemetry::LogTo::Stdout,
+        _ => issuer::telemetry::LogTo::Stderr,
+    };
+    let telemetry = issuer::telemetry::init(&settings, log_to)?;
+    let result = run_command(command, settings).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run_command(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
             let listener = tokio::net::TcpListener::bind(settings.listen_addr)
                 .await

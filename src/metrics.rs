@@ -28,6 +28,7 @@ use axum::{
 };
 use issuer_domain::ports::{IdempotencyLock, LockAttempt, LockError, LockToken};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
 
 use crate::app::App;
 
@@ -136,7 +137,8 @@ pub async fn upkeep() {
     }
 }
 
-/// Records every request's duration and outcome, REST and gRPC alike (both share the router).
+/// Records every request's duration and outcome, REST and gRPC alike (both share the router),
+/// inside a server span that continues the caller's trace (`traceparent` header or metadata).
 pub async fn track(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let grpc = req
@@ -164,7 +166,41 @@ pub async fn track(req: Request, next: Next) -> Response {
             .to_owned();
         ("rest", req.method().as_str().to_owned(), route)
     };
-    let res = next.run(req).await;
+    let span = if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics")
+        || req.uri().path().starts_with("/grpc.health.")
+    {
+        // Probes and scrapes every few seconds would bury the traces that matter.
+        tracing::Span::none()
+    } else if grpc {
+        let path = req.uri().path();
+        let name = if method != "unmatched" || path.starts_with("/grpc.") {
+            path.trim_start_matches('/')
+        } else {
+            "unmatched"
+        };
+        tracing::info_span!(
+            "rpc",
+            otel.name = %name,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %route,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
+    crate::telemetry::continue_trace(&span, req.headers());
+    let res = next.run(req).instrument(span.clone()).await;
     let status = if grpc {
         // A failed call answers with its status in the headers (trailers-only); a successful
         // one sends it in the trailers, after the body: `0`.
@@ -182,6 +218,17 @@ pub async fn track(req: Request, next: Next) -> Response {
         ("route", route),
         ("status", status),
     ];
+    let failed = if grpc {
+        span.record("rpc.grpc.status_code", labels[3].1.as_str());
+        // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+        matches!(labels[3].1.as_str(), "2" | "4" | "12" | "13" | "14" | "15")
+    } else {
+        span.record("http.response.status_code", res.status().as_u16());
+        res.status().is_server_error()
+    };
+    if failed {
+        span.record("otel.status_code", "ERROR");
+    }
     metrics::counter!("issuer_http_requests_total", &labels).increment(1);
     metrics::histogram!("issuer_http_request_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());

@@ -10,6 +10,7 @@ use std::{
     sync::Arc,
     time::Duration,
 };
+use tracing::Instrument;
 
 use issuer_domain::{
     Error, FieldViolation,
@@ -382,8 +383,26 @@ pub async fn dispatch(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool
         .await;
 }
 
-/// One attempt of one delivery, recorded whatever happens.
+/// One attempt of one delivery, recorded whatever happens; in the trace of the request that
+/// caused the delivery.
 async fn attempt(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
+    let span = tracing::info_span!(
+        "webhook.deliver",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        tenant_id = %d.tenant_id,
+        endpoint_id = %d.endpoint_id,
+        delivery_id = %d.id,
+        webhook_id = %d.message_id,
+        event_type = %d.event_type,
+        attempt = d.attempts + 1,
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::continue_stored_trace(&span, d.traceparent.as_deref());
+    attempt_in(app, endpoint, d).instrument(span).await;
+}
+
+async fn attempt_in(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
     let now = app.clock.now();
     let mut secrets = Vec::new();
     let sealed = std::iter::once(Some(&endpoint.secret_sealed)).chain(std::iter::once(
@@ -405,9 +424,17 @@ async fn attempt(app: &App, endpoint: &WebhookEndpoint, d: WebhookDelivery) {
         msg_id: d.message_id.clone(),
         body: d.payload.to_string().into_bytes(),
         secrets,
-        traceparent: None,
+        // The receiver continues the trace from this attempt.
+        traceparent: crate::telemetry::traceparent(&tracing::Span::current()),
     };
     let result = app.webhook_sender.send(&delivery).await;
+    let span = tracing::Span::current();
+    if let Some(status) = result.status {
+        span.record("http.response.status_code", status);
+    }
+    if !matches!(result.outcome, Outcome::Delivered) {
+        span.record("otel.status_code", "ERROR");
+    }
     let at = app.clock.now();
     let attempts_made = u32::try_from(d.attempts + 1).unwrap_or(u32::MAX);
     let (state, next, mut disable) = match result.outcome {

@@ -75,6 +75,21 @@ impl BenchService {
         })
         .validate()
         .unwrap();
+        // Logs and traces as the binary installs them (no OTLP endpoint: nothing exported),
+        // so that their cost is in the figures.
+        static TELEMETRY: std::sync::OnceLock<issuer::telemetry::Telemetry> =
+            std::sync::OnceLock::new();
+        TELEMETRY.get_or_init(|| {
+            let quiet = Settings {
+                log_level: "warn".into(),
+                ..settings.clone()
+            };
+            server_rt
+                .block_on(async {
+                    issuer::telemetry::init(&quiet, issuer::telemetry::LogTo::Stderr)
+                })
+                .unwrap()
+        });
         let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());
         let creds = server_rt.block_on(async {
             let t = admin::create_tenant(&app, "bench").await.unwrap();

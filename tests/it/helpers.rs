@@ -363,3 +363,134 @@ impl TestApp {
         }
     }
 }
+
+/// The real binary, `issuer serve`, as a child process on its own port, configured through the
+/// environment as in production.
+pub struct ServiceProcess {
+    pub base: String,
+    pub child: tokio::process::Child,
+    env: Vec<(String, String)>,
+    _data: tempfile::TempDir,
+}
+
+impl ServiceProcess {
+    /// Starts the service on `db_url` (and the test Redis) with `extra` environment, its stdout
+    /// piped (`child.stdout`) when `capture_stdout`, and waits until it is ready.
+    pub async fn start(db_url: &str, extra: &[(&str, &str)], capture_stdout: bool) -> Self {
+        use std::process::Stdio;
+        use std::time::{Duration, Instant};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let base = format!("http://127.0.0.1:{port}");
+        let data = tempfile::tempdir().unwrap();
+        let (pem, secret) = shared_keys();
+        let mut env: Vec<(String, String)> = [
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            ("ISSUER_LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("ISSUER_PUBLIC_URL", base.clone()),
+            ("ISSUER_DATABASE_URL", db_url.to_owned()),
+            ("ISSUER_REDIS_URL", redis_url()),
+            ("ISSUER_SECRET_KEY", secret.to_owned()),
+            ("ISSUER_TOKEN_SIGNING_KEY", pem.to_owned()),
+            (
+                "ISSUER_CREDENTIAL_SIGNING_KEY",
+                shared_credential_key().to_owned(),
+            ),
+            ("ISSUER_DATA_DIR", data.path().display().to_string()),
+            ("ISSUER_LOG_LEVEL", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_issuer"));
+        cmd.env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().unwrap();
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the service did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            base,
+            child,
+            env,
+            _data: data,
+        }
+    }
+
+    /// Runs an `issuer` subcommand with the service's configuration; returns its JSON output.
+    pub async fn cli(&self, args: &[&str]) -> Value {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_issuer"))
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "issuer {args:?} failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A new tenant and a client with `scopes` (comma-separated), provisioned through the CLI.
+    pub async fn provision(&self, scopes: &str) -> Creds {
+        let tenant = self
+            .cli(&["tenant", "create", "--name", "process", "--output", "json"])
+            .await;
+        let tenant_id = tenant["tenant_id"].as_str().unwrap().to_owned();
+        let client = self
+            .cli(&[
+                "client", "create", "--tenant", &tenant_id, "--scopes", scopes, "--output", "json",
+            ])
+            .await;
+        Creds {
+            tenant_id,
+            client_id: client["client_id"].as_str().unwrap().to_owned(),
+            client_secret: client["client_secret"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// A token request for `creds`, with extra headers.
+    pub fn token_request(&self, http: &reqwest::Client, creds: &Creds) -> reqwest::RequestBuilder {
+        http.post(format!("{}/issuer/oauth/token", self.base))
+            .basic_auth(&creds.client_id, Some(&creds.client_secret))
+            .form(&[("grant_type", "client_credentials")])
+    }
+
+    /// An access token for `creds`.
+    pub async fn token(&self, creds: &Creds) -> String {
+        let res = self
+            .token_request(&reqwest::Client::new(), creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "token request failed");
+        res.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}

@@ -13,6 +13,7 @@ mod offers;
 mod ops;
 mod outage;
 mod privacy;
+mod traces;
 mod walkthrough;
 mod wallet;
 mod watch;

@@ -94,95 +94,19 @@ async fn reflection_lists_the_services_to_buf_curl() {
 /// exits 0 well within the chart's grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_creates_and_ends_watch_streams_then_exits_0() {
-    use std::{
-        process::Stdio,
-        sync::{Arc, Mutex},
-    };
+    use std::sync::{Arc, Mutex};
 
     use serde_json::Value;
 
-    use crate::helpers::{create_body, shared_credential_key, shared_keys};
+    use crate::helpers::{ServiceProcess, create_body};
 
     let db = TestDb::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let data = tempfile::tempdir().unwrap();
-    let (pem, secret) = shared_keys();
-    let env = |cmd: &mut tokio::process::Command| {
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("ISSUER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("ISSUER_PUBLIC_URL", &base)
-            .env("ISSUER_DATABASE_URL", &db.url)
-            .env("ISSUER_REDIS_URL", redis_url())
-            .env("ISSUER_SECRET_KEY", secret)
-            .env("ISSUER_TOKEN_SIGNING_KEY", pem)
-            .env("ISSUER_CREDENTIAL_SIGNING_KEY", shared_credential_key())
-            .env("ISSUER_DATA_DIR", data.path())
-            .env("ISSUER_LOG_LEVEL", "warn")
-            .stdin(Stdio::null());
-    };
-    let cli = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_issuer"));
-        env(&mut cmd);
-        cmd.args(args).stderr(Stdio::inherit());
-        let what = format!("{args:?}");
-        async move {
-            let out = cmd.output().await.unwrap();
-            assert!(out.status.success(), "issuer {what} failed");
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        }
-    };
-    let tenant = cli(&["tenant", "create", "--name", "drain", "--output", "json"]).await;
-    let tenant = tenant["tenant_id"].as_str().unwrap().to_owned();
-    let client = cli(&[
-        "client",
-        "create",
-        "--tenant",
-        &tenant,
-        "--scopes",
-        "issuance:write,issuance:read",
-        "--output",
-        "json",
-    ])
-    .await;
-
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_issuer"));
-    env(&mut server);
-    let mut server = server
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut service = ServiceProcess::start(&db.url, &[], false).await;
+    let base = service.base.clone();
+    let creds = service.provision("issuance:write,issuance:read").await;
+    let token = service.token(&creds).await;
+    let server = &mut service.child;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == 200) {
-        assert!(
-            Instant::now() < deadline,
-            "the service did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let token: Value = http
-        .post(format!("{base}/issuer/oauth/token"))
-        .basic_auth(
-            client["client_id"].as_str().unwrap(),
-            client["client_secret"].as_str(),
-        )
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
 
     // A watch on a pending issuance: it would stay open until the outcome.
     let watched: Value = http

@@ -151,6 +151,8 @@ pub struct WebhookDelivery {
     pub last_status: Option<i64>,
     pub last_error: Option<String>,
     pub last_latency_ms: Option<i64>,
+    /// The W3C `traceparent` of the request that caused the delivery, when it was traced.
+    pub traceparent: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

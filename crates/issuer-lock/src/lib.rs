@@ -57,6 +57,7 @@ fn err(e: redis::RedisError) -> LockError {
 
 #[async_trait]
 impl IdempotencyLock for RedisLock {
+    #[tracing::instrument(name = "redis.lock.acquire", skip_all, fields(db.system = "redis", db.operation = "SET NX", otel.kind = "client"))]
     async fn acquire(
         &self,
         key: &str,
@@ -83,6 +84,7 @@ impl IdempotencyLock for RedisLock {
         }
     }
 
+    #[tracing::instrument(name = "redis.lock.release", skip_all, fields(db.system = "redis", db.operation = "EVALSHA", otel.kind = "client"))]
     async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError> {
         let mut conn = self.conn.clone();
         let _: i64 = self

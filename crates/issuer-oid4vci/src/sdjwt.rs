@@ -92,6 +92,7 @@ pub enum SdJwtError {
 
 /// Builds and signs (ES256, `kid` = the key's thumbprint) an SD-JWT VC with every input claim
 /// selectively disclosable.
+#[tracing::instrument(name = "sdjwt.sign", skip_all, fields(vct = %input.vct))]
 pub fn issue_sd_jwt_vc(
     input: &SdJwtVcInput,
     key: &issuer_auth::SigningKey,

@@ -19,7 +19,7 @@ mod sqlite;
 
 pub use pg_batch::CreateWrites;
 pub use postgres::PgStore;
-pub use rows::trunc_micros;
+pub use rows::{traceparent, trunc_micros};
 pub use sqlite::SqliteStore;
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ pub(crate) struct NewIssuance {
     pub issuance: Issuance,
     pub event: IssuanceEvent,
     pub webhook: Option<(&'static str, String, Value)>,
+    /// The caller's trace context, written with the webhook deliveries.
+    pub traceparent: Option<String>,
 }
 
 impl NewIssuance {
@@ -212,9 +214,9 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
          SELECT tenant_id, id, $22, $23, $24, $25, $26 FROM i), \
          d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, \
          sequence, event_type, message_id, payload, state, attempts, next_attempt_at, \
-         created_at, updated_at) \
+         traceparent, created_at, updated_at) \
          SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, $22, $27, $28, $29, 'pending', \
-         0, $26, $26, $26 FROM i JOIN webhook_endpoints ep ON ep.tenant_id = i.tenant_id \
+         0, $26, $30, $26, $26 FROM i JOIN webhook_endpoints ep ON ep.tenant_id = i.tenant_id \
          WHERE ep.enabled AND $27 = ANY(string_to_array(ep.event_types, ' '))), \
          m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
          next_attempt_at, created_at, updated_at) \
@@ -250,6 +252,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     .bind(wh_type)
     .bind(wh_id)
     .bind(wh_payload)
+    .bind(&row.traceparent)
     .fetch_optional(pool)
     .await
     .map_err(db_error)?;
@@ -288,6 +291,7 @@ struct Columns<'a> {
     wh_type: Vec<&'static str>,
     wh_message_id: Vec<String>,
     wh_payload: Vec<Json<Value>>,
+    wh_traceparent: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -325,6 +329,7 @@ impl<'a> Columns<'a> {
         self.wh_type.push(wh_type);
         self.wh_message_id.push(wh_id);
         self.wh_payload.push(wh_payload);
+        self.wh_traceparent.push(row.traceparent.as_deref());
     }
 }
 
@@ -340,10 +345,10 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
          $12::text[], $13::text[], $14::text[], $15::timestamptz[], $16::timestamptz[], \
          $17::timestamptz[], $18::text[], $19::int8[], $20::timestamptz[], $21::text[], \
          $22::int8[], $23::text[], $24::text[], $25::text[], $26::timestamptz[], $27::text[], \
-         $28::text[], $29::jsonb[]) WITH ORDINALITY AS v(",
+         $28::text[], $29::jsonb[], $30::text[]) WITH ORDINALITY AS v(",
         issuance_columns!(),
         ", ev_sequence, ev_kind, ev_status, ev_reason, ev_occurred_at, \
-         wh_type, wh_message_id, wh_payload, n)), \
+         wh_type, wh_message_id, wh_payload, wh_traceparent, n)), \
          i AS (INSERT INTO issuances (",
         issuance_columns!(),
         ") SELECT ",
@@ -358,10 +363,10 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
          ORDER BY v.n), \
          d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, \
          sequence, event_type, message_id, payload, state, attempts, next_attempt_at, \
-         created_at, updated_at) \
+         traceparent, created_at, updated_at) \
          SELECT ep.tenant_id, gen_random_uuid(), ep.id, v.id, v.ev_sequence, v.wh_type, \
-         v.wh_message_id, v.wh_payload, 'pending', 0, v.ev_occurred_at, v.ev_occurred_at, \
-         v.ev_occurred_at FROM v JOIN i ON i.tenant_id = v.tenant_id AND i.id = v.id \
+         v.wh_message_id, v.wh_payload, 'pending', 0, v.ev_occurred_at, v.wh_traceparent, \
+         v.ev_occurred_at, v.ev_occurred_at FROM v JOIN i ON i.tenant_id = v.tenant_id AND i.id = v.id \
          JOIN webhook_endpoints ep ON ep.tenant_id = v.tenant_id \
          WHERE ep.enabled AND v.wh_type = ANY(string_to_array(ep.event_types, ' '))), \
          m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
@@ -399,6 +404,7 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
     .bind(&c.wh_type)
     .bind(&c.wh_message_id)
     .bind(&c.wh_payload)
+    .bind(&c.wh_traceparent)
     .fetch_all(pool)
     .await
     .map_err(db_error)?;

@@ -189,6 +189,7 @@ impl RowAccess for PgRow {
 
 #[async_trait]
 impl Store for PgStore {
+    #[tracing::instrument(name = "store.ping", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -202,6 +203,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.gauges", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn gauges(&self) -> Result<StoreGauges> {
         let row = sqlx::query(rows::GAUGES_SQL)
             .fetch_one(&self.pool)
@@ -215,6 +217,7 @@ impl Store for PgStore {
         )
     }
 
+    #[tracing::instrument(name = "store.insert_tenant", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn insert_tenant(&self, tenant: &Tenant) -> Result<()> {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
@@ -240,6 +243,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.get_tenant", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -254,6 +258,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.update_tenant_branding", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE tenants SET display_name = $2, logo_url = $3, support_contact = $4 \
@@ -269,6 +274,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(name = "store.count_tenants", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn count_tenants(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
             .fetch_one(&self.pool)
@@ -277,6 +283,7 @@ impl Store for PgStore {
         u64::try_from(n).map_err(Error::internal)
     }
 
+    #[tracing::instrument(name = "store.insert_client", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn insert_client(&self, client: &ApiClient) -> Result<()> {
         let created_at = trunc_micros(client.created_at);
         sqlx::query(concat!(
@@ -303,6 +310,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.find_client", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -317,6 +325,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.update_client_secret", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn update_client_secret(
         &self,
         tenant: TenantId,
@@ -337,6 +346,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(name = "store.insert_issuance", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn insert_issuance(
         &self,
         issuance: &Issuance,
@@ -351,6 +361,7 @@ impl Store for PgStore {
                 issuance: issuance.clone(),
                 event: first_event.clone(),
                 webhook,
+                traceparent: rows::traceparent(&tracing::Span::current()),
             })
             .await?;
         if written {
@@ -369,6 +380,7 @@ impl Store for PgStore {
         Ok(InsertOutcome::Duplicate(existing))
     }
 
+    #[tracing::instrument(name = "store.get_issuance", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -384,6 +396,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_request_id", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn find_issuance_by_request_id(
         &self,
         tenant: TenantId,
@@ -403,6 +416,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.list_issuances", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>> {
         let mut q = QueryBuilder::<Postgres>::new(concat!(
             "SELECT ",
@@ -430,6 +444,7 @@ impl Store for PgStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_offer_id", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -444,6 +459,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_code_hash", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -459,6 +475,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.record_tx_code_failure", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
         let row = sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
@@ -473,6 +490,7 @@ impl Store for PgStore {
         row.try_get("tx_code_failures").map_err(db_error)
     }
 
+    #[tracing::instrument(name = "store.use_nonce", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn use_nonce(
         &self,
         tenant: TenantId,
@@ -492,6 +510,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.purge_used_nonces", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
             .bind(now)
@@ -501,6 +520,7 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn transition(
         &self,
         tenant: TenantId,
@@ -617,9 +637,10 @@ impl Store for PgStore {
         {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
-                 event_type, message_id, payload, state, attempts, next_attempt_at, created_at, \
-                 updated_at) \
-                 SELECT tenant_id, gen_random_uuid(), id, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7 \
+                 event_type, message_id, payload, state, attempts, next_attempt_at, traceparent, \
+                 created_at, updated_at) \
+                 SELECT tenant_id, gen_random_uuid(), id, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, \
+                 $7, $7 \
                  FROM webhook_endpoints \
                  WHERE tenant_id = $1 AND enabled AND $4 = ANY(string_to_array(event_types, ' '))",
             )
@@ -630,6 +651,7 @@ impl Store for PgStore {
             .bind(message_id)
             .bind(Json(payload))
             .bind(trunc_micros(t.at))
+            .bind(rows::traceparent(&tracing::Span::current()))
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
@@ -639,6 +661,7 @@ impl Store for PgStore {
         Ok(TransitionOutcome::Applied(after))
     }
 
+    #[tracing::instrument(name = "store.overdue_pending", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn overdue_pending(
         &self,
         now: DateTime<Utc>,
@@ -662,6 +685,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.insert_webhook_endpoint", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn insert_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<()> {
         sqlx::query(concat!(
             "INSERT INTO webhook_endpoints (",
@@ -686,6 +710,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.list_webhook_endpoints", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn list_webhook_endpoints(&self, tenant: TenantId) -> Result<Vec<WebhookEndpoint>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -701,6 +726,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.get_webhook_endpoint", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn get_webhook_endpoint(
         &self,
         tenant: TenantId,
@@ -721,6 +747,7 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.update_webhook_endpoint", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn update_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE webhook_endpoints SET url = $3, event_types = $4, secret_sealed = $5, \
@@ -745,6 +772,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.delete_webhook_endpoint", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn delete_webhook_endpoint(&self, tenant: TenantId, id: Uuid) -> Result<bool> {
         let done = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
             .bind(tenant.0)
@@ -755,6 +783,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.claim_deliveries", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn claim_deliveries(
         &self,
         now: DateTime<Utc>,
@@ -781,6 +810,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.record_attempt", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn record_attempt(&self, a: &AttemptRecord) -> Result<()> {
         // One statement: the delivery's state, the attempt log and the endpoint's bookkeeping
         // commit together. The endpoint row is only touched when its state changes, so that
@@ -819,6 +849,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.list_deliveries", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn list_deliveries(
         &self,
         tenant: TenantId,
@@ -842,6 +873,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.retry_delivery", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn retry_delivery(
         &self,
         tenant: TenantId,
@@ -863,6 +895,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.claim_emails", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn claim_emails(
         &self,
         now: DateTime<Utc>,
@@ -888,6 +921,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.get_email_deliveries", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn get_email_deliveries(
         &self,
         tenant: TenantId,
@@ -912,6 +946,7 @@ impl Store for PgStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.list_events", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
     async fn list_events(
         &self,
         tenant: TenantId,

@@ -118,7 +118,8 @@ pub(crate) use endpoint_columns;
 macro_rules! delivery_columns {
     () => {
         "tenant_id, id, endpoint_id, issuance_id, sequence, event_type, message_id, payload, state, \
-         attempts, next_attempt_at, last_status, last_error, last_latency_ms, created_at, updated_at"
+         attempts, next_attempt_at, last_status, last_error, last_latency_ms, traceparent, created_at, \
+         updated_at"
     };
 }
 pub(crate) use delivery_columns;
@@ -248,11 +249,30 @@ pub(crate) fn webhook_delivery(row: &impl RowAccess) -> Result<WebhookDelivery, 
             last_status: row.opt_int("last_status")?,
             last_error: row.opt_text("last_error")?,
             last_latency_ms: row.opt_int("last_latency_ms")?,
+            traceparent: row.opt_text("traceparent")?,
             created_at: row.time("created_at")?,
             updated_at: row.time("updated_at")?,
         })
     };
     map().map_err(Error::internal)
+}
+
+/// The W3C `traceparent` of `span`, if it is traced. The stores write the caller's with each
+/// webhook delivery, so that its attempts join the trace of the request that caused it.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8() & 0x01
+        )
+    })
 }
 
 /// The webhook an event announces, with its body: `(type, message id, payload)`.

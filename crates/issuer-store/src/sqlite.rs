@@ -163,6 +163,7 @@ impl RowAccess for SqliteRow {
 
 #[async_trait]
 impl Store for SqliteStore {
+    #[tracing::instrument(name = "store.ping", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -171,6 +172,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.gauges", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn gauges(&self) -> Result<StoreGauges> {
         let row = sqlx::query(rows::GAUGES_SQL)
             .fetch_one(&self.pool)
@@ -184,6 +186,7 @@ impl Store for SqliteStore {
         )
     }
 
+    #[tracing::instrument(name = "store.insert_tenant", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn insert_tenant(&self, tenant: &Tenant) -> Result<()> {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
@@ -209,6 +212,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.update_tenant_branding", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE tenants SET display_name = ?2, logo_url = ?3, support_contact = ?4 \
@@ -224,6 +228,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(name = "store.get_tenant", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn get_tenant(&self, id: TenantId) -> Result<Option<Tenant>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -238,6 +243,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.count_tenants", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn count_tenants(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
             .fetch_one(&self.pool)
@@ -246,6 +252,7 @@ impl Store for SqliteStore {
         u64::try_from(n).map_err(Error::internal)
     }
 
+    #[tracing::instrument(name = "store.insert_client", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn insert_client(&self, client: &ApiClient) -> Result<()> {
         let created_at = time_text(client.created_at);
         sqlx::query(concat!(
@@ -272,6 +279,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.find_client", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -286,6 +294,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.update_client_secret", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn update_client_secret(
         &self,
         tenant: TenantId,
@@ -306,6 +315,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(name = "store.insert_issuance", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn insert_issuance(
         &self,
         issuance: &Issuance,
@@ -415,6 +425,7 @@ impl Store for SqliteStore {
         Ok(InsertOutcome::Inserted(stored))
     }
 
+    #[tracing::instrument(name = "store.get_issuance", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -430,6 +441,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_request_id", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn find_issuance_by_request_id(
         &self,
         tenant: TenantId,
@@ -449,6 +461,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.list_issuances", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>> {
         let mut q = QueryBuilder::<Sqlite>::new(concat!(
             "SELECT ",
@@ -476,6 +489,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_offer_id", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -490,6 +504,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.find_issuance_by_code_hash", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -505,6 +520,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.record_tx_code_failure", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
         let row = sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
@@ -519,6 +535,7 @@ impl Store for SqliteStore {
         row.try_get("tx_code_failures").map_err(db_error)
     }
 
+    #[tracing::instrument(name = "store.use_nonce", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn use_nonce(
         &self,
         tenant: TenantId,
@@ -538,6 +555,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.purge_used_nonces", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < ?")
             .bind(time_text(now))
@@ -547,6 +565,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn transition(
         &self,
         tenant: TenantId,
@@ -671,6 +690,7 @@ impl Store for SqliteStore {
         Ok(TransitionOutcome::Applied(after))
     }
 
+    #[tracing::instrument(name = "store.overdue_pending", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn overdue_pending(
         &self,
         now: DateTime<Utc>,
@@ -696,6 +716,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.insert_webhook_endpoint", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn insert_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<()> {
         sqlx::query(concat!(
             "INSERT INTO webhook_endpoints (",
@@ -720,6 +741,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.list_webhook_endpoints", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn list_webhook_endpoints(&self, tenant: TenantId) -> Result<Vec<WebhookEndpoint>> {
         sqlx::query(concat!(
             "SELECT ",
@@ -735,6 +757,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.get_webhook_endpoint", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn get_webhook_endpoint(
         &self,
         tenant: TenantId,
@@ -755,6 +778,7 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(name = "store.update_webhook_endpoint", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn update_webhook_endpoint(&self, e: &WebhookEndpoint) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE webhook_endpoints SET url = ?3, event_types = ?4, secret_sealed = ?5, \
@@ -779,6 +803,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.delete_webhook_endpoint", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn delete_webhook_endpoint(&self, tenant: TenantId, id: Uuid) -> Result<bool> {
         let done = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = ? AND id = ?")
             .bind(id_text(tenant.0))
@@ -789,6 +814,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.claim_deliveries", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn claim_deliveries(
         &self,
         now: DateTime<Utc>,
@@ -815,6 +841,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.record_attempt", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn record_attempt(&self, a: &AttemptRecord) -> Result<()> {
         let mut tx = self
             .pool
@@ -878,6 +905,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_error)
     }
 
+    #[tracing::instrument(name = "store.list_deliveries", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn list_deliveries(
         &self,
         tenant: TenantId,
@@ -901,6 +929,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.retry_delivery", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn retry_delivery(
         &self,
         tenant: TenantId,
@@ -922,6 +951,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store.claim_emails", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn claim_emails(
         &self,
         now: DateTime<Utc>,
@@ -947,6 +977,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    #[tracing::instrument(name = "store.get_email_deliveries", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn get_email_deliveries(
         &self,
         tenant: TenantId,
@@ -975,6 +1006,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "store.list_events", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
     async fn list_events(
         &self,
         tenant: TenantId,
@@ -1016,6 +1048,7 @@ async fn queue_deliveries(
     .await
     .map_err(db_error)?;
     let payload = payload.to_string();
+    let traceparent = rows::traceparent(&tracing::Span::current());
     for row in endpoints {
         let types: String = row.try_get("event_types").map_err(db_error)?;
         if !types.split_whitespace().any(|t| t == kind) {
@@ -1024,8 +1057,9 @@ async fn queue_deliveries(
         let endpoint: String = row.try_get("id").map_err(db_error)?;
         sqlx::query(
             "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
-             event_type, message_id, payload, state, attempts, next_attempt_at, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?9, ?9)",
+             event_type, message_id, payload, state, attempts, next_attempt_at, traceparent, \
+             created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?10, ?9, ?9)",
         )
         .bind(id_text(issuance.tenant_id.0))
         .bind(id_text(Uuid::new_v4()))
@@ -1036,6 +1070,7 @@ async fn queue_deliveries(
         .bind(&message_id)
         .bind(&payload)
         .bind(time_text(event.occurred_at))
+        .bind(&traceparent)
         .execute(&mut **tx)
         .await
         .map_err(db_error)?;
