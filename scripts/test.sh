@@ -10,6 +10,7 @@ ensure_postgres
 ensure_redis
 ensure_tools
 ensure_buf
+ensure_schemathesis
 
 echo "==> Helm chart"
 bash scripts/chart.sh

@@ -19,6 +19,18 @@ use crate::rest::{ApiError, AppState};
 const CSP: &str = "default-src 'none'; img-src https: data:; style-src 'unsafe-inline'; \
                    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+#[utoipa::path(
+    get,
+    path = "/issuer/offer/{offer_id}",
+    operation_id = "offer_page",
+    tag = "oid4vci",
+    params(("offer_id" = String, Path, description = "From the `credential_offer_uri`")),
+    responses(
+        (status = 200, description = "The recipient's page: QR code and wallet link", body = String, content_type = "text/html"),
+        (status = 404, description = "Unknown offer", body = String, content_type = "text/html"),
+        (status = 503, description = "`unavailable`", body = crate::rest::apidoc::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn page(
     State(app): State<AppState>,
     Path(offer_id): Path<String>,

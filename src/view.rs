@@ -44,14 +44,19 @@ pub async fn issuance_view(app: &App, issuance: &Issuance) -> Result<IssuanceVie
 }
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
+/// An issuance.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct IssuanceView {
     pub issuance_id: String,
     pub client_request_id: String,
     pub credential_configuration_id: String,
+    #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
     pub status: &'static str,
+    /// With `rejected`: `expired`, `cancelled` or `declined`; with `error`, what failed.
     pub reason: Option<String>,
+    /// The offer for the wallet (`openid-credential-offer://?credential_offer_uri=...`).
     pub credential_offer_uri: String,
+    #[schema(value_type = crate::rest::apidoc::DeliveryMethod)]
     pub delivery: &'static str,
     #[serde(serialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
@@ -65,8 +70,9 @@ pub struct IssuanceView {
 }
 
 /// The public shape of an issuance's offer email.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmailDeliveryView {
+    #[schema(value_type = crate::rest::apidoc::EmailState)]
     pub state: &'static str,
     pub attempts: i64,
     pub last_error: Option<String>,
@@ -127,12 +133,14 @@ impl IssuanceView {
 }
 
 /// The public shape of an event, for the events endpoint, SSE and gRPC.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventView {
     pub issuance_id: String,
     pub sequence: i64,
+    /// e.g. `created`, `offer_retrieved`, `issued`, `expired`, `cancelled`, `email_sent`.
     #[serde(rename = "type")]
     pub kind: String,
+    #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
     pub status: &'static str,
     pub reason: Option<String>,
     #[serde(serialize_with = "rfc3339")]

@@ -15,7 +15,7 @@ use issuer_domain::{Error, FieldViolation, service::ListParams};
 use serde_json::json;
 
 use super::{
-    ApiError, AppState,
+    ApiError, AppState, apidoc,
     extract::{Auth, JsonBody},
 };
 use crate::{
@@ -24,6 +24,27 @@ use crate::{
 };
 
 /// 201 + `Location` for a new issuance; 200 + `Idempotent-Replayed: true` for a replay.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances",
+    operation_id = "create_issuance",
+    tag = "issuances",
+    request_body(content = apidoc::CreateIssuanceRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = apidoc::IssuanceCreated, headers(
+            ("Location" = String, description = "The issuance's URL"),
+            ("Idempotent-Replayed" = String, description = "`false`"),
+        )),
+        (status = 200, description = "A replay of an earlier identical request: the same issuance", body = apidoc::IssuanceCreated, headers(
+            ("Location" = String, description = "The issuance's URL"),
+            ("Idempotent-Replayed" = String, description = "`true`"),
+        )),
+        (status = 413, description = "`payload_too_large`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: send `application/json`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`: the key was used with another request", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
 pub async fn create(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -57,6 +78,18 @@ pub async fn create(
     Ok(res)
 }
 
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/issuances/{issuance_id}",
+    operation_id = "get_issuance",
+    tag = "issuances",
+    params(("issuance_id" = String, Path, description = "The issuance's id")),
+    responses(
+        (status = 200, description = "The issuance", body = crate::view::IssuanceView),
+        (status = 404, description = "`not_found` (also another tenant's issuance)", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:read"]))
+)]
 pub async fn get(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -67,6 +100,26 @@ pub async fn get(
 }
 
 /// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048).
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/issuances/{issuance_id}/qr",
+    operation_id = "issuance_qr",
+    tag = "issuances",
+    params(
+        ("issuance_id" = String, Path, description = "The issuance's id"),
+        ("format" = Option<apidoc::QrFormat>, Query, description = "`png` (default) or `svg`"),
+        ("size" = Option<u32>, Query, minimum = 128, maximum = 2048, description = "Pixels (default 320)"),
+    ),
+    responses(
+        (status = 200, description = "The QR code of the credential offer URI (`Cache-Control: no-store`)", content(
+            ("image/png"),
+            ("image/svg+xml"),
+        )),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: the offer is no longer open", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:read"]))
+)]
 pub async fn qr(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -116,6 +169,20 @@ pub async fn qr(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/issuances",
+    operation_id = "list_issuances",
+    tag = "issuances",
+    params(
+        ("status" = Option<apidoc::IssuanceStatus>, Query, description = "Only issuances in this status"),
+        ("client_request_id" = Option<String>, Query, description = "Only the issuance with this key"),
+        ("page_size" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Default 50"),
+        ("page_token" = Option<String>, Query, description = "`next_page_token` of the previous page"),
+    ),
+    responses((status = 200, description = "A page of issuances, newest first", body = apidoc::IssuanceList)),
+    security(("bearer" = ["issuance:read"]))
+)]
 pub async fn list(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -147,6 +214,19 @@ pub async fn list(
 }
 
 /// `POST /issuer/api/v1/issuances/{id}/cancel`.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances/{issuance_id}/cancel",
+    operation_id = "cancel_issuance",
+    tag = "issuances",
+    params(("issuance_id" = String, Path, description = "The issuance's id")),
+    responses(
+        (status = 200, description = "The issuance, now `rejected` / `cancelled` (or already so)", body = crate::view::IssuanceView),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: the issuance has another outcome already", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
 pub async fn cancel(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -159,6 +239,25 @@ pub async fn cancel(
 /// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with
 /// `Accept: text/event-stream` a live SSE stream (resumable with `Last-Event-ID`) that ends
 /// after the outcome.
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/issuances/{issuance_id}/events",
+    operation_id = "issuance_events",
+    tag = "issuances",
+    params(
+        ("issuance_id" = String, Path, description = "The issuance's id"),
+        ("after" = Option<i64>, Query, description = "Only events with a larger sequence"),
+        ("Last-Event-ID" = Option<String>, Header, description = "SSE resume point (an event id this service sent)"),
+    ),
+    responses(
+        (status = 200, description = "The history as JSON; with `Accept: text/event-stream` a live stream that ends after the outcome", content(
+            (apidoc::EventList = "application/json"),
+            ("text/event-stream"),
+        )),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:read"]))
+)]
 pub async fn events(
     State(app): State<AppState>,
     Auth(who): Auth,

@@ -18,6 +18,7 @@ use tower_http::{
 
 use crate::app::App;
 
+pub mod apidoc;
 mod error;
 mod extract;
 mod issuances;
@@ -40,9 +41,32 @@ pub fn router(app: AppState) -> Router {
         .route("/issuer/offer/{offer_id}", get(crate::landing::page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(docs())
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(app)
+}
+
+/// The OpenAPI document and a Swagger UI for it, served from the binary (no CDN).
+fn docs() -> Router<AppState> {
+    let json = apidoc::json();
+    Router::new()
+        .route(
+            apidoc::PATH,
+            get(move || async move {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::CACHE_CONTROL, "public, max-age=300"),
+                    ],
+                    json,
+                )
+            }),
+        )
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/issuer/api/docs")
+                .config(utoipa_swagger_ui::Config::new([apidoc::PATH])),
+        )
 }
 
 /// The backends' API: no CORS, since browsers have no business holding client secrets.
@@ -137,11 +161,28 @@ fn wallet_facing() -> Router<AppState> {
         .layer(cors)
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is up", body = apidoc::Health))
+)]
 async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when the database answers; a Redis outage only degrades idempotency to the database.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`ok`, or `degraded` without Redis", body = apidoc::Readiness),
+        (status = 503, description = "`unavailable` (no database) or `stopping`", body = apidoc::Readiness),
+    )
+)]
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     if app.is_stopping() {
         return (

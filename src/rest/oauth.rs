@@ -17,7 +17,7 @@ use issuer_domain::{
 use issuer_oid4vci::WalletError;
 use serde_json::json;
 
-use super::AppState;
+use super::{AppState, apidoc};
 
 const CLIENT_CREDENTIALS: &str = "client_credentials";
 
@@ -85,6 +85,22 @@ fn no_store(h: &mut HeaderMap) {
 }
 
 /// `POST /issuer/oauth/token`.
+#[utoipa::path(
+    post,
+    path = "/issuer/oauth/token",
+    operation_id = "token",
+    tag = "oauth",
+    request_body(content = apidoc::TokenRequest, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "An access token (`Cache-Control: no-store`)", body = apidoc::TokenResponse),
+        (status = 400, description = "`invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`", body = apidoc::OAuthError),
+        (status = 401, description = "`invalid_client` (`WWW-Authenticate: Basic`)", body = apidoc::OAuthError),
+        (status = 413, description = "`invalid_request`: the body is too large", body = apidoc::OAuthError),
+        (status = 500, description = "`server_error`", body = apidoc::OAuthError),
+        (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
+    ),
+    security((), ("client_basic" = []))
+)]
 pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     // Set by `issue` once the form is read, for the metrics.
     let mut grant_type = String::new();
@@ -284,6 +300,13 @@ fn form_decode(s: &str) -> Option<String> {
 }
 
 /// `GET /issuer/oauth/jwks`: the keys that verify access tokens.
+#[utoipa::path(
+    get,
+    path = "/issuer/oauth/jwks",
+    operation_id = "token_jwks",
+    tag = "oauth",
+    responses((status = 200, description = "The keys that verify access tokens (JWK Set)", body = Object))
+)]
 pub async fn jwks(State(app): State<AppState>) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "public, max-age=300")],

@@ -16,11 +16,18 @@ use issuer_oid4vci::{
 };
 use serde_json::{Value, json};
 
-use super::{AppState, bearer_token};
+use super::{AppState, apidoc, bearer_token};
 
 /// Metadata changes only with a deploy; let wallets cache it briefly.
 const METADATA_CACHE: &str = "public, max-age=300";
 
+#[utoipa::path(
+    get,
+    path = "/.well-known/openid-credential-issuer/issuer",
+    operation_id = "credential_issuer_metadata",
+    tag = "oid4vci",
+    responses((status = 200, description = "Credential issuer metadata (OID4VCI 1.0 §12.2)", body = Object))
+)]
 pub async fn credential_issuer(State(app): State<AppState>) -> impl IntoResponse {
     let issuer = app.issuances.credential_issuer();
     let configs: Vec<ConfigurationView> = app
@@ -40,6 +47,13 @@ pub async fn credential_issuer(State(app): State<AppState>) -> impl IntoResponse
     ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
 }
 
+#[utoipa::path(
+    get,
+    path = "/.well-known/oauth-authorization-server/issuer",
+    operation_id = "authorization_server_metadata",
+    tag = "oid4vci",
+    responses((status = 200, description = "Authorization server metadata (RFC 8414)", body = Object))
+)]
 pub async fn authorization_server(State(app): State<AppState>) -> impl IntoResponse {
     let issuer = app.issuances.credential_issuer();
     let body = authorization_server_metadata(
@@ -50,6 +64,13 @@ pub async fn authorization_server(State(app): State<AppState>) -> impl IntoRespo
     ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
 }
 
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwt-vc-issuer/issuer",
+    operation_id = "jwt_vc_issuer_metadata",
+    tag = "oid4vci",
+    responses((status = 200, description = "The keys that verify issued credentials (SD-JWT VC issuer metadata)", body = Object))
+)]
 pub async fn jwt_vc_issuer(State(app): State<AppState>) -> impl IntoResponse {
     let body = jwt_vc_issuer_metadata(
         &app.issuances.credential_issuer(),
@@ -59,6 +80,13 @@ pub async fn jwt_vc_issuer(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 /// `POST /issuer/oid4vci/v1/nonce`.
+#[utoipa::path(
+    post,
+    path = "/issuer/oid4vci/v1/nonce",
+    operation_id = "nonce",
+    tag = "oid4vci",
+    responses((status = 200, description = "A fresh `c_nonce` for key proofs (`Cache-Control: no-store`)", body = apidoc::NonceResponse))
+)]
 pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "no-store")],
@@ -67,6 +95,21 @@ pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 /// `POST /issuer/oid4vci/v1/credential`.
+#[utoipa::path(
+    post,
+    path = "/issuer/oid4vci/v1/credential",
+    operation_id = "credential",
+    tag = "oid4vci",
+    request_body(content = Object, content_type = "application/json", description = "Credential request (OID4VCI 1.0 §8.2)"),
+    responses(
+        (status = 200, description = "The SD-JWT VC (OID4VCI 1.0 §8.3)", body = Object),
+        (status = 400, description = "`invalid_credential_request`, `invalid_proof`, `invalid_nonce`, `unknown_credential_configuration`", body = apidoc::OAuthError),
+        (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 500, description = "`server_error`", body = apidoc::OAuthError),
+        (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
+    ),
+    security(("wallet_token" = []))
+)]
 pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         let token = wallet_token(&headers)?;
@@ -84,6 +127,21 @@ pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: B
 }
 
 /// `POST /issuer/oid4vci/v1/notification`.
+#[utoipa::path(
+    post,
+    path = "/issuer/oid4vci/v1/notification",
+    operation_id = "notification",
+    tag = "oid4vci",
+    request_body(content = Object, content_type = "application/json", description = "Notification (OID4VCI 1.0 §11.1)"),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "`invalid_notification_id`, `invalid_notification_request`", body = apidoc::OAuthError),
+        (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 500, description = "`server_error`", body = apidoc::OAuthError),
+        (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
+    ),
+    security(("wallet_token" = []))
+)]
 pub async fn notification(
     State(app): State<AppState>,
     headers: HeaderMap,

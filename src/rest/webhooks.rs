@@ -10,10 +10,23 @@ use axum::{
 use serde_json::Value;
 
 use super::{
-    ApiError, AppState,
+    ApiError, AppState, apidoc,
     extract::{Auth, JsonBody},
 };
 
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/webhook-endpoints",
+    operation_id = "create_webhook_endpoint",
+    tag = "webhooks",
+    request_body(content = apidoc::CreateWebhookEndpoint, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered; the secret is shown this once", body = apidoc::WebhookEndpointWithSecret),
+        (status = 413, description = "`payload_too_large`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn create(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -23,10 +36,30 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/webhook-endpoints",
+    operation_id = "list_webhook_endpoints",
+    tag = "webhooks",
+    responses((status = 200, description = "The tenant's endpoints", body = apidoc::WebhookEndpointList)),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn list(State(app): State<AppState>, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
     Ok(Json(app.list_webhook_endpoints(&who).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/webhook-endpoints/{id}",
+    operation_id = "get_webhook_endpoint",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id")),
+    responses(
+        (status = 200, description = "The endpoint", body = apidoc::WebhookEndpoint),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn get(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -35,6 +68,21 @@ pub async fn get(
     Ok(Json(app.get_webhook_endpoint(&who, &id).await?))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/issuer/api/v1/webhook-endpoints/{id}",
+    operation_id = "update_webhook_endpoint",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id")),
+    request_body(content = apidoc::UpdateWebhookEndpoint, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The endpoint as changed", body = apidoc::WebhookEndpoint),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn update(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -44,6 +92,18 @@ pub async fn update(
     Ok(Json(app.update_webhook_endpoint(&who, &id, &body).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/issuer/api/v1/webhook-endpoints/{id}",
+    operation_id = "delete_webhook_endpoint",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id")),
+    responses(
+        (status = 204, description = "Deleted, with its pending deliveries"),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn delete(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -54,6 +114,19 @@ pub async fn delete(
 }
 
 /// The body is optional: `{"overlap_secs": N}`.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/webhook-endpoints/{id}/rotate-secret",
+    operation_id = "rotate_webhook_secret",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id")),
+    request_body(content = Option<apidoc::RotateSecret>, content_type = "application/json", description = "Optional"),
+    responses(
+        (status = 200, description = "The new secret, shown this once", body = apidoc::WebhookEndpointWithSecret),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn rotate_secret(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -69,6 +142,18 @@ pub async fn rotate_secret(
     Ok(Json(app.rotate_webhook_secret(&who, &id, &body).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/issuer/api/v1/webhook-endpoints/{id}/deliveries",
+    operation_id = "list_webhook_deliveries",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id")),
+    responses(
+        (status = 200, description = "The endpoint's deliveries, newest first", body = apidoc::WebhookDeliveryList),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn deliveries(
     State(app): State<AppState>,
     Auth(who): Auth,
@@ -77,6 +162,19 @@ pub async fn deliveries(
     Ok(Json(app.list_webhook_deliveries(&who, &id).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/webhook-endpoints/{id}/deliveries/{delivery_id}/retry",
+    operation_id = "retry_webhook_delivery",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The endpoint's id"), ("delivery_id" = String, Path, description = "The delivery's id")),
+    responses(
+        (status = 202, description = "Queued for an attempt now"),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: the endpoint is disabled", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["webhooks:manage"]))
+)]
 pub async fn retry(
     State(app): State<AppState>,
     Auth(who): Auth,

@@ -1114,3 +1114,54 @@ async fn grpc_rejects_a_message_over_the_size_limit() {
     assert_eq!(ok.client_request_id, "too-big-1");
     assert_eq!(app.count_issuances(&creds).await, 1);
 }
+
+/// NUL characters cannot be stored (Postgres refuses them in text and jsonb): a payload string
+/// or a list filter holding one is an invalid request naming the field, not a server error.
+/// Found by schemathesis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_invalid_requests_not_server_errors() {
+    let (_db, app, creds, token) = setup().await;
+    let mut body = create_body("nul-in-payload");
+    body["payload"]["mandatee"]["firstName"] = "Ada\u{0}".into();
+    let res = app.create_rest(&token, &body).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let problem = json_of(res).await;
+    assert_eq!(
+        problem["errors"][0]["field"], "payload.mandatee.firstName",
+        "{problem}"
+    );
+
+    let err = app
+        .grpc()
+        .await
+        .create_issuance(authed(&token, create_request_pb(&body)))
+        .await
+        .expect_err("the NUL is refused over gRPC too");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let res = rest_list(&app, &token, &[("client_request_id", "a\u{0}b")]).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let problem = json_of(res).await;
+    assert_eq!(
+        problem["errors"][0]["field"], "client_request_id",
+        "{problem}"
+    );
+    let res = rest_list(&app, &token, &[("client_request_id", "é")]).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    for path in [
+        "/issuer/oid4vci/v1/credential-offer/a%00b",
+        "/issuer/offer/a%00b",
+        "/issuer/offer/AAAAAAAAAAAAAAAAAAAAAA%00A",
+    ] {
+        let res = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+
+    // Nothing was written, and the corrected request creates.
+    assert_eq!(app.count_issuances(&creds).await, 0);
+    body["payload"]["mandatee"]["firstName"] = "Ada".into();
+    assert_eq!(
+        app.create_rest(&token, &body).await.status(),
+        StatusCode::CREATED
+    );
+}

@@ -10,6 +10,7 @@ mod idempotency;
 mod lifecycle;
 mod metrics;
 mod offers;
+mod openapi;
 mod ops;
 mod outage;
 mod privacy;

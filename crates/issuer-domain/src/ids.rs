@@ -64,6 +64,14 @@ pub fn new_offer_id() -> String {
     random_token(18)
 }
 
+/// Whether `s` can be an offer id at all (base64url, as [`new_offer_id`] makes them); anything
+/// else is unknown without asking the store.
+pub fn is_offer_id(s: &str) -> bool {
+    s.len() == 24
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A pre-authorized code (256 bits); only its hash is stored.
 pub fn new_pre_authorized_code() -> String {
     random_token(32)
@@ -77,4 +85,25 @@ pub fn new_tx_code() -> String {
     (0..6)
         .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_new_offer_id_makes_can_be_an_offer_id() {
+        for _ in 0..100 {
+            assert!(is_offer_id(&new_offer_id()));
+        }
+        for bad in [
+            "",
+            "short",
+            "a\0bcdefghijklmnopqrstuvw",
+            "abcdefghijklmnopqrstuvw=",
+            "é",
+        ] {
+            assert!(!is_offer_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -134,6 +134,10 @@ pub fn validate(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldVi
             }
         }
         Value::String(s) => {
+            // No store keeps U+0000 in text (Postgres refuses it), and no credential needs it.
+            if s.contains('\0') {
+                out.push(FieldViolation::new(path, "must not contain NUL characters"));
+            }
             let len = s.chars().count() as u64;
             if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
                 && len < min

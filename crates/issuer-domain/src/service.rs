@@ -371,12 +371,19 @@ impl IssuanceService {
                 .map_err(|m: String| violations.push(crate::FieldViolation::new("status", m)))
                 .ok(),
         };
+        let client_request_id = match params.client_request_id.filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => crate::create::ClientRequestId::parse(&s)
+                .map_err(|m| violations.push(crate::FieldViolation::new("client_request_id", m)))
+                .ok()
+                .map(|_| s),
+        };
         if !violations.is_empty() {
             return Err(Error::invalid(violations));
         }
         let filter = ListFilter {
             status,
-            client_request_id: params.client_request_id.filter(|s| !s.is_empty()),
+            client_request_id,
             before,
             limit: (limit + 1) as u32,
         };
@@ -473,12 +480,19 @@ impl IssuanceService {
         Ok((issuance, events))
     }
 
+    /// The issuance behind an offer id; a string that cannot be one is not looked up.
+    async fn find_offer(&self, offer_id: &str) -> Result<Option<Issuance>> {
+        if !crate::ids::is_offer_id(offer_id) {
+            return Ok(None);
+        }
+        self.store.find_issuance_by_offer_id(offer_id).await
+    }
+
     /// The credential offer JSON a wallet fetches from `credential_offer_uri`, while the
     /// issuance is pending and unexpired.
     pub async fn credential_offer(&self, offer_id: &str) -> Result<Value> {
         let issuance = self
-            .store
-            .find_issuance_by_offer_id(offer_id)
+            .find_offer(offer_id)
             .await?
             .filter(|i| i.status == IssuanceStatus::Pending && i.expires_at > self.clock.now())
             .ok_or_else(|| Error::not_found("credential offer"))?;
@@ -542,8 +556,7 @@ impl IssuanceService {
     /// The landing page of an offer, by its offer id (the recipient's link holds nothing else).
     pub async fn landing(&self, offer_id: &str) -> Result<Landing> {
         let issuance = self
-            .store
-            .find_issuance_by_offer_id(offer_id)
+            .find_offer(offer_id)
             .await?
             .ok_or_else(|| Error::not_found("offer"))?;
         let tenant = self.tenant(issuance.tenant_id).await?;

@@ -1,0 +1,494 @@
+//! The OpenAPI 3.1 document of the REST API, served at `GET /issuer/api/v1/openapi.json` with an
+//! offline Swagger UI at `/issuer/api/docs/`, and committed as `docs/openapi.json`.
+//!
+//! Operations are declared on the handlers (`#[utoipa::path]`); the bodies the handlers build
+//! as JSON values are described here. CI checks the document both ways: the committed copy
+//! must equal what the code generates (`tests/it/openapi.rs`), and schemathesis drives every
+//! operation with valid and invalid input and checks each answer against it.
+
+// The types below describe JSON the handlers build; they are never constructed.
+#![allow(dead_code)]
+
+use utoipa::{
+    Modify, OpenApi, ToSchema,
+    openapi::{
+        self, Content, Ref, ResponseBuilder,
+        security::{Http, HttpAuthScheme, SecurityScheme},
+    },
+};
+
+use crate::view::{EventView, IssuanceView};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "issuer",
+        description = "Issues verifiable credentials (SD-JWT VC over OpenID4VCI 1.0) to people's \
+                       wallets on behalf of organisations' backends. Management calls take an \
+                       access token from `POST /issuer/oauth/token` (client credentials). The \
+                       same operations exist over gRPC (`issuer.v1.IssuanceService`).",
+    ),
+    paths(
+        super::issuances::create,
+        super::issuances::list,
+        super::issuances::get,
+        super::issuances::cancel,
+        super::issuances::events,
+        super::issuances::qr,
+        super::webhooks::create,
+        super::webhooks::list,
+        super::webhooks::get,
+        super::webhooks::update,
+        super::webhooks::delete,
+        super::webhooks::rotate_secret,
+        super::webhooks::deliveries,
+        super::webhooks::retry,
+        super::oauth::token,
+        super::oauth::jwks,
+        super::offers::credential_offer,
+        super::oid4vci::credential_issuer,
+        credential_issuer_suffix,
+        super::oid4vci::authorization_server,
+        authorization_server_suffix,
+        super::oid4vci::jwt_vc_issuer,
+        super::oid4vci::nonce,
+        super::oid4vci::credential,
+        super::oid4vci::notification,
+        crate::landing::page,
+        super::healthz,
+        super::readyz,
+    ),
+    components(schemas(Problem, FieldViolation, ErrorCode, QrFormat, IssuanceStatus)),
+    modifiers(&SecuritySchemes, &CommonResponses),
+    tags(
+        (name = "issuances", description = "Credential offers and their outcome"),
+        (name = "webhooks", description = "Signed event notifications (scope `webhooks:manage`)"),
+        (name = "oauth", description = "Access tokens: client credentials for backends, pre-authorized code for wallets"),
+        (name = "oid4vci", description = "What wallets call: metadata, offers, nonce, credential, notification"),
+        (name = "operations", description = "Probes"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Where the document is served.
+pub const PATH: &str = "/issuer/api/v1/openapi.json";
+
+/// The document as served and committed (`docs/openapi.json`): pretty JSON, ending in a newline.
+pub fn json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| {
+        let mut doc = ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serialises");
+        doc.push('\n');
+        doc
+    })
+}
+
+/// The well-known suffix form of the credential issuer metadata (same answer).
+#[utoipa::path(
+    get,
+    path = "/issuer/.well-known/openid-credential-issuer",
+    operation_id = "credential_issuer_metadata_suffix",
+    tag = "oid4vci",
+    responses((status = 200, description = "Credential issuer metadata (OID4VCI 1.0 §12.2)", body = Object))
+)]
+fn credential_issuer_suffix() {}
+
+/// The well-known suffix form of the authorization server metadata (same answer).
+#[utoipa::path(
+    get,
+    path = "/issuer/.well-known/oauth-authorization-server",
+    operation_id = "authorization_server_metadata_suffix",
+    tag = "oid4vci",
+    responses((status = 200, description = "Authorization server metadata (RFC 8414)", body = Object))
+)]
+fn authorization_server_suffix() {}
+
+/// `bearer`: management access tokens. `client_basic`: client_secret_basic at the token
+/// endpoint.
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, api: &mut openapi::OpenApi) {
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                openapi::security::HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "Access token from `POST /issuer/oauth/token` (grant_type=client_credentials)",
+                    ))
+                    .build(),
+            ),
+        );
+        c.add_security_scheme(
+            "client_basic",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)),
+        );
+        c.add_security_scheme(
+            "wallet_token",
+            SecurityScheme::Http(
+                openapi::security::HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A wallet's access token from `POST /issuer/oauth/token` \
+                         (grant_type=urn:ietf:params:oauth:grant-type:pre-authorized_code)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The problem answers every management operation can give, added where an operation does not
+/// list its own: 400, 401/403 (authenticated calls), 500 and 503.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, api: &mut openapi::OpenApi) {
+        for (path, item) in api.paths.paths.iter_mut() {
+            if !path.starts_with("/issuer/api/v1/") {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let mut add = |code: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_owned())
+                        .or_insert_with(|| {
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content(
+                                    "application/problem+json",
+                                    Content::new(Some(Ref::from_schema_name("Problem"))),
+                                )
+                                .build()
+                                .into()
+                        });
+                };
+                add(
+                    "400",
+                    "`invalid_request`, with the offending fields in `errors`",
+                );
+                add(
+                    "401",
+                    "`invalid_token`: missing, expired or invalid access token (`WWW-Authenticate`)",
+                );
+                add(
+                    "403",
+                    "`insufficient_scope` (`WWW-Authenticate` names the scope)",
+                );
+                add("500", "`internal`");
+                add(
+                    "503",
+                    "`unavailable`: the database cannot be reached; retry after `Retry-After`",
+                );
+            }
+        }
+    }
+}
+
+/// An error (RFC 9457 problem details).
+#[derive(ToSchema)]
+pub struct Problem {
+    /// `urn:issuer:problem:{code}`.
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    status: u16,
+    detail: String,
+    code: ErrorCode,
+    /// Field violations of an `invalid_request`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<Vec<FieldViolation>>,
+}
+
+/// One invalid field of a request.
+#[derive(ToSchema)]
+pub struct FieldViolation {
+    /// JSON path of the field, e.g. `payload.mandatee.email`.
+    field: String,
+    message: String,
+}
+
+/// Machine-readable error codes (the same set over gRPC as `ErrorInfo.reason`).
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidToken,
+    InsufficientScope,
+    NotFound,
+    IdempotencyKeyReused,
+    AlreadyExists,
+    InvalidState,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Unavailable,
+    Internal,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuanceStatus {
+    Pending,
+    Accepted,
+    Rejected,
+    Error,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMethod {
+    None,
+    Email,
+    Link,
+    Qr,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EmailState {
+    Pending,
+    Sent,
+    Failed,
+    Cancelled,
+}
+
+/// A create request. `payload` is validated against the credential configuration's schema
+/// (see `GET /issuer/.well-known/openid-credential-issuer`); unknown fields are refused.
+#[derive(ToSchema)]
+pub struct CreateIssuanceRequest {
+    /// Idempotency key, unique per tenant: 1 to 255 printable ASCII characters.
+    #[schema(min_length = 1, max_length = 255)]
+    client_request_id: String,
+    /// e.g. `learcredential.employee.sd.1`.
+    credential_configuration_id: String,
+    /// The credential's claims.
+    #[schema(value_type = Object)]
+    payload: serde_json::Value,
+    /// How the offer reaches the recipient (default `none`).
+    delivery: Option<DeliveryMethod>,
+    /// The recipient's address; required with `delivery: email`.
+    email: Option<String>,
+    /// Only `urn:ietf:params:oauth:grant-type:pre-authorized_code` (the default).
+    grant_type: Option<String>,
+    /// Offer lifetime in seconds, up to the tenant's maximum (default: the tenant's, 24 h).
+    #[schema(minimum = 1)]
+    expires_in: Option<i64>,
+    /// Whether the wallet must also present a transaction code (returned once, in the answer).
+    tx_code: Option<bool>,
+}
+
+/// A created (or replayed) issuance; `tx_code` only when one was asked for, and only in the
+/// answer that created it.
+#[derive(ToSchema)]
+pub struct IssuanceCreated {
+    #[serde(flatten)]
+    issuance: IssuanceView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tx_code: Option<String>,
+}
+
+/// A page of issuances, newest first.
+#[derive(ToSchema)]
+pub struct IssuanceList {
+    issuances: Vec<IssuanceView>,
+    /// Pass as `page_token` for the next page; `null` on the last.
+    next_page_token: Option<String>,
+}
+
+/// An issuance's history.
+#[derive(ToSchema)]
+pub struct EventList {
+    events: Vec<EventView>,
+}
+
+#[derive(ToSchema)]
+pub enum QrFormat {
+    #[serde(rename = "png")]
+    Png,
+    #[serde(rename = "svg")]
+    Svg,
+}
+
+/// The webhook event types.
+#[derive(ToSchema)]
+pub enum WebhookEventType {
+    #[serde(rename = "issuance.created")]
+    Created,
+    #[serde(rename = "issuance.accepted")]
+    Accepted,
+    #[serde(rename = "issuance.rejected")]
+    Rejected,
+    #[serde(rename = "issuance.error")]
+    Error,
+    #[serde(rename = "issuance.offer_retrieved")]
+    OfferRetrieved,
+}
+
+/// A webhook endpoint.
+#[derive(ToSchema)]
+pub struct WebhookEndpoint {
+    id: String,
+    url: String,
+    event_types: Vec<WebhookEventType>,
+    enabled: bool,
+    /// Why the service disabled it (`gone`, `failing`); `null` otherwise.
+    disabled_reason: Option<String>,
+    /// Since when deliveries have been failing; `null` while they succeed.
+    #[schema(format = DateTime)]
+    failing_since: Option<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+/// A webhook endpoint with its signing secret, shown only when created or rotated.
+#[derive(ToSchema)]
+pub struct WebhookEndpointWithSecret {
+    #[serde(flatten)]
+    endpoint: WebhookEndpoint,
+    /// `whsec_…` (Standard Webhooks).
+    secret: String,
+    /// After a rotation: until when the previous secret still signs too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    previous_secret_expires_at: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct WebhookEndpointList {
+    webhook_endpoints: Vec<WebhookEndpoint>,
+}
+
+/// Register an endpoint.
+#[derive(ToSchema)]
+pub struct CreateWebhookEndpoint {
+    /// `https` URL (at most 2048 characters).
+    url: String,
+    /// Default: every type but `issuance.created`.
+    event_types: Option<Vec<WebhookEventType>>,
+}
+
+/// Change an endpoint; absent fields stay. Enabling clears the service's disabling.
+#[derive(ToSchema)]
+pub struct UpdateWebhookEndpoint {
+    url: Option<String>,
+    event_types: Option<Vec<WebhookEventType>>,
+    enabled: Option<bool>,
+}
+
+/// Rotate the secret; the old one keeps signing beside the new for `overlap_secs`.
+#[derive(ToSchema)]
+pub struct RotateSecret {
+    /// 0 to 604800 (a week); default 86400.
+    #[schema(minimum = 0, maximum = 604800)]
+    overlap_secs: Option<i64>,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// One webhook message to one endpoint, with its attempts so far.
+#[derive(ToSchema)]
+pub struct WebhookDelivery {
+    id: String,
+    issuance_id: String,
+    sequence: i64,
+    event_type: WebhookEventType,
+    /// The `webhook-id` header: the same on every attempt.
+    webhook_id: String,
+    state: DeliveryState,
+    attempts: i64,
+    /// When `pending`: the next attempt.
+    #[schema(format = DateTime)]
+    next_attempt_at: Option<String>,
+    /// HTTP status of the last attempt.
+    last_status: Option<i64>,
+    last_error: Option<String>,
+    last_latency_ms: Option<i64>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+#[derive(ToSchema)]
+pub struct WebhookDeliveryList {
+    deliveries: Vec<WebhookDelivery>,
+}
+
+/// The token request (`application/x-www-form-urlencoded`).
+#[derive(ToSchema)]
+pub struct TokenRequest {
+    /// `client_credentials` (backends) or
+    /// `urn:ietf:params:oauth:grant-type:pre-authorized_code` (wallets).
+    grant_type: String,
+    /// `client_secret_post`; otherwise HTTP Basic.
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    /// Space-separated subset of the client's scopes.
+    scope: Option<String>,
+    /// The offer's pre-authorized code.
+    #[serde(rename = "pre-authorized_code")]
+    pre_authorized_code: Option<String>,
+    /// The transaction code, when the offer asks for one.
+    tx_code: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct TokenResponse {
+    access_token: String,
+    /// `Bearer`.
+    token_type: String,
+    expires_in: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+}
+
+/// An OAuth 2.0 (RFC 6749 §5.2) or OID4VCI error.
+#[derive(ToSchema)]
+pub struct OAuthError {
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_description: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct NonceResponse {
+    c_nonce: String,
+}
+
+#[derive(ToSchema)]
+pub struct Health {
+    status: String,
+}
+
+#[derive(ToSchema)]
+pub struct Readiness {
+    /// `ok`, `degraded` (Redis down), `unavailable` (database down) or `stopping`.
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<String>,
+}
