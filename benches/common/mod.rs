@@ -76,19 +76,25 @@ impl BenchService {
         .validate()
         .unwrap();
         // Logs and traces as the binary installs them (no OTLP endpoint: nothing exported),
-        // so that their cost is in the figures.
-        static TELEMETRY: std::sync::OnceLock<issuer::telemetry::Telemetry> =
+        // so that their cost is in the figures; BENCH_TELEMETRY=off leaves them out, to
+        // measure that cost.
+        static TELEMETRY: std::sync::OnceLock<Option<issuer::telemetry::Telemetry>> =
             std::sync::OnceLock::new();
         TELEMETRY.get_or_init(|| {
+            if std::env::var("BENCH_TELEMETRY").is_ok_and(|v| v == "off") {
+                return None;
+            }
             let quiet = Settings {
                 log_level: "warn".into(),
                 ..settings.clone()
             };
-            server_rt
-                .block_on(async {
-                    issuer::telemetry::init(&quiet, issuer::telemetry::LogTo::Stderr)
-                })
-                .unwrap()
+            Some(
+                server_rt
+                    .block_on(async {
+                        issuer::telemetry::init(&quiet, issuer::telemetry::LogTo::Stderr)
+                    })
+                    .unwrap(),
+            )
         });
         let app = Arc::new(server_rt.block_on(App::build(settings)).unwrap());
         let creds = server_rt.block_on(async {

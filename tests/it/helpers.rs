@@ -187,19 +187,7 @@ impl TestApp {
 
     /// An access token for `creds` from the token endpoint (client_secret_basic).
     pub async fn token(&self, creds: &Creds) -> String {
-        let res = self
-            .http
-            .post(self.url("/issuer/oauth/token"))
-            .basic_auth(&creds.client_id, Some(&creds.client_secret))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200, "token request failed");
-        res.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        fetch_token(token_request(&self.http, &self.base, creds)).await
     }
 
     /// A tenant with every scope and a token for it.
@@ -473,24 +461,26 @@ impl ServiceProcess {
         }
     }
 
-    /// A token request for `creds`, with extra headers.
-    pub fn token_request(&self, http: &reqwest::Client, creds: &Creds) -> reqwest::RequestBuilder {
-        http.post(format!("{}/issuer/oauth/token", self.base))
-            .basic_auth(&creds.client_id, Some(&creds.client_secret))
-            .form(&[("grant_type", "client_credentials")])
-    }
-
     /// An access token for `creds`.
     pub async fn token(&self, creds: &Creds) -> String {
-        let res = self
-            .token_request(&reqwest::Client::new(), creds)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200, "token request failed");
-        res.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        fetch_token(token_request(&reqwest::Client::new(), &self.base, creds)).await
     }
+}
+
+/// A client-credentials token request for `creds` (client_secret_basic) to the service at
+/// `base`; add headers before sending.
+pub fn token_request(http: &reqwest::Client, base: &str, creds: &Creds) -> reqwest::RequestBuilder {
+    http.post(format!("{base}/issuer/oauth/token"))
+        .basic_auth(&creds.client_id, Some(&creds.client_secret))
+        .form(&[("grant_type", "client_credentials")])
+}
+
+/// Sends a token request and returns the access token; it must succeed.
+pub async fn fetch_token(request: reqwest::RequestBuilder) -> String {
+    let res = request.send().await.unwrap();
+    assert_eq!(res.status(), 200, "token request failed");
+    res.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

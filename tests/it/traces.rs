@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::{
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
-use crate::helpers::{ServiceProcess, TestDb, create_body, create_request_pb};
+use crate::helpers::{ServiceProcess, TestDb, create_body, create_request_pb, token_request};
 
 /// What the collector received: every span with its resource's `service.name`.
 #[derive(Clone, Default)]
@@ -190,8 +190,7 @@ async fn rest_grpc_and_webhooks_share_the_callers_trace_in_the_otlp_export() {
 
     // The token request, traced by the caller: its log line carries the caller's trace id.
     let token_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let res = service
-        .token_request(&http, &creds)
+    let res = token_request(&http, &service.base, &creds)
         .header(
             "traceparent",
             format!("00-{token_trace}-00f067aa0ba902b7-01"),
