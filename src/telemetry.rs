@@ -109,17 +109,28 @@ pub fn init(settings: &Settings, log_to: LogTo) -> anyhow::Result<Telemetry> {
     // Spans reach the tracer whatever the log level: a quiet log must not blind the traces.
     // Store and Redis spans only as children: the background loops' polling (claims, the
     // readiness ping) would otherwise start a trace every second.
-    let traced = tracing_subscriber::filter::DynFilterFn::new(|meta, cx| {
-        let target = meta.target();
-        if !target.starts_with("issuer") || *meta.level() > tracing::Level::INFO {
-            return false;
+    // The decision is made once per callsite where it can be: a callsite judged per event costs
+    // every event of it (h2 alone has hundreds), even disabled ones.
+    let ours = |meta: &tracing::Metadata<'_>| {
+        meta.target().starts_with("issuer") && *meta.level() <= tracing::Level::INFO
+    };
+    let only_as_child = |meta: &tracing::Metadata<'_>| {
+        meta.is_span()
+            && (meta.target().starts_with("issuer_store")
+                || meta.target().starts_with("issuer_lock"))
+    };
+    let traced = tracing_subscriber::filter::DynFilterFn::new(move |meta, cx| {
+        ours(meta) && (!only_as_child(meta) || cx.lookup_current().is_some())
+    })
+    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO)
+    .with_callsite_filter(move |meta| {
+        if !ours(meta) {
+            tracing::subscriber::Interest::never()
+        } else if only_as_child(meta) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
         }
-        if meta.is_span()
-            && (target.starts_with("issuer_store") || target.starts_with("issuer_lock"))
-        {
-            return cx.lookup_current().is_some();
-        }
-        true
     });
     let traces = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("issuer"))

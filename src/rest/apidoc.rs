@@ -223,22 +223,25 @@ pub struct FieldViolation {
     message: String,
 }
 
-/// Machine-readable error codes (the same set over gRPC as `ErrorInfo.reason`).
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidRequest,
-    InvalidToken,
-    InsufficientScope,
-    NotFound,
-    IdempotencyKeyReused,
-    AlreadyExists,
-    InvalidState,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    Unavailable,
-    Internal,
+/// Machine-readable error codes (the same set over gRPC as `ErrorInfo.reason`), listed from
+/// the domain's own [`issuer_domain::ErrorCode::ALL`].
+pub struct ErrorCode;
+
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> openapi::RefOr<openapi::schema::Schema> {
+        openapi::ObjectBuilder::new()
+            .schema_type(openapi::schema::Type::String)
+            .description(Some(
+                "Machine-readable error code (the same set over gRPC as `ErrorInfo.reason`)",
+            ))
+            .enum_values(Some(
+                issuer_domain::ErrorCode::ALL.map(issuer_domain::ErrorCode::as_str),
+            ))
+            .into()
+    }
 }
+
+impl ToSchema for ErrorCode {}
 
 #[derive(ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -34,6 +34,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, as documented (the REST API's OpenAPI document lists them from here).
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidToken,
+        ErrorCode::InsufficientScope,
+        ErrorCode::NotFound,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::AlreadyExists,
+        ErrorCode::InvalidState,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",
@@ -158,3 +173,30 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod all_codes {
+    use super::ErrorCode;
+
+    /// `ALL` lists each code once; a new code without an entry there fails the exhaustive
+    /// match below, which must then be extended together with `ALL`.
+    #[test]
+    fn all_lists_every_code_once() {
+        let position = |c: ErrorCode| match c {
+            ErrorCode::InvalidRequest => 0,
+            ErrorCode::InvalidToken => 1,
+            ErrorCode::InsufficientScope => 2,
+            ErrorCode::NotFound => 3,
+            ErrorCode::IdempotencyKeyReused => 4,
+            ErrorCode::AlreadyExists => 5,
+            ErrorCode::InvalidState => 6,
+            ErrorCode::PayloadTooLarge => 7,
+            ErrorCode::UnsupportedMediaType => 8,
+            ErrorCode::Unavailable => 9,
+            ErrorCode::Internal => 10,
+        };
+        for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(position(c), i, "{c}");
+        }
+    }
+}
