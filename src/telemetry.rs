@@ -222,24 +222,31 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Makes `span` a child of the trace context in `headers`, if they carry a valid one.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract_with_context(&Context::new(), &HeaderExtractor(headers))
-    });
-    if parent.span().span_context().is_valid() {
-        // Fails only when tracing is not installed (tests without telemetry): nothing to join.
-        let _ = span.set_parent(parent);
-    }
+    join(span, &HeaderExtractor(headers));
 }
 
 /// Makes `span` a child of a stored `traceparent` (e.g. of the request that queued a webhook).
 pub fn continue_stored_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(tp) = traceparent else { return };
-    let Ok(value) = http::HeaderValue::from_str(tp) else {
+    if let Some(tp) = traceparent {
+        join(
+            span,
+            &std::collections::HashMap::from([("traceparent".to_owned(), tp.to_owned())]),
+        );
+    }
+}
+
+fn join(span: &tracing::Span, carrier: &dyn Extractor) {
+    // A span that is not traced (probes, tests without telemetry) has nothing to join.
+    if span.is_disabled() {
         return;
-    };
-    let mut headers = http::HeaderMap::new();
-    headers.insert("traceparent", value);
-    continue_trace(span, &headers);
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract_with_context(&Context::new(), carrier)
+    });
+    if parent.span().span_context().is_valid() {
+        // Fails only when no tracing layer is installed: nothing to join then either.
+        let _ = span.set_parent(parent);
+    }
 }
 
 /// The W3C `traceparent` of a span, if it is traced.

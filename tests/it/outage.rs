@@ -21,6 +21,8 @@ struct OwnedCluster {
     bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
+    /// initdb refuses to run as root; then the tools run as `postgres`.
+    as_root: bool,
 }
 
 impl OwnedCluster {
@@ -40,9 +42,17 @@ impl OwnedCluster {
             .local_addr()
             .unwrap()
             .port();
-        let cluster = Self { bin, dir, port };
-        // initdb refuses to run as root; the server then runs as `postgres`.
-        if cluster.as_root() {
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let cluster = Self {
+            bin,
+            dir,
+            port,
+            as_root,
+        };
+        if cluster.as_root {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(cluster.dir.path())
@@ -67,13 +77,6 @@ impl OwnedCluster {
         cluster
     }
 
-    fn as_root(&self) -> bool {
-        Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
-    }
-
     fn data(&self) -> String {
         format!("{}/data", self.dir.path().display())
     }
@@ -82,16 +85,20 @@ impl OwnedCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// A server tool, run as `postgres` when the test runs as root.
+    fn command(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
-        let mut cmd = if self.as_root() {
+        if self.as_root {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c.args(["-u", "postgres", "--"]).arg(exe);
             c
         } else {
-            Command::new(&exe)
-        };
-        let out = cmd.args(args).output().unwrap();
+            Command::new(exe)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{tool} {args:?} failed: {}{}",
@@ -121,18 +128,11 @@ impl OwnedCluster {
 
 impl Drop for OwnedCluster {
     fn drop(&mut self) {
-        let exe = self.bin.join("pg_ctl");
         let data = self.data();
-        let args = ["-D", &data, "-m", "immediate", "stop"];
-        let _ = if self.as_root() {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&exe)
-                .args(args)
-                .output()
-        } else {
-            Command::new(&exe).args(args).output()
-        };
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
     }
 }
 

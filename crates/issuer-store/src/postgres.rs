@@ -91,17 +91,6 @@ impl ConnectionsLost {
     }
 }
 
-/// Whether `e` says the connection or the server is gone, as opposed to a busy pool.
-fn is_connection_lost(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
-        _ => false,
-    }
-}
-
 impl PgStore {
     /// Connects a pool of up to `max_connections`; fails if the database cannot be reached
     /// within a few seconds.
@@ -195,7 +184,7 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await
             .map_err(|e| {
-                if is_connection_lost(&e) {
+                if rows::is_connection_lost(Backend::Postgres, &e) {
                     self.lost.record();
                 }
                 db_error(e)
@@ -360,8 +349,10 @@ impl Store for PgStore {
             .insert(NewIssuance {
                 issuance: issuance.clone(),
                 event: first_event.clone(),
+                traceparent: webhook
+                    .as_ref()
+                    .and_then(|_| rows::traceparent(&tracing::Span::current())),
                 webhook,
-                traceparent: rows::traceparent(&tracing::Span::current()),
             })
             .await?;
         if written {

@@ -373,12 +373,17 @@ pub(crate) fn migrate_error(backend: Backend, e: sqlx::migrate::MigrateError) ->
 }
 
 fn is_unavailable(backend: Backend, e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
+    ) || is_connection_lost(backend, e)
+}
+
+/// Whether `e` says the connection or the server is gone (as opposed to a busy pool), or, on
+/// SQLite, that the database stayed locked.
+pub(crate) fn is_connection_lost(backend: Backend, e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => {
             let Some(code) = db.code() else { return false };
             match backend {
