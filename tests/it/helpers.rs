@@ -484,3 +484,61 @@ pub async fn fetch_token(request: reqwest::RequestBuilder) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// Fires `requests` (raw HTTP/1.1 with `Connection: close`) at `addr` so that the service sees
+/// them arrive together: each goes over its own connection with all but its last byte, and only
+/// when every connection holds its request are the last bytes sent. Returns each response's
+/// status and body, in request order.
+pub async fn race_http1(addr: SocketAddr, requests: Vec<Vec<u8>>) -> Vec<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let n = requests.len();
+    let ready = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let ready = Arc::clone(&ready);
+            let mut go = go_rx.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (head, last) = request.split_at(request.len() - 1);
+                stream.write_all(head).await.unwrap();
+                stream.flush().await.unwrap();
+                ready.wait().await;
+                go.wait_for(|go| *go).await.unwrap();
+                stream.write_all(last).await.unwrap();
+                let mut raw = Vec::new();
+                stream.read_to_end(&mut raw).await.unwrap();
+                let raw = String::from_utf8_lossy(&raw).into_owned();
+                let status = raw
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("no HTTP status in {raw:?}"));
+                let body = raw
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_owned())
+                    .unwrap_or_default();
+                (status, body)
+            })
+        })
+        .collect();
+    ready.wait().await;
+    go_tx.send(true).unwrap();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await.expect("racing request panicked"));
+    }
+    out
+}
+
+/// A raw HTTP/1.1 form POST for [`race_http1`].
+pub fn raw_form_post(path: &str, form: &[(&str, &str)]) -> Vec<u8> {
+    let body = serde_urlencoded::to_string(form).unwrap();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

@@ -593,6 +593,97 @@ async fn tx_codes_are_required_checked_and_capped() {
     assert_ne!(status, "accepted");
 }
 
+/// 200 guesses at once: exactly the cap of them is compared; every other one, and the right
+/// code afterwards, gets `invalid_grant`. With the right code among them, it wins only if it
+/// was one of the compared few.
+async fn tx_code_guesses_race(app: &TestApp) {
+    let (_, token) = app.tenant_token().await;
+    let path = |issuer: &Issuer| {
+        issuer
+            .token_endpoint
+            .strip_prefix(&app.base)
+            .unwrap()
+            .to_owned()
+    };
+    let guess = |code: &str, tx: &str, path: &str| {
+        crate::helpers::raw_form_post(
+            path,
+            &[
+                ("grant_type", PRE_AUTH_GRANT),
+                ("pre-authorized_code", code),
+                ("tx_code", tx),
+            ],
+        )
+    };
+    let compared = |results: &[(u16, String)]| {
+        results
+            .iter()
+            .filter(|(_, body)| body.contains("the transaction code is wrong"))
+            .count()
+    };
+
+    let (issuance, tx, offer, issuer) = tx_issuance(app, &token, "race-1").await;
+    let code = pre_authorized_code(&offer);
+    let path1 = path(&issuer);
+    let requests = (0..200)
+        .map(|_| guess(&code, &wrong(&tx), &path1))
+        .collect();
+    let results = crate::helpers::race_http1(app.addr, requests).await;
+    assert!(
+        results
+            .iter()
+            .all(|(status, body)| *status == 400 && body.contains("invalid_grant")),
+        "every wrong guess is invalid_grant: {:?}",
+        results
+            .iter()
+            .find(|(s, b)| *s != 400 || !b.contains("invalid_grant"))
+    );
+    assert_eq!(compared(&results), 5, "exactly the cap is compared");
+    let res = issuer
+        .token_request(&app.http, &code, &[("tx_code", &tx)])
+        .await;
+    expect_error(res, 400, "invalid_grant", "right code after the cap").await;
+    let (status, _) = status_of(app, &token, &id_of(&issuance)).await;
+    assert_eq!(status, "pending");
+
+    // The right code as the 30th of 200.
+    let (_, tx, offer, issuer) = tx_issuance(app, &token, "race-2").await;
+    let code = pre_authorized_code(&offer);
+    let path2 = path(&issuer);
+    let requests = (0..200)
+        .map(|i| {
+            guess(
+                &code,
+                &if i == 29 { tx.clone() } else { wrong(&tx) },
+                &path2,
+            )
+        })
+        .collect();
+    let results = crate::helpers::race_http1(app.addr, requests).await;
+    let tokens = results.iter().filter(|(s, _)| *s == 200).count();
+    assert!(tokens <= 1, "one code, one token: {tokens}");
+    assert_eq!(tokens, usize::from(results[29].0 == 200));
+    assert!(
+        compared(&results) + tokens <= 5,
+        "at most the cap compared, the right code included: {} + {tokens}",
+        compared(&results)
+    );
+    assert!(results.iter().all(|(s, _)| *s == 200 || *s == 400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tx_code_guesses_are_capped_on_postgres() {
+    let (_db, app) = pg_app().await;
+    tx_code_guesses_race(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tx_code_guesses_are_capped_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(embedded_settings(dir.path())).await;
+    tx_code_guesses_race(&app).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Key proofs and nonces
 // ---------------------------------------------------------------------------------------------
@@ -1161,6 +1252,40 @@ async fn a_nonce_from_one_replica_is_good_at_another_and_only_once() {
         )
         .await;
     expect_error(res, 400, "invalid_nonce", "the same nonce again").await;
+}
+
+/// A nonce spent in one tenant is refused in another: nonces are issued for the whole issuer.
+async fn nonce_spent_in_one_tenant_is_refused_in_another(app: &TestApp) {
+    let (_, token_a) = app.tenant_token().await;
+    let (_, token_b) = app.tenant_token().await;
+    let a = session(app, &token_a, "nonce-tenant-a").await;
+    let b = session(app, &token_b, "nonce-tenant-b").await;
+    let nonce = a.issuer.nonce(&app.http).await;
+    let key = HolderKey::generate();
+    let request = |s: &Session| request_v1(&proof(&key, &s.issuer.credential_issuer, &nonce));
+    let res = a
+        .issuer
+        .credential_request(&app.http, &a.access_token, &request(&a))
+        .await;
+    expect_json(res, 200, "nonce spent in tenant A").await;
+    let res = b
+        .issuer
+        .credential_request(&app.http, &b.access_token, &request(&b))
+        .await;
+    expect_error(res, 400, "invalid_nonce", "the same nonce in tenant B").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_are_single_use_across_tenants_on_postgres() {
+    let (_db, app) = pg_app().await;
+    nonce_spent_in_one_tenant_is_refused_in_another(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_are_single_use_across_tenants_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(embedded_settings(dir.path())).await;
+    nonce_spent_in_one_tenant_is_refused_in_another(&app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

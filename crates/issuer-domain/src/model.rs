@@ -290,7 +290,9 @@ pub struct Issuance {
     pub pre_authorized_code_sealed: String,
     /// Keyed hash of the transaction code, when the offer needs one.
     pub tx_code_hash: Option<String>,
-    /// Wrong transaction codes tried so far; at the cap the code is dead.
+    /// Transaction codes compared so far (each attempt is counted before it is compared, so
+    /// the right one counts too: it redeems the code, which then is dead anyway); at the cap
+    /// the code is dead.
     pub tx_code_failures: i64,
     /// When a wallet redeemed the pre-authorized code; codes are single-use.
     pub code_redeemed_at: Option<DateTime<Utc>>,

@@ -65,9 +65,18 @@ pub trait Store: Send + Sync + 'static {
     async fn find_issuance_by_offer_id(&self, offer_id: &str) -> Result<Option<Issuance>>;
     /// The issuance whose pre-authorized code hashes to `code_hash`.
     async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>>;
-    /// Counts one wrong transaction code atomically; returns the count after it.
-    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64>;
-    /// Marks a nonce used; `false` when it was used before (within its tenant).
+    /// Reserves one transaction-code attempt before the code is compared: counts it atomically
+    /// when fewer than `max_attempts` were made and the code is still open (pending, not
+    /// redeemed), and returns the count after it; `None` when the budget is spent or the code
+    /// is closed. Of any number of concurrent callers, at most `max_attempts` in all get `Some`.
+    async fn reserve_tx_code_attempt(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        max_attempts: i64,
+    ) -> Result<Option<i64>>;
+    /// Marks a nonce used by `tenant`; `false` when it was used before, in any tenant: nonces
+    /// are issued for the whole issuer.
     async fn use_nonce(
         &self,
         tenant: TenantId,

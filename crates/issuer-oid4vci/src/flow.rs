@@ -180,18 +180,22 @@ impl WalletService {
             let given = tx_code.filter(|t| !t.is_empty()).ok_or_else(|| {
                 WalletError::refused("invalid_request", "tx_code is required for this offer")
             })?;
-            if issuance.tx_code_failures >= self.settings.tx_code_max_attempts {
-                return Err(invalid_grant());
-            }
+            // The attempt is reserved before the comparison, in one conditional write: however
+            // many guesses arrive at once, at most the cap of them is ever compared.
+            let attempts = self
+                .store
+                .reserve_tx_code_attempt(
+                    issuance.tenant_id,
+                    issuance.id,
+                    self.settings.tx_code_max_attempts,
+                )
+                .await?
+                .ok_or_else(invalid_grant)?;
             if !constant_time_eq(self.sealer.digest(given).as_bytes(), expected.as_bytes()) {
-                let failures = self
-                    .store
-                    .record_tx_code_failure(issuance.tenant_id, issuance.id)
-                    .await?;
                 tracing::info!(
                     tenant_id = %issuance.tenant_id,
                     issuance_id = %issuance.id,
-                    failures,
+                    attempts,
                     "wrong transaction code"
                 );
                 return Err(WalletError::refused(

@@ -46,7 +46,7 @@ pub async fn run_all(store: &dyn Store) {
     overdue_pending_lists_only_due_pending(store).await;
     code_lookup_and_tx_code_failures(store).await;
     redemption_applies_once_and_keeps_notification_id(store).await;
-    nonces_are_single_use_per_tenant(store).await;
+    nonces_are_single_use_across_tenants(store).await;
     webhook_outbox_follows_events(store).await;
     webhook_claims_are_leased_and_recorded(store).await;
     email_outbox(store).await;
@@ -57,6 +57,7 @@ pub async fn run_concurrency(store: Arc<dyn Store>) {
     concurrent_duplicates(store.clone(), 50).await;
     concurrent_transitions(store.clone(), 20).await;
     concurrent_redemptions(store.clone(), 20).await;
+    concurrent_tx_code_attempts(store.clone(), 50, 5).await;
     concurrent_claims_are_disjoint(store.clone()).await;
     // Last: it leaves deliveries due that other checks' claims would pick up.
     concurrent_mixed_creates(store).await;
@@ -1349,26 +1350,68 @@ pub async fn code_lookup_and_tx_code_failures(store: &dyn Store) {
             .unwrap(),
         None
     );
+    let reserve = |max| store.reserve_tx_code_attempt(tenant, issuance.id, max);
     for expected in 1..=3 {
-        let n = store
-            .record_tx_code_failure(tenant, issuance.id)
-            .await
-            .expect("record failure");
-        assert_eq!(n, expected);
+        let n = reserve(3).await.expect("reserve attempt");
+        assert_eq!(n, Some(expected), "attempts below the cap are counted");
     }
+    assert_eq!(reserve(3).await.unwrap(), None, "the cap is reached");
     assert_eq!(
         get(store, tenant, issuance.id)
             .await
             .map(|i| i.tx_code_failures),
-        Some(3)
+        Some(3),
+        "a refused reservation counts nothing"
+    );
+    assert_eq!(
+        reserve(5).await.unwrap(),
+        Some(4),
+        "a higher cap allows more"
     );
     let other = new_tenant(store).await;
-    assert!(
+    assert_eq!(
         store
-            .record_tx_code_failure(other, issuance.id)
+            .reserve_tx_code_attempt(other, issuance.id, 10)
             .await
-            .is_err(),
+            .unwrap(),
+        None,
         "scoped by tenant"
+    );
+    // A redeemed code takes no more attempts.
+    apply(store, tenant, issuance.id, &redeem(now_with_nanos())).await;
+    assert_eq!(reserve(10).await.unwrap(), None, "closed once redeemed");
+}
+
+/// Concurrent transaction-code attempts: of `n` at once, exactly `max` are reserved.
+pub async fn concurrent_tx_code_attempts(store: Arc<dyn Store>, n: usize, max: i64) {
+    let tenant = new_tenant(store.as_ref()).await;
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store.as_ref(), &issuance, &event).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .reserve_tx_code_attempt(tenant, issuance.id, max)
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for task in tasks {
+        match task.await.expect("reservation task panicked") {
+            Ok(Some(n)) => granted.push(n),
+            Ok(None) => {}
+            Err(e) => panic!("a concurrent reservation failed: {}", e.chain()),
+        }
+    }
+    granted.sort_unstable();
+    assert_eq!(
+        granted,
+        (1..=max).collect::<Vec<_>>(),
+        "exactly {max} of {n} concurrent attempts are reserved, each with its own count"
     );
 }
 
@@ -1421,8 +1464,8 @@ pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store
     assert_eq!(kinds, ["created", "token_issued", "credential_issued"]);
 }
 
-/// A nonce is accepted once per tenant; expired ones can be purged.
-pub async fn nonces_are_single_use_per_tenant(store: &dyn Store) {
+/// A nonce is accepted once in the whole issuer; expired ones can be purged.
+pub async fn nonces_are_single_use_across_tenants(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let other = new_tenant(store).await;
     let nonce = random_token(32);
@@ -1438,8 +1481,8 @@ pub async fn nonces_are_single_use_per_tenant(store: &dyn Store) {
         "second use is refused"
     );
     assert!(
-        store.use_nonce(other, &nonce, past).await.unwrap(),
-        "tenants are independent"
+        !store.use_nonce(other, &nonce, past).await.unwrap(),
+        "nonces are issuer-wide: another tenant cannot spend it again"
     );
     let fresh = random_token(32);
     assert!(
@@ -1453,7 +1496,7 @@ pub async fn nonces_are_single_use_per_tenant(store: &dyn Store) {
             .purge_used_nonces(now_with_nanos())
             .await
             .expect("purge")
-            >= 2
+            >= 1
     );
     assert!(
         !store

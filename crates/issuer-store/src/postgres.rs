@@ -466,19 +466,28 @@ impl Store for PgStore {
         .transpose()
     }
 
-    #[tracing::instrument(name = "store.record_tx_code_failure", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
-    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
-        let row = sqlx::query(
+    #[tracing::instrument(name = "store.reserve_tx_code_attempt", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
+    async fn reserve_tx_code_attempt(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        max_attempts: i64,
+    ) -> Result<Option<i64>> {
+        // One conditional statement: concurrent guesses serialize on the row, and only the
+        // first `max_attempts` of them find the counter below the cap.
+        sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
-             WHERE tenant_id = $1 AND id = $2 RETURNING tx_code_failures",
+             WHERE tenant_id = $1 AND id = $2 AND tx_code_failures < $3 \
+             AND status = 'pending' AND code_redeemed_at IS NULL RETURNING tx_code_failures",
         )
         .bind(tenant.0)
         .bind(id.0)
+        .bind(max_attempts)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?
-        .ok_or_else(|| Error::not_found("issuance"))?;
-        row.try_get("tx_code_failures").map_err(db_error)
+        .map(|row| row.try_get("tx_code_failures").map_err(db_error))
+        .transpose()
     }
 
     #[tracing::instrument(name = "store.use_nonce", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
@@ -490,7 +499,7 @@ impl Store for PgStore {
     ) -> Result<bool> {
         let done = sqlx::query(
             "INSERT INTO used_nonces (tenant_id, nonce_hash, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (tenant_id, nonce_hash) DO NOTHING",
+             ON CONFLICT (nonce_hash) DO NOTHING",
         )
         .bind(tenant.0)
         .bind(nonce_hash)

@@ -520,19 +520,28 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    #[tracing::instrument(name = "store.record_tx_code_failure", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
-    async fn record_tx_code_failure(&self, tenant: TenantId, id: IssuanceId) -> Result<i64> {
-        let row = sqlx::query(
+    #[tracing::instrument(name = "store.reserve_tx_code_attempt", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
+    async fn reserve_tx_code_attempt(
+        &self,
+        tenant: TenantId,
+        id: IssuanceId,
+        max_attempts: i64,
+    ) -> Result<Option<i64>> {
+        // One conditional statement: concurrent guesses serialize on the row, and only the
+        // first `max_attempts` of them find the counter below the cap.
+        sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
-             WHERE tenant_id = ? AND id = ? RETURNING tx_code_failures",
+             WHERE tenant_id = ? AND id = ? AND tx_code_failures < ? \
+             AND status = 'pending' AND code_redeemed_at IS NULL RETURNING tx_code_failures",
         )
         .bind(id_text(tenant.0))
         .bind(id_text(id.0))
+        .bind(max_attempts)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?
-        .ok_or_else(|| Error::not_found("issuance"))?;
-        row.try_get("tx_code_failures").map_err(db_error)
+        .map(|row| row.try_get("tx_code_failures").map_err(db_error))
+        .transpose()
     }
 
     #[tracing::instrument(name = "store.use_nonce", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
@@ -544,7 +553,7 @@ impl Store for SqliteStore {
     ) -> Result<bool> {
         let done = sqlx::query(
             "INSERT INTO used_nonces (tenant_id, nonce_hash, expires_at) VALUES (?, ?, ?) \
-             ON CONFLICT (tenant_id, nonce_hash) DO NOTHING",
+             ON CONFLICT (nonce_hash) DO NOTHING",
         )
         .bind(id_text(tenant.0))
         .bind(nonce_hash)
