@@ -13,9 +13,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use issuer_domain::{
     Error,
-    model::{
-        Branding, EmailDelivery, EmailState, EmailUpdate, Issuance, IssuanceStatus, Transition,
-    },
+    model::{Branding, EmailDelivery, EmailState, EmailUpdate, Issuance, OfferPhase, Transition},
     ports::EventNotifier,
 };
 use lettre::{
@@ -359,10 +357,7 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
     };
     // Over already: leaving `pending` cancels the email (an expired offer is swept soon, a
     // redeemed one is issued soon); until then the row waits out its lease.
-    if issuance.status != IssuanceStatus::Pending
-        || issuance.expires_at <= app.clock.now()
-        || issuance.code_redeemed_at.is_some()
-    {
+    if issuance.offer_phase(app.clock.now()) != OfferPhase::Open {
         return;
     }
     let outcome = match compose(app, &issuance).await {

@@ -4,14 +4,19 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use issuer_domain::{
     Error,
-    model::{Delivery, EmailDelivery, EmailState, Issuance, IssuanceEvent},
-    service::IssuanceService,
+    model::{Delivery, EmailDelivery, EmailState, Issuance, IssuanceEvent, Scope},
+    service::{IssuanceService, Principal},
 };
 
 use crate::app::App;
 
-/// The views of issuances of one tenant, each with its offer email's state.
-pub async fn issuance_views(app: &App, issuances: &[Issuance]) -> Result<Vec<IssuanceView>, Error> {
+/// The views of issuances of one tenant as `who` may see them, each with its offer email's
+/// state. The offer itself is a secret of `issuance:write`: whoever holds it can redeem it.
+pub async fn issuance_views(
+    app: &App,
+    who: &Principal,
+    issuances: &[Issuance],
+) -> Result<Vec<IssuanceView>, Error> {
     let Some(first) = issuances.first() else {
         return Ok(Vec::new());
     };
@@ -30,14 +35,18 @@ pub async fn issuance_views(app: &App, issuances: &[Issuance]) -> Result<Vec<Iss
             let email = emails
                 .iter()
                 .find(|e| e.issuance_id == i.id && e.tenant_id == i.tenant_id);
-            IssuanceView::with_email(&app.issuances, i, email)
+            IssuanceView::with_email(&app.issuances, who, i, email)
         })
         .collect())
 }
 
 /// The view of one issuance with its offer email's state.
-pub async fn issuance_view(app: &App, issuance: &Issuance) -> Result<IssuanceView, Error> {
-    let mut views = issuance_views(app, std::slice::from_ref(issuance)).await?;
+pub async fn issuance_view(
+    app: &App,
+    who: &Principal,
+    issuance: &Issuance,
+) -> Result<IssuanceView, Error> {
+    let mut views = issuance_views(app, who, std::slice::from_ref(issuance)).await?;
     views
         .pop()
         .ok_or_else(|| Error::internal("no view for the issuance"))
@@ -54,8 +63,10 @@ pub struct IssuanceView {
     pub status: &'static str,
     /// With `rejected`: `expired`, `cancelled` or `declined`; with `error`, what failed.
     pub reason: Option<String>,
-    /// The offer for the wallet (`openid-credential-offer://?credential_offer_uri=...`).
-    pub credential_offer_uri: String,
+    /// The offer for the wallet (`openid-credential-offer://?credential_offer_uri=...`). Only
+    /// for a token with `issuance:write`: whoever holds the offer can redeem it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_offer_uri: Option<String>,
     #[schema(value_type = crate::rest::apidoc::DeliveryMethod)]
     pub delivery: &'static str,
     #[serde(serialize_with = "rfc3339")]
@@ -106,23 +117,27 @@ impl IssuanceView {
     /// The view with its offer email's state, `email` being the issuance's outbox row if any.
     pub fn with_email(
         service: &IssuanceService,
+        who: &Principal,
         i: &Issuance,
         email: Option<&EmailDelivery>,
     ) -> Self {
         Self {
             email_delivery: email.map(EmailDeliveryView::from),
-            ..Self::new(service, i)
+            ..Self::new(service, who, i)
         }
     }
 
-    pub fn new(service: &IssuanceService, i: &Issuance) -> Self {
+    pub fn new(service: &IssuanceService, who: &Principal, i: &Issuance) -> Self {
         Self {
             issuance_id: i.id.to_string(),
             client_request_id: i.client_request_id.clone(),
             credential_configuration_id: i.credential_configuration_id.clone(),
             status: i.status.as_str(),
             reason: i.reason.clone(),
-            credential_offer_uri: service.credential_offer_uri(i),
+            credential_offer_uri: who
+                .scopes
+                .contains(&Scope::IssuanceWrite)
+                .then(|| service.credential_offer_uri(i)),
             delivery: i.delivery.as_str(),
             expires_at: i.expires_at,
             created_at: i.created_at,

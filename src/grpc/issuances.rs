@@ -4,7 +4,10 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 
-use issuer_domain::{model::Issuance, service::ListParams};
+use issuer_domain::{
+    model::Issuance,
+    service::{ListParams, Principal},
+};
 use prost_types::Timestamp;
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
@@ -30,14 +33,18 @@ impl IssuanceGrpc {
         Self { app }
     }
 
-    async fn message(&self, i: &Issuance) -> Result<pb::Issuance, Status> {
-        let mut v = self.messages(std::slice::from_ref(i)).await?;
+    async fn message(&self, who: &Principal, i: &Issuance) -> Result<pb::Issuance, Status> {
+        let mut v = self.messages(who, std::slice::from_ref(i)).await?;
         v.pop()
             .ok_or_else(|| status(issuer_domain::Error::internal("no message")))
     }
 
-    async fn messages(&self, issuances: &[Issuance]) -> Result<Vec<pb::Issuance>, Status> {
-        Ok(issuance_views(&self.app, issuances)
+    async fn messages(
+        &self,
+        who: &Principal,
+        issuances: &[Issuance],
+    ) -> Result<Vec<pb::Issuance>, Status> {
+        Ok(issuance_views(&self.app, who, issuances)
             .await
             .map_err(status)?
             .into_iter()
@@ -53,7 +60,7 @@ fn to_message(v: IssuanceView) -> pb::Issuance {
         credential_configuration_id: v.credential_configuration_id,
         status: v.status.to_owned(),
         reason: v.reason.unwrap_or_default(),
-        credential_offer_uri: v.credential_offer_uri,
+        credential_offer_uri: v.credential_offer_uri.unwrap_or_default(),
         delivery: v.delivery.to_owned(),
         expires_at: Some(timestamp(&v.expires_at)),
         created_at: Some(timestamp(&v.created_at)),
@@ -162,7 +169,7 @@ impl IssuanceService for IssuanceGrpc {
             .await
             .map_err(status)?;
         crate::metrics::create("grpc", out.replayed);
-        let mut message = self.message(&out.issuance).await?;
+        let mut message = self.message(&who, &out.issuance).await?;
         message.tx_code = out.tx_code.unwrap_or_default();
         let mut res = Response::new(message);
         res.metadata_mut().insert(
@@ -179,7 +186,7 @@ impl IssuanceService for IssuanceGrpc {
         let who = authenticate(&self.app, &req)?;
         let id = req.into_inner().issuance_id;
         let issuance = self.app.issuances.get(&who, &id).await.map_err(status)?;
-        Ok(Response::new(self.message(&issuance).await?))
+        Ok(Response::new(self.message(&who, &issuance).await?))
     }
 
     async fn cancel_issuance(
@@ -189,7 +196,7 @@ impl IssuanceService for IssuanceGrpc {
         let who = authenticate(&self.app, &req)?;
         let id = req.into_inner().issuance_id;
         let issuance = self.app.issuances.cancel(&who, &id).await.map_err(status)?;
-        Ok(Response::new(self.message(&issuance).await?))
+        Ok(Response::new(self.message(&who, &issuance).await?))
     }
 
     async fn list_issuances(
@@ -213,7 +220,7 @@ impl IssuanceService for IssuanceGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListIssuancesResponse {
-            issuances: self.messages(&page.issuances).await?,
+            issuances: self.messages(&who, &page.issuances).await?,
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }

@@ -52,7 +52,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let out = app.issuances.create(&who, &body).await?;
     crate::metrics::create("rest", out.replayed);
-    let view = issuance_view(&app, &out.issuance).await?;
+    let view = issuance_view(&app, &who, &out.issuance).await?;
     let location = format!(
         "{}/issuer/api/v1/issuances/{}",
         app.settings.public_url, view.issuance_id
@@ -96,10 +96,11 @@ pub async fn get(
     Path(issuance_id): Path<String>,
 ) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.get(&who, &issuance_id).await?;
-    Ok(Json(issuance_view(&app, &issuance).await?))
+    Ok(Json(issuance_view(&app, &who, &issuance).await?))
 }
 
-/// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048).
+/// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048). The
+/// offer is a secret of `issuance:write`: whoever scans it can redeem it.
 #[utoipa::path(
     get,
     path = "/issuer/api/v1/issuances/{issuance_id}/qr",
@@ -118,7 +119,7 @@ pub async fn get(
         (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_state`: the offer is no longer open", body = apidoc::Problem, content_type = "application/problem+json"),
     ),
-    security(("bearer" = ["issuance:read"]))
+    security(("bearer" = ["issuance:write"]))
 )]
 pub async fn qr(
     State(app): State<AppState>,
@@ -207,7 +208,7 @@ pub async fn list(
             },
         )
         .await?;
-    let items = issuance_views(&app, &page.issuances).await?;
+    let items = issuance_views(&app, &who, &page.issuances).await?;
     Ok(Json(
         json!({"issuances": items, "next_page_token": page.next_page_token}),
     ))
@@ -233,7 +234,7 @@ pub async fn cancel(
     Path(issuance_id): Path<String>,
 ) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.cancel(&who, &issuance_id).await?;
-    Ok(Json(issuance_view(&app, &issuance).await?))
+    Ok(Json(issuance_view(&app, &who, &issuance).await?))
 }
 
 /// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with

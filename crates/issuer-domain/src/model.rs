@@ -298,9 +298,37 @@ pub struct Issuance {
     pub code_redeemed_at: Option<DateTime<Utc>>,
     /// Handed to the wallet with the credential; its notifications must quote it.
     pub notification_id: Option<String>,
+    /// When the offer was first fetched; later fetches record nothing.
+    pub offer_retrieved_at: Option<DateTime<Utc>>,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// Where an issuance's offer stands for whoever holds its link. The one rule that the offer
+/// endpoint, the landing page, the QR endpoint and the mailer all follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferPhase {
+    /// Redeemable: pending, unexpired, its code not yet redeemed.
+    Open,
+    Expired,
+    /// A wallet redeemed the code (and holds a token or the credential).
+    Used,
+    /// Cancelled by the issuer, or ended without a credential.
+    Withdrawn,
+}
+
+impl Issuance {
+    pub fn offer_phase(&self, now: DateTime<Utc>) -> OfferPhase {
+        match self.status {
+            _ if self.code_redeemed_at.is_some() => OfferPhase::Used,
+            IssuanceStatus::Pending if self.expires_at > now => OfferPhase::Open,
+            IssuanceStatus::Pending => OfferPhase::Expired,
+            _ if self.reason.as_deref() == Some(reason::EXPIRED) => OfferPhase::Expired,
+            IssuanceStatus::Accepted => OfferPhase::Used,
+            IssuanceStatus::Rejected | IssuanceStatus::Error => OfferPhase::Withdrawn,
+        }
+    }
 }
 
 /// One entry of an issuance's event log (the transactional outbox of DESIGN §6).
@@ -362,6 +390,8 @@ pub struct Transition {
     pub at: DateTime<Utc>,
     /// Also marks the pre-authorized code redeemed; applies only while it is not yet.
     pub redeem_code: bool,
+    /// Also marks the offer retrieved; applies only while it is not yet (the first fetch).
+    pub retrieve_offer: bool,
     /// Also stores the notification id handed to the wallet.
     pub notification_id: Option<String>,
     /// Also records an attempt in the issuance's email outbox row.
@@ -391,6 +421,7 @@ impl Transition {
             kind: kind.to_owned(),
             at,
             redeem_code: false,
+            retrieve_offer: false,
             notification_id: None,
             email: None,
         }

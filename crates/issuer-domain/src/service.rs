@@ -23,7 +23,7 @@ use crate::{
     error::{Error, ErrorCode, Result},
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
     model::{
-        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
+        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter, OfferPhase,
         PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
         reason,
     },
@@ -265,6 +265,7 @@ impl IssuanceService {
             tx_code_hash: tx_code.as_deref().map(|c| self.sealer.digest(c)),
             tx_code_failures: 0,
             code_redeemed_at: None,
+            offer_retrieved_at: None,
             notification_id: None,
             expires_at: now + chrono::Duration::seconds(request.expires_in),
             created_at: now,
@@ -313,28 +314,21 @@ impl IssuanceService {
     }
 
     /// The `credential_offer_uri` of one of the caller's issuances, while its offer can still be
-    /// redeemed; `InvalidState` once it is redeemed, cancelled or expired.
+    /// redeemed; `InvalidState` once it is redeemed, cancelled or expired. The offer is a
+    /// secret of `issuance:write`: whoever holds it can redeem it.
     pub async fn open_offer_uri(&self, who: &Principal, id: &str) -> Result<String> {
+        who.require(Scope::IssuanceWrite)?;
         let issuance = self.get(who, id).await?;
-        if issuance.status != IssuanceStatus::Pending {
-            return Err(Error::new(
-                ErrorCode::InvalidState,
-                format!(
-                    "the offer is closed: the issuance is `{}`",
-                    issuance.status.as_str()
-                ),
-            ));
+        let closed = |why: &str| Err(Error::new(ErrorCode::InvalidState, why.to_owned()));
+        match issuance.offer_phase(self.clock.now()) {
+            OfferPhase::Open => Ok(self.credential_offer_uri(&issuance)),
+            OfferPhase::Expired => closed("the offer has expired"),
+            OfferPhase::Used => closed("the offer has been redeemed by a wallet"),
+            OfferPhase::Withdrawn => closed(&format!(
+                "the offer is closed: the issuance is `{}`",
+                issuance.status.as_str()
+            )),
         }
-        if issuance.expires_at <= self.clock.now() {
-            return Err(Error::new(ErrorCode::InvalidState, "the offer has expired"));
-        }
-        if issuance.code_redeemed_at.is_some() {
-            return Err(Error::new(
-                ErrorCode::InvalidState,
-                "the offer has been redeemed by a wallet",
-            ));
-        }
-        Ok(self.credential_offer_uri(&issuance))
     }
 
     pub async fn list(&self, who: &Principal, params: ListParams) -> Result<Page> {
@@ -491,11 +485,35 @@ impl IssuanceService {
     /// The credential offer JSON a wallet fetches from `credential_offer_uri`, while the
     /// issuance is pending and unexpired.
     pub async fn credential_offer(&self, offer_id: &str) -> Result<Value> {
-        let issuance = self
+        let now = self.clock.now();
+        let gone = || Error::not_found("credential offer");
+        let mut issuance = self
             .find_offer(offer_id)
             .await?
-            .filter(|i| i.status == IssuanceStatus::Pending && i.expires_at > self.clock.now())
-            .ok_or_else(|| Error::not_found("credential offer"))?;
+            .filter(|i| i.offer_phase(now) == OfferPhase::Open)
+            .ok_or_else(gone)?;
+        if issuance.offer_retrieved_at.is_none() {
+            // Only the first fetch is an event; every later one is a read.
+            let retrieved = Transition {
+                retrieve_offer: true,
+                ..Transition::event(&[IssuanceStatus::Pending], event_kind::OFFER_RETRIEVED, now)
+            };
+            match self
+                .store
+                .transition(issuance.tenant_id, issuance.id, &retrieved)
+                .await?
+            {
+                TransitionOutcome::Applied(_) => {
+                    self.notifier.notify(issuance.tenant_id, issuance.id);
+                }
+                // A concurrent first fetch recorded it, or the offer closed meanwhile.
+                TransitionOutcome::Skipped(current) => issuance = current,
+                TransitionOutcome::NotFound => return Err(gone()),
+            }
+            if issuance.offer_phase(now) != OfferPhase::Open {
+                return Err(gone());
+            }
+        }
         let code = self.sealer.open(&issuance.pre_authorized_code_sealed)?;
         let mut grant = json!({"pre-authorized_code": code});
         if issuance.tx_code_hash.is_some() {
@@ -505,21 +523,6 @@ impl IssuanceService {
                 "description": "Enter the code you received separately from this offer"
             });
         }
-        let retrieved = Transition::event(
-            &[IssuanceStatus::Pending],
-            event_kind::OFFER_RETRIEVED,
-            self.clock.now(),
-        );
-        // Cancelled or expired in the meantime: the offer is gone.
-        if !matches!(
-            self.store
-                .transition(issuance.tenant_id, issuance.id, &retrieved)
-                .await?,
-            TransitionOutcome::Applied(_)
-        ) {
-            return Err(Error::not_found("credential offer"));
-        }
-        self.notifier.notify(issuance.tenant_id, issuance.id);
         Ok(json!({
             "credential_issuer": self.credential_issuer(),
             "credential_configuration_ids": [issuance.credential_configuration_id],
@@ -560,18 +563,15 @@ impl IssuanceService {
             .await?
             .ok_or_else(|| Error::not_found("offer"))?;
         let tenant = self.tenant(issuance.tenant_id).await?;
-        let offer = match issuance.status {
-            // Redeemed: the wallet holds a token or the credential; the offer is spent.
-            _ if issuance.code_redeemed_at.is_some() => OfferState::Used,
-            IssuanceStatus::Pending if issuance.expires_at > self.clock.now() => OfferState::Open {
+        let offer = match issuance.offer_phase(self.clock.now()) {
+            OfferPhase::Open => OfferState::Open {
                 credential_offer_uri: self.credential_offer_uri(&issuance),
                 expires_at: issuance.expires_at,
                 needs_tx_code: issuance.tx_code_hash.is_some(),
             },
-            IssuanceStatus::Pending => OfferState::Expired,
-            _ if issuance.reason.as_deref() == Some(reason::EXPIRED) => OfferState::Expired,
-            IssuanceStatus::Accepted => OfferState::Used,
-            IssuanceStatus::Rejected | IssuanceStatus::Error => OfferState::Withdrawn,
+            OfferPhase::Expired => OfferState::Expired,
+            OfferPhase::Used => OfferState::Used,
+            OfferPhase::Withdrawn => OfferState::Withdrawn,
         };
         Ok(Landing {
             issuer_name: tenant

@@ -33,7 +33,7 @@ use sqlx::{PgPool, Row, types::Json};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::rows::{self, Backend, issuance_columns, trunc_micros};
+use crate::rows::{self, Backend, issuance_insert_columns, trunc_micros};
 
 /// Statements in flight at once; further creates queue and share the next statement.
 const MAX_RUNNING: usize = 4;
@@ -206,7 +206,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     let (wh_type, wh_id, wh_payload) = webhook_parts(row);
     let inserted = sqlx::query(concat!(
         "WITH i AS (INSERT INTO issuances (",
-        issuance_columns!(),
+        issuance_insert_columns!(),
         ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
          ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
          RETURNING tenant_id, id), e AS (INSERT INTO issuance_events \
@@ -346,13 +346,13 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
          $17::timestamptz[], $18::text[], $19::int8[], $20::timestamptz[], $21::text[], \
          $22::int8[], $23::text[], $24::text[], $25::text[], $26::timestamptz[], $27::text[], \
          $28::text[], $29::jsonb[], $30::text[]) WITH ORDINALITY AS v(",
-        issuance_columns!(),
+        issuance_insert_columns!(),
         ", ev_sequence, ev_kind, ev_status, ev_reason, ev_occurred_at, \
          wh_type, wh_message_id, wh_payload, wh_traceparent, n)), \
          i AS (INSERT INTO issuances (",
-        issuance_columns!(),
+        issuance_insert_columns!(),
         ") SELECT ",
-        issuance_columns!(),
+        issuance_insert_columns!(),
         " FROM v ORDER BY n \
          ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
          RETURNING tenant_id, id), \

@@ -593,7 +593,8 @@ impl Store for PgStore {
                  updated_at = CASE WHEN $7 THEN $5 ELSE updated_at END, \
                  payload = CASE WHEN $6 THEN payload ELSE NULL END, \
                  code_redeemed_at = CASE WHEN $8 THEN $5 ELSE code_redeemed_at END, \
-                 notification_id = COALESCE($9, notification_id) \
+                 notification_id = COALESCE($9, notification_id), \
+                 offer_retrieved_at = CASE WHEN $10 THEN $5 ELSE offer_retrieved_at END \
                  WHERE tenant_id = $1 AND id = $2 RETURNING ",
                 issuance_columns!()
             ))
@@ -606,6 +607,7 @@ impl Store for PgStore {
             .bind(t.to.is_some())
             .bind(t.redeem_code)
             .bind(&t.notification_id)
+            .bind(t.retrieve_offer)
             .fetch_one(&mut *tx)
             .await
             .map_err(db_error)?;

@@ -62,17 +62,30 @@ pub(crate) fn as_stored(issuance: &Issuance) -> Issuance {
         created_at: trunc_micros(issuance.created_at),
         updated_at: trunc_micros(issuance.updated_at),
         code_redeemed_at: issuance.code_redeemed_at.map(trunc_micros),
+        offer_retrieved_at: issuance.offer_retrieved_at.map(trunc_micros),
         ..issuance.clone()
     }
 }
 
-/// The columns of `issuances`, in the order both backends select and insert them.
-macro_rules! issuance_columns {
+/// The columns of `issuances` a create writes, in the order both backends insert them.
+macro_rules! issuance_insert_columns {
     () => {
         "tenant_id, id, client_request_id, request_fingerprint, credential_configuration_id, \
          status, reason, payload, delivery, email, grant_type, offer_id, \
          pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at, \
          tx_code_hash, tx_code_failures, code_redeemed_at, notification_id"
+    };
+}
+pub(crate) use issuance_insert_columns;
+
+/// The columns of `issuances` that [`issuance`] reads: those a create writes, and those only
+/// later transitions set.
+macro_rules! issuance_columns {
+    () => {
+        concat!(
+            $crate::rows::issuance_insert_columns!(),
+            ", offer_retrieved_at"
+        )
     };
 }
 pub(crate) use issuance_columns;
@@ -313,6 +326,7 @@ pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
             tx_code_failures: row.int("tx_code_failures")?,
             code_redeemed_at: row.opt_time("code_redeemed_at")?,
             notification_id: row.opt_text("notification_id")?,
+            offer_retrieved_at: row.opt_time("offer_retrieved_at")?,
         })
     };
     map().map_err(Error::internal)
@@ -427,7 +441,9 @@ pub(crate) fn conflict_or_db_error(
 /// Whether `t` applies to `current`: its status is one of `from`, and a code redemption finds
 /// the code unredeemed.
 pub(crate) fn transition_applies(current: &Issuance, t: &Transition) -> bool {
-    t.from.contains(&current.status) && !(t.redeem_code && current.code_redeemed_at.is_some())
+    t.from.contains(&current.status)
+        && !(t.redeem_code && current.code_redeemed_at.is_some())
+        && !(t.retrieve_offer && current.offer_retrieved_at.is_some())
 }
 
 /// The reason an event carries: an email attempt's error, or else the issuance's reason.
@@ -453,7 +469,7 @@ pub(crate) fn count_status_change(t: &Transition) {
 
 /// Whether `t` changes the issuance row, beyond appending its event.
 pub(crate) fn transition_writes_row(t: &Transition) -> bool {
-    t.to.is_some() || t.redeem_code || t.notification_id.is_some()
+    t.to.is_some() || t.redeem_code || t.retrieve_offer || t.notification_id.is_some()
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 use crate::rows::{
     self, Backend, RowAccess, client_columns, decode_error, delivery_columns, email_columns,
-    endpoint_columns, event_columns, issuance_columns, tenant_columns, trunc_micros,
+    endpoint_columns, event_columns, issuance_columns, issuance_insert_columns, tenant_columns,
+    trunc_micros,
 };
 
 /// How long a writer waits for another writer's lock before giving up with `SQLITE_BUSY`.
@@ -337,7 +338,7 @@ impl Store for SqliteStore {
             .map_err(db_error)?;
         let inserted = sqlx::query(concat!(
             "INSERT INTO issuances (",
-            issuance_columns!(),
+            issuance_insert_columns!(),
             ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
              RETURNING ",
@@ -652,7 +653,8 @@ impl Store for SqliteStore {
                  updated_at = CASE WHEN ?7 THEN ?5 ELSE updated_at END, \
                  payload = CASE WHEN ?6 THEN payload ELSE NULL END, \
                  code_redeemed_at = CASE WHEN ?8 THEN ?5 ELSE code_redeemed_at END, \
-                 notification_id = COALESCE(?9, notification_id) \
+                 notification_id = COALESCE(?9, notification_id), \
+                 offer_retrieved_at = CASE WHEN ?10 THEN ?5 ELSE offer_retrieved_at END \
                  WHERE tenant_id = ?1 AND id = ?2 RETURNING ",
                 issuance_columns!()
             ))
@@ -665,6 +667,7 @@ impl Store for SqliteStore {
             .bind(t.to.is_some())
             .bind(t.redeem_code)
             .bind(&t.notification_id)
+            .bind(t.retrieve_offer)
             .fetch_one(&mut *tx)
             .await
             .map_err(db_error)?;

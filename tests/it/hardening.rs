@@ -1,0 +1,262 @@
+//! The service under hostile use (issue: hold up under hostile traffic): what a token with too
+//! little scope may see, what an anonymous holder of an offer link can do, and how much of it.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::{
+    helpers::{
+        Creds, TestApp, TestDb, authed, create_body, embedded_settings, pg_settings, redis_url,
+    },
+    wallet::client::{PRE_AUTH_GRANT, discover, expect_error, pre_authorized_code, resolve_offer},
+};
+use issuer::grpc::pb;
+use issuer_domain::model::Scope;
+
+async fn on_postgres() -> (TestDb, TestApp) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
+    (db, app)
+}
+
+async fn embedded() -> (tempfile::TempDir, TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(embedded_settings(dir.path())).await;
+    (dir, app)
+}
+
+/// A second client of `creds`' tenant holding only `scopes`, and its token.
+async fn client_with(app: &TestApp, creds: &Creds, scopes: &[Scope]) -> String {
+    let tenant = creds.tenant_id.parse().unwrap();
+    let c = issuer::admin::create_client(&app.app, tenant, scopes)
+        .await
+        .unwrap();
+    app.token(&Creds {
+        tenant_id: c.tenant_id,
+        client_id: c.client_id,
+        client_secret: c.client_secret,
+    })
+    .await
+}
+
+async fn created(app: &TestApp, token: &str, crid: &str) -> Value {
+    let res = app.create_rest(token, &create_body(crid)).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    res.json().await.unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scopes: the offer is a secret of issuance:write
+// ---------------------------------------------------------------------------------------------
+
+async fn read_scope_sees_no_offer(app: &TestApp) {
+    let (creds, writer) = app.tenant_token().await;
+    let reader = client_with(app, &creds, &[Scope::IssuanceRead]).await;
+    let issuance = created(app, &writer, "scoped-1").await;
+    let id = issuance["issuance_id"].as_str().unwrap();
+    assert!(issuance["credential_offer_uri"].is_string(), "{issuance}");
+
+    // REST: get and list without the offer for the reader, with it for the writer.
+    let read: Value = app.get_rest(&reader, id).await.json().await.unwrap();
+    assert_eq!(read["status"], "pending", "{read}");
+    assert!(read.get("credential_offer_uri").is_none(), "{read}");
+    assert!(read.get("tx_code").is_none(), "{read}");
+    let written: Value = app.get_rest(&writer, id).await.json().await.unwrap();
+    assert_eq!(
+        written["credential_offer_uri"], issuance["credential_offer_uri"],
+        "{written}"
+    );
+    let list: Value = app
+        .http
+        .get(app.url("/issuer/api/v1/issuances"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["issuances"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert!(items[0].get("credential_offer_uri").is_none(), "{list}");
+    // History stays readable.
+    assert!(
+        !app.events_rest(&reader, id).await["events"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // The QR image is the offer too.
+    let qr = |token: &str| {
+        app.http
+            .get(app.url(&format!("/issuer/api/v1/issuances/{id}/qr")))
+            .bearer_auth(token)
+            .send()
+    };
+    let res = qr(&reader).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "insufficient_scope", "{problem}");
+    assert_eq!(qr(&writer).await.unwrap().status(), StatusCode::OK);
+
+    // gRPC: the field is empty for the reader.
+    let mut grpc = app.grpc().await;
+    let get = |token: &str| {
+        authed(
+            token,
+            pb::GetIssuanceRequest {
+                issuance_id: id.to_owned(),
+            },
+        )
+    };
+    let msg = grpc.get_issuance(get(&reader)).await.unwrap().into_inner();
+    assert_eq!(msg.status, "pending");
+    assert_eq!(msg.credential_offer_uri, "");
+    let listed = grpc
+        .list_issuances(authed(&reader, pb::ListIssuancesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.issuances.len(), 1);
+    assert_eq!(listed.issuances[0].credential_offer_uri, "");
+    let msg = grpc.get_issuance(get(&writer)).await.unwrap().into_inner();
+    assert_eq!(
+        msg.credential_offer_uri,
+        issuance["credential_offer_uri"].as_str().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_scope_sees_status_but_not_the_offer_on_postgres() {
+    let (_db, app) = on_postgres().await;
+    read_scope_sees_no_offer(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_scope_sees_status_but_not_the_offer_embedded() {
+    let (_dir, app) = embedded().await;
+    read_scope_sees_no_offer(&app).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offers: served while open, recorded once
+// ---------------------------------------------------------------------------------------------
+
+fn offer_url(issuance: &Value) -> String {
+    let uri = issuance["credential_offer_uri"].as_str().unwrap();
+    let encoded = uri.split_once("credential_offer_uri=").unwrap().1;
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
+}
+
+fn landing_url(app: &TestApp, offer_url: &str) -> String {
+    let offer_id = offer_url.rsplit('/').next().unwrap();
+    app.url(&format!("/issuer/offer/{offer_id}"))
+}
+
+async fn kinds(app: &TestApp, token: &str, id: &str) -> Vec<String> {
+    app.events_rest(token, id).await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn expect_gone(app: &TestApp, url: &str, what: &str) {
+    let res = app.http.get(url).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "{what}");
+    assert_eq!(
+        res.headers()[reqwest::header::CONTENT_TYPE],
+        "application/problem+json",
+        "{what}"
+    );
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "not_found", "{what}: {problem}");
+}
+
+async fn offers_close_and_record_once(app: &TestApp) {
+    let (_, token) = app.tenant_token().await;
+
+    // Fetched ten times, recorded once.
+    let issuance = created(app, &token, "offer-1").await;
+    let id = issuance["issuance_id"].as_str().unwrap();
+    let url = offer_url(&issuance);
+    let mut offers = Vec::new();
+    for _ in 0..10 {
+        offers.push(
+            resolve_offer(
+                &app.http,
+                issuance["credential_offer_uri"].as_str().unwrap(),
+            )
+            .await,
+        );
+    }
+    assert!(
+        offers.windows(2).all(|w| w[0] == w[1]),
+        "the same offer each time"
+    );
+    assert_eq!(kinds(app, &token, id).await, ["created", "offer_retrieved"]);
+
+    // Redeemed: the offer is gone, the landing page says it was used.
+    let issuer = discover(&app.http, offers[0]["credential_issuer"].as_str().unwrap()).await;
+    issuer
+        .access_token(&app.http, &pre_authorized_code(&offers[0]))
+        .await;
+    expect_gone(app, &url, "offer after redemption").await;
+    let page = app.http.get(landing_url(app, &url)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("already been used"));
+    assert_eq!(
+        kinds(app, &token, id).await,
+        ["created", "offer_retrieved", "token_issued"],
+        "fetches of a closed offer record nothing"
+    );
+    let res = issuer
+        .token_request(&app.http, &pre_authorized_code(&offers[0]), &[])
+        .await;
+    expect_error(res, 400, "invalid_grant", "code again").await;
+    assert_eq!(offers[0]["grants"][PRE_AUTH_GRANT]["tx_code"], Value::Null);
+
+    // Cancelled before any fetch: gone, and nothing recorded by the attempt.
+    let issuance = created(app, &token, "offer-2").await;
+    let id = issuance["issuance_id"].as_str().unwrap();
+    assert_eq!(app.cancel_rest(&token, id).await.status(), StatusCode::OK);
+    expect_gone(app, &offer_url(&issuance), "offer after cancel").await;
+    assert_eq!(kinds(app, &token, id).await, ["created", "cancelled"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_are_served_while_open_and_recorded_once_on_postgres() {
+    let (_db, app) = on_postgres().await;
+    offers_close_and_record_once(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_are_served_while_open_and_recorded_once_embedded() {
+    let (_dir, app) = embedded().await;
+    offers_close_and_record_once(&app).await;
+}
+
+/// Fifty first fetches at once record one event between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_fetches_record_one_event() {
+    let (_db, app) = on_postgres().await;
+    let (_, token) = app.tenant_token().await;
+    let issuance = created(&app, &token, "offer-race").await;
+    let id = issuance["issuance_id"].as_str().unwrap();
+    let path = offer_url(&issuance)
+        .strip_prefix(&app.base)
+        .unwrap()
+        .to_owned();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let results = crate::helpers::race_http1(app.addr, vec![request.into_bytes(); 50]).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    assert_eq!(
+        kinds(&app, &token, id).await,
+        ["created", "offer_retrieved"]
+    );
+}
