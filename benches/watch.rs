@@ -97,6 +97,7 @@ fn main() {
             issuer_auth::SigningKey::generate().to_pem(),
         ),
         ("ISSUER_LOG_LEVEL", "warn".to_owned()),
+        ("ISSUER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let bin = env!("CARGO_BIN_EXE_issuer");
     let cli = |args: &[&str]| -> Value {

@@ -15,5 +15,5 @@ out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 echo "==> helm template"
 "$HELM" template issuer helm/issuer \
-  --set serviceMonitor.enabled=true --set networkPolicy.enabled=true >"$out"
+  --set podMonitor.enabled=true --set networkPolicy.enabled=true >"$out"
 /usr/bin/python3 scripts/check_chart.py "$out"

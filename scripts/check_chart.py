@@ -19,7 +19,7 @@ def need(cond, what):
 
 
 for kind in ["Deployment", "Service", "ConfigMap", "ServiceAccount", "Job",
-             "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"]:
+             "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor", "NetworkPolicy"]:
     need(kind in by_kind, f"no {kind} rendered")
 
 
@@ -53,6 +53,11 @@ for dep in by_kind.get("Deployment", []):
             need(c.get(probe, {}).get("httpGet", {}).get("path") == path, f"Deployment: {probe} on {path}")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         need(env.get("ISSUER_MIGRATE_ON_START") == "false", "Deployment: migrations left to the hook")
+        need(env.get("ISSUER_METRICS_ADDR") == "0.0.0.0:9464", "Deployment: metrics on their own port")
+        need("metrics" in {p.get("name") for p in c.get("ports", [])}, "Deployment: a metrics port")
+    ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    need(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == "9464",
+         "Deployment: pods annotated for scraping")
     need(pod.get("terminationGracePeriodSeconds", 0) >= 30, "Deployment: a grace period for draining")
     need(dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, "Deployment: no capacity lost on rollout")
 

@@ -40,6 +40,8 @@ pub struct App {
     pub mailer: crate::mail::Mailer,
     /// Turns true when shutdown begins: readiness fails, watch streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Where `/metrics` is served, once [`crate::serve`] has bound it.
+    pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl App {
@@ -163,6 +165,7 @@ impl App {
             dispatch_wake: tokio::sync::broadcast::channel(1024).0,
             mailer,
             stopping: tokio::sync::watch::channel(false).0,
+            metrics_addr: std::sync::OnceLock::new(),
         })
     }
 }

@@ -44,6 +44,9 @@ pub enum LogFormat {
 pub struct Settings {
     /// `ISSUER_LISTEN_ADDR`: REST, gRPC and gRPC-web on one port.
     pub listen_addr: SocketAddr,
+    /// `ISSUER_METRICS_ADDR`: where `/metrics` is served, apart from the public port (which
+    /// answers 404 for it). Empty: not served.
+    pub metrics_addr: String,
     /// `ISSUER_PUBLIC_URL`: the externally visible base URL; every absolute URL is built from it.
     pub public_url: String,
     /// `ISSUER_DATABASE_URL`: `postgres://...`; unset = embedded SQLite file in the data dir.
@@ -126,6 +129,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen_addr: "0.0.0.0:8080".parse().expect("valid address"),
+            metrics_addr: "127.0.0.1:9464".into(),
             public_url: "http://localhost:8080".into(),
             database_url: None,
             database_max_connections: 20,
@@ -195,6 +199,12 @@ impl Settings {
             }
         }
         self.public_url = self.public_url.trim_end_matches('/').to_owned();
+        self.metrics_addr = self.metrics_addr.trim().to_owned();
+        anyhow::ensure!(
+            self.metrics_addr.is_empty() || self.metrics_addr.parse::<SocketAddr>().is_ok(),
+            "ISSUER_METRICS_ADDR must be an address such as 127.0.0.1:9464 (or empty), got `{}`",
+            self.metrics_addr
+        );
         anyhow::ensure!(
             self.public_url.starts_with("https://") || self.public_url.starts_with("http://"),
             "ISSUER_PUBLIC_URL must be an http(s) URL, got `{}`",

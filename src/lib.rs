@@ -81,6 +81,7 @@ pub async fn serve(
         }
     };
     let mut stopped = app.stopping.subscribe();
+    let metrics_server = serve_metrics(&app).await?;
     let router = router(app, health_service)?;
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
     // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
@@ -102,6 +103,9 @@ pub async fn serve(
     }
     sweeper.abort();
     upkeep.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     readiness.abort();
     let _ = stop_workers.send(true);
     let drained = tokio::time::timeout(drain, async {
@@ -144,9 +148,8 @@ async fn sweep(app: Arc<App>) {
 
 const SWEEP_BATCH: u32 = 500;
 
-/// REST routes and gRPC services (h2c and gRPC-web) on one router.
-/// REST, gRPC (`issuer.v1.IssuanceService`, `grpc.health.v1.Health`, server reflection v1 and
-/// v1alpha) and `/metrics` on one router.
+/// REST and gRPC (`issuer.v1.IssuanceService`, `grpc.health.v1.Health`, server reflection v1
+/// and v1alpha, h2c and gRPC-web) on one router.
 pub fn router<H>(app: Arc<App>, health: H) -> anyhow::Result<Router>
 where
     H: tower::Service<
@@ -176,15 +179,55 @@ where
         .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
-    let scraped = app.clone();
     Ok(rest::router(app)
         .merge(grpc)
-        .route(
-            "/metrics",
-            axum::routing::get(move || metrics::scrape(scraped.clone())),
-        )
+        .fallback(not_found)
         // After routing, so that REST requests are labelled with their route template.
         .layer(axum::middleware::from_fn(metrics::track)))
+}
+
+/// Any other path: `UNIMPLEMENTED` for a gRPC call, else a 404 problem.
+async fn not_found(req: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        tonic::Status::unimplemented("no such method").into_http()
+    } else {
+        rest::ApiError(issuer_domain::Error::not_found("resource")).into_response()
+    }
+}
+
+/// Serves `/metrics` on `ISSUER_METRICS_ADDR`, apart from the public port: the series show
+/// every tenant's activity, which is for the operator's scraper only.
+async fn serve_metrics(app: &Arc<App>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if app.settings.metrics_addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(&app.settings.metrics_addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for metrics on {} (ISSUER_METRICS_ADDR): {e}",
+                app.settings.metrics_addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let _ = app.metrics_addr.set(addr);
+    tracing::info!(%addr, "serving metrics");
+    let scraped = app.clone();
+    let router = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || metrics::scrape(scraped.clone())),
+    );
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    })))
 }
 
 /// gRPC health follows readiness: `SERVING` while the database answers (Redis loss only

@@ -1,9 +1,11 @@
-//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format on their own
+//! listener (`ISSUER_METRICS_ADDR`), never on the public port.
 //!
 //! Series (all prefixed `issuer_`):
 //! - `http_requests_total` and `http_request_duration_seconds` (histogram), labelled `protocol`
-//!   (`rest` or `grpc`), `method` (HTTP method, or the gRPC method name), `route` (the matched
-//!   route template, never a raw path with ids) and `status` (HTTP status, or the gRPC code);
+//!   (`rest` or `grpc`), `method` (a standard HTTP method, or the gRPC method name; anything
+//!   else is `other`), `route` (the matched route template, never a raw path with ids;
+//!   unmatched paths are `other`) and `status` (HTTP status, or the gRPC code);
 //! - `issuances_created_total{transport}`, `idempotent_replays_total{transport}`;
 //! - `token_grants_total{grant_type, outcome}`;
 //! - `webhook_attempts_total{outcome}`, `email_attempts_total{outcome}`;
@@ -37,7 +39,7 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The gRPC methods served; any other path is counted as `unmatched`.
+/// The gRPC methods served; any other path is counted as `other`.
 const GRPC_METHODS: [&str; 5] = [
     "CreateIssuance",
     "GetIssuance",
@@ -46,6 +48,24 @@ const GRPC_METHODS: [&str; 5] = [
     "WatchIssuance",
 ];
 const GRPC_SERVICE: &str = "/issuer.v1.IssuanceService/";
+
+/// The label value of whatever is not one of the known methods or routes: labels come from a
+/// fixed set, so anonymous requests cannot add series.
+const OTHER: &str = "other";
+
+/// The request method as a label: the standard ones by name, anything else `other`.
+fn http_method(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => OTHER,
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -152,7 +172,7 @@ pub async fn track(req: Request, next: Next) -> Response {
             .path()
             .strip_prefix(GRPC_SERVICE)
             .and_then(|m| GRPC_METHODS.iter().find(|known| **known == m))
-            .map_or("unmatched", |m| *m);
+            .map_or(OTHER, |m| *m);
         (
             "grpc",
             name.to_owned(),
@@ -162,9 +182,9 @@ pub async fn track(req: Request, next: Next) -> Response {
         let route = req
             .extensions()
             .get::<MatchedPath>()
-            .map_or("unmatched", MatchedPath::as_str)
+            .map_or(OTHER, MatchedPath::as_str)
             .to_owned();
-        ("rest", req.method().as_str().to_owned(), route)
+        ("rest", http_method(req.method()).to_owned(), route)
     };
     let span = if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics")
         || req.uri().path().starts_with("/grpc.health.")
@@ -173,10 +193,10 @@ pub async fn track(req: Request, next: Next) -> Response {
         tracing::Span::none()
     } else if grpc {
         let path = req.uri().path();
-        let name = if method != "unmatched" || path.starts_with("/grpc.") {
+        let name = if method != OTHER || path.starts_with("/grpc.") {
             path.trim_start_matches('/')
         } else {
-            "unmatched"
+            OTHER
         };
         tracing::info_span!(
             "rpc",

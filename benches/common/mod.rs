@@ -71,6 +71,7 @@ impl BenchService {
             secret_key: Some(Secret::new(issuer_auth::ServerSecret::generate_text())),
             token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
             credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
+            metrics_addr: "127.0.0.1:0".into(),
             ..Settings::default()
         })
         .validate()

@@ -170,6 +170,12 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// The `/metrics` URL on the instance's metrics listener.
+    pub fn metrics_url(&self) -> String {
+        let addr = self.app.metrics_addr.get().expect("metrics are served");
+        format!("http://{addr}/metrics")
+    }
+
     /// A new tenant with one client holding `scopes`.
     pub async fn provision(&self, scopes: &[Scope]) -> Creds {
         let tenant = admin::create_tenant(&self.app, "test tenant")
@@ -332,6 +338,8 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         settings.listen_addr = addr;
         settings.public_url = format!("http://{addr}");
+        // Instances run side by side: each gets its own metrics port.
+        settings.metrics_addr = "127.0.0.1:0".into();
         let app = Arc::new(
             App::build(settings.validate().unwrap())
                 .await
@@ -389,6 +397,7 @@ impl ServiceProcess {
             ),
             ("ISSUER_DATA_DIR", data.path().display().to_string()),
             ("ISSUER_LOG_LEVEL", "warn".to_owned()),
+            ("ISSUER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -12,7 +12,7 @@ struct Scrape(Vec<(String, HashMap<String, String>, f64)>);
 
 impl Scrape {
     async fn take(app: &TestApp) -> Self {
-        let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+        let res = app.http.get(app.metrics_url()).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert!(
             res.headers()[reqwest::header::CONTENT_TYPE]
@@ -250,4 +250,68 @@ async fn the_documented_series_move_with_requests() {
     assert!(after.0.iter().any(
         |(n, l, _)| n == "issuer_http_request_duration_seconds_bucket" && l.get("le").is_some()
     ));
+}
+
+/// Anonymous requests with made-up methods and paths add no series, and the public port does
+/// not serve the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_input_cannot_grow_the_series_and_the_public_port_hides_them() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
+    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::NOT_FOUND,
+        "not on the public port"
+    );
+
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("issuer_http_requests_total"))
+            .count()
+    };
+    let scrape = || async {
+        app.http
+            .get(app.metrics_url())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let send = |i: usize| {
+        let method = reqwest::Method::from_bytes(format!("X{i}Y").as_bytes()).unwrap();
+        app.http
+            .request(method, app.url(&format!("/no/such/path/{i}")))
+            .send()
+    };
+    // Warm up: the first of each kind may add its `other` series.
+    for i in 0..3 {
+        send(i).await.unwrap();
+        app.http
+            .get(app.url(&format!("/nothing-{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let before = scrape().await;
+    for i in 3..203 {
+        send(i).await.unwrap();
+        app.http
+            .get(app.url(&format!("/nothing-{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let after = scrape().await;
+    assert_eq!(series(&before), series(&after), "{after}");
+    assert!(
+        after.contains(r#"method="other""#) && after.contains(r#"route="other""#),
+        "{after}"
+    );
+    assert!(
+        !after.contains("X100Y") && !after.contains("nothing-"),
+        "{after}"
+    );
 }

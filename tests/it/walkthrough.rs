@@ -38,7 +38,8 @@ pub(crate) fn issuer(dir: &Path, port: u16) -> Command {
     }
     // Only the port differs from command one, so parallel tests do not collide on :8080.
     cmd.env("ISSUER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("ISSUER_PUBLIC_URL", format!("http://127.0.0.1:{port}"));
+        .env("ISSUER_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+        .env("ISSUER_METRICS_ADDR", "127.0.0.1:0");
     cmd
 }
 

@@ -42,6 +42,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ printf "0.0.0.0:%v" .Values.service.port | quote }}
 - name: ISSUER_DATA_DIR
   value: /data
+- name: ISSUER_METRICS_ADDR
+  value: {{ printf "0.0.0.0:%v" .Values.metrics.port | quote }}
 {{- range .Values.secretEnv }}
 - name: {{ .name }}
   valueFrom:
