@@ -97,6 +97,8 @@ fn main() {
             issuer_auth::SigningKey::generate().to_pem(),
         ),
         ("ISSUER_LOG_LEVEL", "warn".to_owned()),
+        ("ISSUER_RATE_LIMIT_CLIENT_PER_SEC", "0".to_owned()),
+        ("ISSUER_RATE_LIMIT_IP_PER_SEC", "0".to_owned()),
         ("ISSUER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let bin = env!("CARGO_BIN_EXE_issuer");

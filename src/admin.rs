@@ -5,7 +5,7 @@ use issuer_auth::{generate_client_id, generate_client_secret};
 use issuer_domain::{
     Error,
     ids::TenantId,
-    model::{ApiClient, Branding, Scope, Tenant},
+    model::{ApiClient, Branding, RateLimit, Scope, Tenant},
 };
 use serde::Serialize;
 
@@ -24,6 +24,13 @@ pub async fn create_tenant(app: &App, name: &str) -> Result<Tenant, Error> {
     if name.is_empty() || name.len() > 200 {
         return Err(Error::invalid_field("name", "must be 1 to 200 characters"));
     }
+    // Names reach email headers, HTML and logs: a line break could forge any of them.
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid_field(
+            "name",
+            "must not contain control characters (line breaks, tabs, ...)",
+        ));
+    }
     let tenant = Tenant::new(name, app.clock.now());
     app.store.insert_tenant(&tenant).await?;
     tracing::info!(tenant_id = %tenant.id, "tenant created");
@@ -36,7 +43,22 @@ pub async fn brand_tenant(app: &App, tenant: TenantId, branding: Branding) -> Re
     if !app.store.update_tenant_branding(tenant, &branding).await? {
         return Err(Error::not_found("tenant"));
     }
+    app.issuances.forget_tenant(tenant);
     tracing::info!(tenant_id = %tenant, "tenant branding updated");
+    Ok(())
+}
+
+/// Sets (or with `None` clears) the rate limit of each of the tenant's API clients.
+pub async fn limit_tenant(
+    app: &App,
+    tenant: TenantId,
+    limit: Option<RateLimit>,
+) -> Result<(), Error> {
+    if !app.store.update_tenant_rate_limit(tenant, limit).await? {
+        return Err(Error::not_found("tenant"));
+    }
+    app.issuances.forget_tenant(tenant);
+    tracing::info!(tenant_id = %tenant, ?limit, "tenant rate limit updated");
     Ok(())
 }
 

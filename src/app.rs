@@ -10,7 +10,11 @@ use issuer_domain::{
     ports::{Clock, CodeSealer, IdempotencyLock, Store, SystemClock},
     service::{IdempotencySettings, IssuancePorts, IssuanceService},
 };
-use issuer_lock::{InProcessLock, RedisLock, events::EventHub};
+use issuer_lock::{
+    InProcessLock, RedisLock,
+    events::EventHub,
+    ratelimit::{LocalLimiter, RateLimiter, RedisLimiter},
+};
 use issuer_oid4vci::{WalletService, WalletSettings};
 use issuer_store::{PgStore, SqliteStore};
 
@@ -40,6 +44,8 @@ pub struct App {
     pub mailer: crate::mail::Mailer,
     /// Turns true when shutdown begins: readiness fails, watch streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Request budgets per API client and per client address.
+    pub limits: crate::limits::Limits,
     /// Where `/metrics` is served, once [`crate::serve`] has bound it.
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -63,10 +69,19 @@ impl App {
     }
 
     pub async fn with_store(settings: Settings, store: Arc<dyn Store>) -> anyhow::Result<Self> {
-        let lock: Arc<dyn IdempotencyLock> = match &settings.redis_url {
-            Some(url) => Arc::new(RedisLock::connect(url.expose()).context("ISSUER_REDIS_URL")?),
-            None => Arc::new(InProcessLock::new()),
-        };
+        let (lock, limiter): (Arc<dyn IdempotencyLock>, Arc<dyn RateLimiter>) =
+            match &settings.redis_url {
+                Some(url) => {
+                    let redis = RedisLock::connect(url.expose()).context("ISSUER_REDIS_URL")?;
+                    let limiter = RedisLimiter::new(redis.connection(), "issuer:rl:");
+                    (Arc::new(redis), Arc::new(limiter))
+                }
+                None => (
+                    Arc::new(InProcessLock::new()),
+                    Arc::new(LocalLimiter::new()),
+                ),
+            };
+        let limits = crate::limits::Limits::new(&settings, limiter);
         let lock: Arc<dyn IdempotencyLock> = Arc::new(crate::metrics::MeteredLock(lock));
         let secret = server_secret(&settings)?;
         let signing = token_signing_key(&settings)?;
@@ -166,6 +181,7 @@ impl App {
             mailer,
             stopping: tokio::sync::watch::channel(false).0,
             metrics_addr: std::sync::OnceLock::new(),
+            limits,
         })
     }
 }

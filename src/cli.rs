@@ -59,6 +59,22 @@ pub enum TenantCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Give each of the tenant's API clients its own rate limit instead of the service default
+    /// (`ISSUER_RATE_LIMIT_CLIENT_*`), or with `--clear` return to the default.
+    Limits {
+        #[arg(long)]
+        tenant: String,
+        /// Sustained requests per second of each client.
+        #[arg(long, required_unless_present = "clear")]
+        per_sec: Option<u32>,
+        /// Requests a client may make at once (default: twice the rate).
+        #[arg(long, requires = "per_sec")]
+        burst: Option<u32>,
+        #[arg(long, conflicts_with_all = ["per_sec", "burst"])]
+        clear: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -119,6 +119,22 @@ pub struct Settings {
     /// `ISSUER_EMAIL_RETRY_SCHEDULE`: delays between attempts while SMTP fails, e.g.
     /// `30s,2m,10m,30m,1h,2h,4h` (the default).
     pub email_retry_schedule: Option<String>,
+    /// `ISSUER_RATE_LIMIT_CLIENT_PER_SEC`: sustained requests per second of each API client
+    /// (management API and token endpoint); 0 = unlimited. A tenant may have its own.
+    pub rate_limit_client_per_sec: u32,
+    /// `ISSUER_RATE_LIMIT_CLIENT_BURST`: requests an API client may make at once.
+    pub rate_limit_client_burst: u32,
+    /// `ISSUER_RATE_LIMIT_IP_PER_SEC`: sustained requests per second of each client address on
+    /// the unauthenticated endpoints (token, offer, nonce, credential, notification, landing
+    /// page) and of callers with an invalid token; 0 = unlimited.
+    pub rate_limit_ip_per_sec: u32,
+    /// `ISSUER_RATE_LIMIT_IP_BURST`: requests a client address may make at once.
+    pub rate_limit_ip_burst: u32,
+    /// `ISSUER_CLIENT_IP_HEADER`: the header in which the trusted reverse proxy in front of
+    /// the service puts the client's address (e.g. `X-Forwarded-For`, of which the last entry
+    /// counts); empty = the connection's peer address. Only set it behind such a proxy: a
+    /// client could otherwise choose its own address.
+    pub client_ip_header: String,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -161,6 +177,11 @@ impl Default for Settings {
             mail_dir: None,
             email_timeout_ms: 30_000,
             email_retry_schedule: None,
+            rate_limit_client_per_sec: 200,
+            rate_limit_client_burst: 400,
+            rate_limit_ip_per_sec: 50,
+            rate_limit_ip_burst: 100,
+            client_ip_header: String::new(),
             log_format: LogFormat::Json,
             log_level: "info".into(),
         }
@@ -254,6 +275,26 @@ impl Settings {
         anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        for (name, per_sec, burst) in [
+            (
+                "CLIENT",
+                self.rate_limit_client_per_sec,
+                self.rate_limit_client_burst,
+            ),
+            ("IP", self.rate_limit_ip_per_sec, self.rate_limit_ip_burst),
+        ] {
+            anyhow::ensure!(
+                per_sec == 0 || issuer_domain::model::RateLimit::new(per_sec, burst).is_ok(),
+                "ISSUER_RATE_LIMIT_{name}_BURST must be at least ISSUER_RATE_LIMIT_{name}_PER_SEC \
+                 and at most 1000000 (or the rate 0, unlimited)"
+            );
+        }
+        self.client_ip_header = self.client_ip_header.trim().to_ascii_lowercase();
+        anyhow::ensure!(
+            self.client_ip_header.is_empty()
+                || http::HeaderName::from_bytes(self.client_ip_header.as_bytes()).is_ok(),
+            "ISSUER_CLIENT_IP_HEADER must be a header name"
         );
         if let Some(url) = &self.database_url {
             let url = url.expose();

@@ -28,6 +28,7 @@ const CSP: &str = "default-src 'none'; img-src https: data:; style-src 'unsafe-i
     responses(
         (status = 200, description = "The recipient's page: QR code and wallet link", body = String, content_type = "text/html"),
         (status = 404, description = "Unknown offer", body = String, content_type = "text/html"),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = crate::rest::apidoc::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`", body = crate::rest::apidoc::Problem, content_type = "application/problem+json"),
     )
 )]

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod landing;
+pub mod limits;
 pub mod mail;
 pub mod metrics;
 pub mod qr;
@@ -91,7 +92,11 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    let server = axum::serve(listener, router).with_graceful_shutdown(stopping);
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopping);
     tokio::select! {
         served = server => served?,
         _ = async {
@@ -179,9 +184,15 @@ where
         .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
+    let limited = app.clone();
     Ok(rest::router(app)
         .merge(grpc)
         .fallback(not_found)
+        // Inside the metrics, so that refusals are counted and timed like any answer.
+        .layer(axum::middleware::from_fn_with_state(
+            limited,
+            limits::enforce,
+        ))
         // After routing, so that REST requests are labelled with their route template.
         .layer(axum::middleware::from_fn(metrics::track)))
 }

@@ -81,6 +81,36 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<()>
             );
             Ok(())
         }
+        Command::Tenant(TenantCommand::Limits {
+            tenant,
+            per_sec,
+            burst,
+            clear: _,
+            output,
+        }) => {
+            let app = provisioning_app(settings).await?;
+            let tenant = parse_tenant(&tenant)?;
+            let limit = per_sec
+                .map(|per_sec| {
+                    issuer_domain::model::RateLimit::new(
+                        per_sec,
+                        burst.unwrap_or(per_sec.saturating_mul(2)),
+                    )
+                })
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            admin::limit_tenant(&app, tenant, limit)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.chain()))?;
+            print(
+                output,
+                json!({
+                    "tenant_id": tenant.to_string(),
+                    "rate_limit": limit.map(|l| json!({"per_sec": l.per_sec, "burst": l.burst})),
+                }),
+            );
+            Ok(())
+        }
         Command::Client(ClientCommand::Create {
             tenant,
             scopes,

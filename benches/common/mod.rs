@@ -72,6 +72,12 @@ impl BenchService {
             token_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
             credential_signing_key: Some(Secret::new(issuer_auth::SigningKey::generate().to_pem())),
             metrics_addr: "127.0.0.1:0".into(),
+            // Budgets are checked as in production but never bind: the loads come from one
+            // client on one address. `BENCH_LIMITS=off` leaves the checks out altogether.
+            rate_limit_client_per_sec: limits_rate(),
+            rate_limit_client_burst: 1_000_000,
+            rate_limit_ip_per_sec: limits_rate(),
+            rate_limit_ip_burst: 1_000_000,
             ..Settings::default()
         })
         .validate()
@@ -157,4 +163,14 @@ pub fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
         return f64::NAN;
     }
     s[((s.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+/// The budget rate of the bench service: 1,000,000/s (checked, never binding), or 0 (no
+/// checks) with `BENCH_LIMITS=off`.
+fn limits_rate() -> u32 {
+    if std::env::var("BENCH_LIMITS").is_ok_and(|v| v == "off") {
+        0
+    } else {
+        1_000_000
+    }
 }

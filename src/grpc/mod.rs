@@ -37,6 +37,7 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::InvalidState => Code::FailedPrecondition,
         ErrorCode::PayloadTooLarge => Code::ResourceExhausted,
         ErrorCode::UnsupportedMediaType => Code::InvalidArgument,
+        ErrorCode::RateLimited => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     }

@@ -144,7 +144,7 @@ impl Modify for SecuritySchemes {
 }
 
 /// The problem answers every management operation can give, added where an operation does not
-/// list its own: 400, 401/403 (authenticated calls), 500 and 503.
+/// list its own: 400, 401/403 (authenticated calls), 429, 500 and 503.
 struct CommonResponses;
 
 impl Modify for CommonResponses {
@@ -189,6 +189,11 @@ impl Modify for CommonResponses {
                 add(
                     "403",
                     "`insufficient_scope` (`WWW-Authenticate` names the scope)",
+                );
+                add(
+                    "429",
+                    "`rate_limited`: the API client's budget is spent; retry after `Retry-After` \
+                     (`RateLimit-Policy` and `RateLimit` describe the budget on every answer)",
                 );
                 add("500", "`internal`");
                 add(

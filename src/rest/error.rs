@@ -28,6 +28,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidState => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -86,6 +87,8 @@ impl IntoResponse for ApiError {
             | ErrorCode::InvalidState
             | ErrorCode::PayloadTooLarge
             | ErrorCode::UnsupportedMediaType
+            // Its Retry-After and RateLimit headers come from the limiter's decision.
+            | ErrorCode::RateLimited
             | ErrorCode::Internal => {}
         }
         res

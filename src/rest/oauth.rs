@@ -96,6 +96,7 @@ fn no_store(h: &mut HeaderMap) {
         (status = 400, description = "`invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`", body = apidoc::OAuthError),
         (status = 401, description = "`invalid_client` (`WWW-Authenticate: Basic`)", body = apidoc::OAuthError),
         (status = 413, description = "`invalid_request`: the body is too large", body = apidoc::OAuthError),
+        (status = 429, description = "`rate_limited`: the client's or the address's budget is spent (`Retry-After`, `RateLimit-Policy`, `RateLimit`)", body = apidoc::OAuthError),
         (status = 500, description = "`server_error`", body = apidoc::OAuthError),
         (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
     ),
@@ -106,7 +107,12 @@ pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes)
     let mut grant_type = String::new();
     match issue(&app, &headers, &body, &mut grant_type).await {
         Ok(res) => {
-            crate::metrics::token_grant(&grant_type, "issued");
+            let outcome = if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                "rate_limited"
+            } else {
+                "issued"
+            };
+            crate::metrics::token_grant(&grant_type, outcome);
             res
         }
         Err(e) => {
@@ -184,6 +190,20 @@ async fn issue(
 
     let (client_id, secret) = client_credentials(headers, &params)?;
     let client = app.store.find_client(&client_id).await?;
+    // Spent before the secret is checked: guessing a client's secret is as slow as its budget.
+    if let Some(verdict) = app
+        .limits
+        .client(
+            &app.issuances,
+            &client_id,
+            client.as_ref().map(|c| c.tenant_id),
+        )
+        .await
+        && !verdict.allowed()
+    {
+        crate::limits::refused(crate::limits::Class::Token);
+        return Ok(verdict.oauth());
+    }
     // Hash even for unknown clients so timing does not tell which client ids exist.
     let stored = client
         .as_ref()

@@ -20,6 +20,7 @@ use super::{ApiError, AppState, apidoc};
     responses(
         (status = 200, description = "The credential offer (OID4VCI 1.0 §4.1.1), `Cache-Control: no-store`", body = Object),
         (status = 404, description = "`not_found`: unknown, used, expired or cancelled", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`", body = apidoc::Problem, content_type = "application/problem+json"),
     )
 )]

@@ -85,7 +85,10 @@ pub async fn jwt_vc_issuer(State(app): State<AppState>) -> impl IntoResponse {
     path = "/issuer/oid4vci/v1/nonce",
     operation_id = "nonce",
     tag = "oid4vci",
-    responses((status = 200, description = "A fresh `c_nonce` for key proofs (`Cache-Control: no-store`)", body = apidoc::NonceResponse))
+    responses(
+        (status = 200, description = "A fresh `c_nonce` for key proofs (`Cache-Control: no-store`)", body = apidoc::NonceResponse),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
+    )
 )]
 pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
     (
@@ -103,8 +106,10 @@ pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
     request_body(content = Object, content_type = "application/json", description = "Credential request (OID4VCI 1.0 §8.2)"),
     responses(
         (status = 200, description = "The SD-JWT VC (OID4VCI 1.0 §8.3)", body = Object),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 400, description = "`invalid_credential_request`, `invalid_proof`, `invalid_nonce`, `unknown_credential_configuration`", body = apidoc::OAuthError),
         (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 500, description = "`server_error`", body = apidoc::OAuthError),
         (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
     ),
@@ -137,6 +142,7 @@ pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: B
         (status = 204, description = "Recorded"),
         (status = 400, description = "`invalid_notification_id`, `invalid_notification_request`", body = apidoc::OAuthError),
         (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 500, description = "`server_error`", body = apidoc::OAuthError),
         (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
     ),

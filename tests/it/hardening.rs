@@ -260,3 +260,277 @@ async fn concurrent_first_fetches_record_one_event() {
         ["created", "offer_retrieved"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rate limits
+// ---------------------------------------------------------------------------------------------
+
+/// The header through which these tests name their client address (as a trusted proxy
+/// would), so that each test has budgets of its own in the shared Redis.
+const IP_HEADER: &str = "x-test-client-ip";
+
+fn random_ip() -> String {
+    let b = issuer_domain::ids::random_token(6).into_bytes();
+    format!("10.{}.{}.{}", b[0], b[1], b[2])
+}
+
+fn limited(mut s: issuer::Settings, ip: (u32, u32), client: (u32, u32)) -> issuer::Settings {
+    s.client_ip_header = IP_HEADER.into();
+    (s.rate_limit_ip_per_sec, s.rate_limit_ip_burst) = ip;
+    (s.rate_limit_client_per_sec, s.rate_limit_client_burst) = client;
+    s
+}
+
+fn header<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {
+    res.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+/// Two replicas sharing Redis share one address budget: wrong-secret token requests spread
+/// over both are refused once the burst is spent, in the OAuth format, and the offer endpoint
+/// and landing page refuse that address too, while another address is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_address_budget_through_redis() {
+    let db = TestDb::new().await;
+    let settings = || {
+        limited(
+            pg_settings(&db.url, Some(&redis_url())),
+            (1, 10),
+            (200, 400),
+        )
+    };
+    let a = TestApp::spawn(settings()).await;
+    let b = TestApp::spawn(settings()).await;
+    let ip = random_ip();
+    let guess = |app: &TestApp, ip: &str| {
+        app.http
+            .post(app.url("/issuer/oauth/token"))
+            .header(IP_HEADER, ip)
+            .basic_auth("cli_nobody", Some("cs_wrong"))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+    };
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for i in 0..14 {
+        let res = guess(if i % 2 == 0 { &a } else { &b }, &ip).await.unwrap();
+        statuses.push(res.status().as_u16());
+        if res.status() == StatusCode::TOO_MANY_REQUESTS && refusal.is_none() {
+            refusal = Some(res);
+        }
+    }
+    let admitted = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        (10..=11).contains(&admitted),
+        "the burst of 10 is shared by both replicas (one more may refill): {statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        14 - admitted
+    );
+    let res = refusal.unwrap();
+    assert!(header(&res, "retry-after").parse::<u64>().unwrap() >= 1);
+    assert_eq!(header(&res, "ratelimit-policy"), "\"ip\";q=10;w=10");
+    assert!(header(&res, "ratelimit").starts_with("\"ip\";r=0;t="));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited", "{body}");
+
+    // The same address on the other unauthenticated endpoints.
+    for path in ["/issuer/oid4vci/v1/credential-offer/x", "/issuer/offer/x"] {
+        let res = a
+            .http
+            .get(a.url(path))
+            .header(IP_HEADER, &ip)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["code"], "rate_limited", "{path}: {problem}");
+    }
+    let res = b
+        .http
+        .post(b.url("/issuer/oid4vci/v1/nonce"))
+        .header(IP_HEADER, &ip)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"], "rate_limited");
+    // Another address has its own budget.
+    assert_eq!(guess(&b, &random_ip()).await.unwrap().status(), 401);
+}
+
+/// An API client's budget over REST and gRPC, with its tenant's own limit: headers on every
+/// answer, then 429 `rate_limited` / RESOURCE_EXHAUSTED with RetryInfo, and a count in the
+/// metrics; another tenant's client is unaffected.
+async fn client_budget(app: &TestApp) {
+    let (creds, token) = app.tenant_token().await;
+    let (_, other) = app.tenant_token().await;
+    let tenant = creds.tenant_id.parse().unwrap();
+    issuer::admin::limit_tenant(
+        &app.app,
+        tenant,
+        Some(issuer_domain::model::RateLimit::new(1, 4).unwrap()),
+    )
+    .await
+    .unwrap();
+    let list = |token: &str| {
+        app.http
+            .get(app.url("/issuer/api/v1/issuances"))
+            .bearer_auth(token)
+            .send()
+    };
+    let mut remaining = Vec::new();
+    let refused = loop {
+        let res = list(&token).await.unwrap();
+        if res.status() == StatusCode::TOO_MANY_REQUESTS {
+            break res;
+        }
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "ratelimit-policy"), "\"client\";q=4;w=4");
+        remaining.push(header(&res, "ratelimit").to_owned());
+        assert!(remaining.len() <= 5, "never refused: {remaining:?}");
+    };
+    assert!(remaining.len() >= 4, "the burst passes: {remaining:?}");
+    assert!(remaining[0].starts_with("\"client\";r=3;"), "{remaining:?}");
+    assert!(header(&refused, "retry-after").parse::<u64>().unwrap() >= 1);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited", "{problem}");
+    assert_eq!(problem["status"], 429);
+
+    let mut grpc = app.grpc().await;
+    let err = grpc
+        .list_issuances(authed(&token, pb::ListIssuancesRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    use tonic_types::StatusExt;
+    let retry = err.get_details_retry_info().expect("RetryInfo");
+    assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
+    assert_eq!(
+        err.get_details_error_info().map(|i| i.reason),
+        Some("RATE_LIMITED".to_owned())
+    );
+    // The token endpoint spends the same client's budget.
+    let res = crate::helpers::token_request(&app.http, &app.base, &creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"], "rate_limited");
+
+    let res = list(&other).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "another tenant's client");
+    assert!(header(&res, "ratelimit-policy").starts_with("\"client\";q=400;"));
+    let metrics = app
+        .http
+        .get(app.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"issuer_rate_limited_total{class="management"}"#)
+            && metrics.contains(r#"issuer_rate_limited_total{class="token"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_client_has_its_tenants_budget_on_postgres() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
+    client_budget(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_client_has_its_tenants_budget_embedded() {
+    let (_dir, app) = embedded().await;
+    client_budget(&app).await;
+}
+
+/// With Redis unreachable, each replica keeps budgets of its own: requests within the burst
+/// pass, the rest are refused; nothing refuses everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_budgets_fall_back_to_the_replica() {
+    let db = TestDb::new().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("redis://{}", l.local_addr().unwrap())
+    };
+    let app = TestApp::spawn(limited(
+        pg_settings(&db.url, Some(&dead)),
+        (1, 5),
+        (200, 400),
+    ))
+    .await;
+    let ip = random_ip();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let res = app
+            .http
+            .post(app.url("/issuer/oid4vci/v1/nonce"))
+            .header(IP_HEADER, &ip)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((5..=6).contains(&ok), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
+
+/// `issuer tenant limits` sets a tenant's client budget that the running service applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_a_tenants_client_budget() {
+    let db = TestDb::new().await;
+    let service = crate::helpers::ServiceProcess::start(&db.url, &[], false).await;
+    let creds = service.provision("issuance:read").await;
+    let out = service
+        .cli(&[
+            "tenant",
+            "limits",
+            "--tenant",
+            &creds.tenant_id,
+            "--per-sec",
+            "3",
+            "--burst",
+            "6",
+            "--output",
+            "json",
+        ])
+        .await;
+    assert_eq!(
+        out["rate_limit"],
+        serde_json::json!({"per_sec": 3, "burst": 6}),
+        "{out}"
+    );
+    let token = service.token(&creds).await;
+    let res = reqwest::Client::new()
+        .get(format!("{}/issuer/api/v1/issuances", service.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "ratelimit-policy"), "\"client\";q=6;w=2");
+    let out = service
+        .cli(&[
+            "tenant",
+            "limits",
+            "--tenant",
+            &creds.tenant_id,
+            "--clear",
+            "--output",
+            "json",
+        ])
+        .await;
+    assert_eq!(out["rate_limit"], Value::Null, "{out}");
+}

@@ -121,6 +121,9 @@ pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
         database_max_connections: 30,
         // Offer emails of tests that do not read them: out of the working tree.
         mail_dir: Some(std::env::temp_dir().join("issuer-test-mail")),
+        // Every test calls from 127.0.0.1, and the budgets in the test Redis are shared by
+        // all of them: the tests of the limits turn them on with addresses of their own.
+        rate_limit_ip_per_sec: 0,
         ..Settings::default()
     }
 }
@@ -129,6 +132,7 @@ pub fn pg_settings(db_url: &str, redis: Option<&str>) -> Settings {
 pub fn embedded_settings(dir: &std::path::Path) -> Settings {
     Settings {
         data_dir: dir.to_path_buf(),
+        rate_limit_ip_per_sec: 0,
         ..Settings::default()
     }
 }
@@ -398,6 +402,7 @@ impl ServiceProcess {
             ("ISSUER_DATA_DIR", data.path().display().to_string()),
             ("ISSUER_LOG_LEVEL", "warn".to_owned()),
             ("ISSUER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("ISSUER_RATE_LIMIT_IP_PER_SEC", "0".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

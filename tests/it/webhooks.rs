@@ -966,6 +966,14 @@ async fn two_instances(db: &TestDb) -> (Arc<TestApp>, Arc<TestApp>, Creds, Strin
     let a = Arc::new(TestApp::spawn(hook_settings(db)).await);
     let b = Arc::new(TestApp::spawn(hook_settings(db)).await);
     let creds = a.provision(&Scope::ALL).await;
+    // These tests load the service on purpose: far above the default client budget.
+    issuer::admin::limit_tenant(
+        &a.app,
+        creds.tenant_id.parse().unwrap(),
+        Some(issuer_domain::model::RateLimit::new(100_000, 100_000).unwrap()),
+    )
+    .await
+    .unwrap();
     let ta = a.token(&creds).await;
     let tb = b.token(&creds).await;
     (a, b, creds, ta, tb)

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The request body is not in a media type the endpoint accepts.
     UnsupportedMediaType,
+    /// The caller spent its request budget; retry after the time given.
+    RateLimited,
     /// A dependency (database) is unreachable; retry later.
     Unavailable,
     /// A bug or an unexpected failure; details are in the server log only.
@@ -35,7 +37,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, as documented (the REST API's OpenAPI document lists them from here).
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidToken,
         ErrorCode::InsufficientScope,
@@ -45,6 +47,7 @@ impl ErrorCode {
         ErrorCode::InvalidState,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
+        ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::InvalidState => "invalid_state",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -192,8 +196,9 @@ mod all_codes {
             ErrorCode::InvalidState => 6,
             ErrorCode::PayloadTooLarge => 7,
             ErrorCode::UnsupportedMediaType => 8,
-            ErrorCode::Unavailable => 9,
-            ErrorCode::Internal => 10,
+            ErrorCode::RateLimited => 9,
+            ErrorCode::Unavailable => 10,
+            ErrorCode::Internal => 11,
         };
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
             assert_eq!(position(c), i, "{c}");

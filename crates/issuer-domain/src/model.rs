@@ -21,7 +21,28 @@ pub struct Tenant {
     pub require_tx_code: bool,
     /// How the tenant appears to recipients.
     pub branding: Branding,
+    /// The rate limit of each of the tenant's API clients; the service default when unset.
+    pub client_rate_limit: Option<RateLimit>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A request budget: `per_sec` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Both at least 1, the burst at least the rate, and below a million.
+    pub fn new(per_sec: u32, burst: u32) -> Result<Self, String> {
+        if per_sec == 0 || burst < per_sec || burst > 1_000_000 {
+            return Err(format!(
+                "a rate limit needs 1 <= per_sec <= burst <= 1000000 (got {per_sec}/s, burst {burst})"
+            ));
+        }
+        Ok(Self { per_sec, burst })
+    }
 }
 
 /// How a tenant appears to recipients: in offer emails and on the offer landing page.
@@ -100,6 +121,7 @@ impl Tenant {
             max_offer_ttl_secs: Self::MAX_OFFER_TTL_SECS,
             require_tx_code: false,
             branding: Branding::default(),
+            client_rate_limit: None,
             created_at: now,
         }
     }

@@ -13,7 +13,7 @@ use crate::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
-        StoreGauges, Tenant, Transition, TransitionOutcome,
+        RateLimit, StoreGauges, Tenant, Transition, TransitionOutcome,
     },
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
@@ -33,6 +33,13 @@ pub trait Store: Send + Sync + 'static {
     async fn count_tenants(&self) -> Result<u64>;
     /// Replaces the tenant's branding; `false` when there is no such tenant.
     async fn update_tenant_branding(&self, id: TenantId, branding: &Branding) -> Result<bool>;
+    /// Sets (or with `None` clears) the rate limit of the tenant's API clients; `false` when
+    /// there is no such tenant.
+    async fn update_tenant_rate_limit(
+        &self,
+        id: TenantId,
+        limit: Option<RateLimit>,
+    ) -> Result<bool>;
 
     /// Fails with `AlreadyExists` when the client id is taken.
     async fn insert_client(&self, client: &ApiClient) -> Result<()>;

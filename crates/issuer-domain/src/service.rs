@@ -206,9 +206,9 @@ impl IssuanceService {
         result
     }
 
-    /// The tenant's settings, cached briefly: they bound offer lifetimes, change rarely, and
-    /// every create needs them.
-    async fn tenant(&self, id: TenantId) -> Result<Tenant> {
+    /// The tenant's settings, cached briefly: they bound offer lifetimes and rate limits,
+    /// change rarely, and every create needs them.
+    pub async fn tenant(&self, id: TenantId) -> Result<Tenant> {
         let now = self.clock.now();
         if let Some((tenant, until)) = self
             .tenants
@@ -231,6 +231,15 @@ impl IssuanceService {
         }
         cache.insert(id, (tenant.clone(), now + TENANT_CACHE_TTL));
         Ok(tenant)
+    }
+
+    /// Drops the cached settings of a tenant changed through this process; other replicas see
+    /// the change when their cache entry lapses (a minute at most).
+    pub fn forget_tenant(&self, id: TenantId) {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// Inserts a new issuance. The store's unique (tenant, client_request_id) constraint turns

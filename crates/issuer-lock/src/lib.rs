@@ -6,6 +6,7 @@
 //! quickly: operations time out instead of hanging.
 
 pub mod events;
+pub mod ratelimit;
 
 use std::{
     collections::HashMap,
@@ -48,6 +49,13 @@ impl RedisLock {
             conn,
             release: Script::new(RELEASE),
         })
+    }
+}
+
+impl RedisLock {
+    /// The connection, for other users of the same Redis (rate limits).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 }
 

@@ -13,8 +13,8 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId, random_token},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, InsertOutcome,
-        Issuance, IssuanceEvent, IssuanceStatus, ListFilter, PRE_AUTHORIZED_CODE_GRANT, Scope,
-        Tenant, Transition, TransitionOutcome, event_kind,
+        Issuance, IssuanceEvent, IssuanceStatus, ListFilter, PRE_AUTHORIZED_CODE_GRANT, RateLimit,
+        Scope, Tenant, Transition, TransitionOutcome, event_kind,
     },
     ports::Store,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -200,6 +200,10 @@ pub async fn tenant_round_trip(store: &dyn Store) {
             logo_url: Some("https://acme.example/logo.png".into()),
             support_contact: None,
         },
+        client_rate_limit: Some(RateLimit {
+            per_sec: 7,
+            burst: 21,
+        }),
         ..sample_tenant()
     };
     store
@@ -253,6 +257,32 @@ pub async fn tenant_round_trip(store: &dyn Store) {
             .await
             .unwrap(),
         "branding an unknown tenant changes nothing"
+    );
+    let limit = |t: Option<Tenant>| t.and_then(|t| t.client_rate_limit);
+    let own = RateLimit {
+        per_sec: 50,
+        burst: 80,
+    };
+    assert!(
+        store
+            .update_tenant_rate_limit(tenant.id, Some(own))
+            .await
+            .unwrap()
+    );
+    assert_eq!(limit(store.get_tenant(tenant.id).await.unwrap()), Some(own));
+    assert!(
+        store
+            .update_tenant_rate_limit(tenant.id, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(limit(store.get_tenant(tenant.id).await.unwrap()), None);
+    assert!(
+        !store
+            .update_tenant_rate_limit(TenantId::new(), Some(own))
+            .await
+            .unwrap(),
+        "limiting an unknown tenant changes nothing"
     );
     // Other checks may insert tenants concurrently on a shared database.
     let after = store.count_tenants().await.expect("count_tenants failed");

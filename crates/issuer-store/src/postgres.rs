@@ -19,7 +19,8 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, Scope, StoreGauges, Tenant, Transition, TransitionOutcome,
+        IssuanceStatus, ListFilter, RateLimit, Scope, StoreGauges, Tenant, Transition,
+        TransitionOutcome,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -211,7 +212,7 @@ impl Store for PgStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(tenant.id.0)
         .bind(&tenant.name)
@@ -222,6 +223,8 @@ impl Store for PgStore {
         .bind(&tenant.branding.display_name)
         .bind(&tenant.branding.logo_url)
         .bind(&tenant.branding.support_contact)
+        .bind(tenant.client_rate_limit.map(|l| i64::from(l.per_sec)))
+        .bind(tenant.client_rate_limit.map(|l| i64::from(l.burst)))
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -245,6 +248,24 @@ impl Store for PgStore {
         .map_err(db_error)?
         .map(|row| rows::tenant(&row))
         .transpose()
+    }
+
+    #[tracing::instrument(name = "store.update_tenant_rate_limit", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
+    async fn update_tenant_rate_limit(
+        &self,
+        id: TenantId,
+        limit: Option<RateLimit>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET rate_limit_per_sec = $2, rate_limit_burst = $3 WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(limit.map(|l| i64::from(l.per_sec)))
+        .bind(limit.map(|l| i64::from(l.burst)))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     #[tracing::instrument(name = "store.update_tenant_branding", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]

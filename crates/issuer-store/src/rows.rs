@@ -12,7 +12,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, Issuance, IssuanceEvent, IssuanceStatus,
-        Scope, StoreGauges, Tenant, Transition,
+        RateLimit, Scope, StoreGauges, Tenant, Transition,
     },
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
@@ -100,7 +100,7 @@ pub(crate) use event_columns;
 macro_rules! tenant_columns {
     () => {
         "id, name, default_offer_ttl_secs, max_offer_ttl_secs, created_at, require_tx_code, \
-         display_name, logo_url, support_contact"
+         display_name, logo_url, support_contact, rate_limit_per_sec, rate_limit_burst"
     };
 }
 pub(crate) use tenant_columns;
@@ -181,6 +181,16 @@ pub(crate) fn tenant(row: &impl RowAccess) -> Result<Tenant, Error> {
                 display_name: row.opt_text("display_name")?,
                 logo_url: row.opt_text("logo_url")?,
                 support_contact: row.opt_text("support_contact")?,
+            },
+            client_rate_limit: match (
+                row.opt_int("rate_limit_per_sec")?,
+                row.opt_int("rate_limit_burst")?,
+            ) {
+                (Some(per_sec), Some(burst)) => Some(RateLimit {
+                    per_sec: u32::try_from(per_sec).unwrap_or(u32::MAX),
+                    burst: u32::try_from(burst).unwrap_or(u32::MAX),
+                }),
+                _ => None,
             },
             created_at: row.time("created_at")?,
         })

@@ -15,7 +15,8 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, Scope, StoreGauges, Tenant, Transition, TransitionOutcome,
+        IssuanceStatus, ListFilter, RateLimit, Scope, StoreGauges, Tenant, Transition,
+        TransitionOutcome,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -192,7 +193,7 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO tenants (",
             tenant_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(id_text(tenant.id.0))
         .bind(&tenant.name)
@@ -203,6 +204,8 @@ impl Store for SqliteStore {
         .bind(&tenant.branding.display_name)
         .bind(&tenant.branding.logo_url)
         .bind(&tenant.branding.support_contact)
+        .bind(tenant.client_rate_limit.map(|l| i64::from(l.per_sec)))
+        .bind(tenant.client_rate_limit.map(|l| i64::from(l.burst)))
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -211,6 +214,24 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(())
+    }
+
+    #[tracing::instrument(name = "store.update_tenant_rate_limit", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
+    async fn update_tenant_rate_limit(
+        &self,
+        id: TenantId,
+        limit: Option<RateLimit>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET rate_limit_per_sec = ?2, rate_limit_burst = ?3 WHERE id = ?1",
+        )
+        .bind(id_text(id.0))
+        .bind(limit.map(|l| i64::from(l.per_sec)))
+        .bind(limit.map(|l| i64::from(l.burst)))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     #[tracing::instrument(name = "store.update_tenant_branding", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
