@@ -44,6 +44,8 @@ pub struct App {
     pub mailer: crate::mail::Mailer,
     /// Turns true when shutdown begins: readiness fails, watch streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Open watch streams per tenant.
+    pub watchers: Arc<crate::watch::WatchCounts>,
     /// Request budgets per API client and per client address.
     pub limits: crate::limits::Limits,
     /// Where `/metrics` is served, once [`crate::serve`] has bound it.
@@ -181,6 +183,7 @@ impl App {
             mailer,
             stopping: tokio::sync::watch::channel(false).0,
             metrics_addr: std::sync::OnceLock::new(),
+            watchers: Arc::default(),
             limits,
         })
     }

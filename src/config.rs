@@ -135,6 +135,20 @@ pub struct Settings {
     /// counts); empty = the connection's peer address. Only set it behind such a proxy: a
     /// client could otherwise choose its own address.
     pub client_ip_header: String,
+    /// `ISSUER_HTTP_HEADER_TIMEOUT_MS`: a connection must deliver a request head this soon
+    /// after starting one, and an idle HTTP/1.1 keep-alive connection must start its next
+    /// request this soon; otherwise it is closed.
+    pub http_header_timeout_ms: u64,
+    /// `ISSUER_HTTP_IDLE_TIMEOUT_SECS`: a connection with no request in flight this long is
+    /// closed (HTTP/2 included).
+    pub http_idle_timeout_secs: u64,
+    /// `ISSUER_HTTP_MAX_CONNECTIONS`: open connections at most; past it, new ones wait.
+    pub http_max_connections: u32,
+    /// `ISSUER_REQUEST_TIMEOUT_MS`: bound on a unary call (not on watch streams).
+    pub request_timeout_ms: u64,
+    /// `ISSUER_WATCH_MAX_PER_TENANT`: open watch streams (gRPC and SSE) of one tenant on one
+    /// replica at most; past it, 429 / `RESOURCE_EXHAUSTED`.
+    pub watch_max_per_tenant: usize,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -177,6 +191,11 @@ impl Default for Settings {
             mail_dir: None,
             email_timeout_ms: 30_000,
             email_retry_schedule: None,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_secs: 120,
+            http_max_connections: 10_000,
+            request_timeout_ms: 30_000,
+            watch_max_per_tenant: 1_000,
             rate_limit_client_per_sec: 200,
             rate_limit_client_burst: 400,
             rate_limit_ip_per_sec: 50,
@@ -275,6 +294,26 @@ impl Settings {
         anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        anyhow::ensure!(
+            (100..=300_000).contains(&self.http_header_timeout_ms),
+            "ISSUER_HTTP_HEADER_TIMEOUT_MS must be from 100 to 300000"
+        );
+        anyhow::ensure!(
+            (1..=3600).contains(&self.http_idle_timeout_secs),
+            "ISSUER_HTTP_IDLE_TIMEOUT_SECS must be from 1 to 3600"
+        );
+        anyhow::ensure!(
+            self.http_max_connections >= 1,
+            "ISSUER_HTTP_MAX_CONNECTIONS must be at least 1"
+        );
+        anyhow::ensure!(
+            (100..=600_000).contains(&self.request_timeout_ms),
+            "ISSUER_REQUEST_TIMEOUT_MS must be from 100 to 600000"
+        );
+        anyhow::ensure!(
+            self.watch_max_per_tenant >= 1,
+            "ISSUER_WATCH_MAX_PER_TENANT must be at least 1"
         );
         for (name, per_sec, burst) in [
             (

@@ -3,7 +3,7 @@
 
 use std::{future::Future, sync::Arc};
 
-use axum::{Router, serve::ListenerExt};
+use axum::Router;
 use tokio::net::TcpListener;
 
 pub mod admin;
@@ -17,6 +17,7 @@ pub mod mail;
 pub mod metrics;
 pub mod qr;
 pub mod rest;
+pub mod server;
 pub mod telemetry;
 pub mod view;
 pub mod watch;
@@ -83,22 +84,16 @@ pub async fn serve(
     };
     let mut stopped = app.stopping.subscribe();
     let metrics_server = serve_metrics(&app).await?;
+    let connection_limits = server::ConnectionLimits {
+        header_read: std::time::Duration::from_millis(app.settings.http_header_timeout_ms),
+        idle: std::time::Duration::from_secs(app.settings.http_idle_timeout_secs),
+        max_connections: app.settings.http_max_connections,
+    };
     let router = router(app, health_service)?;
     tracing::info!(addr = %listener.local_addr()?, "serving REST and gRPC");
-    // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's algorithm
-    // and delayed ACKs hold each response for ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopping);
+    let server = server::serve(listener, router, connection_limits, stopping);
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         _ = async {
             let _ = stopped.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -184,17 +179,22 @@ where
         .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
-    let limited = app.clone();
+    let (limited, timed) = (app.clone(), app.clone());
     Ok(rest::router(app)
         .merge(grpc)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            timed,
+            server::request_timeout,
+        ))
         // Inside the metrics, so that refusals are counted and timed like any answer.
         .layer(axum::middleware::from_fn_with_state(
             limited,
             limits::enforce,
         ))
         // After routing, so that REST requests are labelled with their route template.
-        .layer(axum::middleware::from_fn(metrics::track)))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::middleware::from_fn(server::track_activity)))
 }
 
 /// Any other path: `UNIMPLEMENTED` for a gRPC call, else a 404 problem.

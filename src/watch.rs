@@ -4,11 +4,20 @@
 //! A watcher subscribes to the event hub before it reads history (no gap), de-duplicates by
 //! sequence (no repeats), and re-reads the store after any broadcast lag, after the hub reports
 //! that announcements may have been lost, and every `resync` interval.
+//!
+//! A stream is bounded: one tenant holds at most `ISSUER_WATCH_MAX_PER_TENANT` open on a
+//! replica, and a stream ends with `invalid_token` when the access token it was opened with
+//! expires (the client resumes with a fresh token from the last sequence it received).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use issuer_domain::{
-    Error,
+    Error, ErrorCode,
+    ids::TenantId,
     model::{IssuanceEvent, IssuanceStatus},
     service::Principal,
 };
@@ -30,6 +39,57 @@ pub struct WatchTiming {
     pub resync: Duration,
 }
 
+/// Open watch streams per tenant on this replica.
+#[derive(Debug, Default)]
+pub struct WatchCounts(Mutex<HashMap<TenantId, usize>>);
+
+/// One open stream of a tenant, counted until dropped.
+pub struct WatchSlot {
+    counts: Arc<WatchCounts>,
+    tenant: TenantId,
+}
+
+impl WatchCounts {
+    /// A slot for one more stream of `tenant`, unless it already holds `max`.
+    pub fn acquire(self: &Arc<Self>, tenant: TenantId, max: usize) -> Result<WatchSlot, Error> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let open = counts.entry(tenant).or_insert(0);
+        if *open >= max {
+            return Err(Error::new(
+                ErrorCode::RateLimited,
+                format!("this tenant already has {max} watch streams open; close one first"),
+            ));
+        }
+        *open += 1;
+        Ok(WatchSlot {
+            counts: Arc::clone(self),
+            tenant,
+        })
+    }
+
+    /// Streams of `tenant` open now.
+    pub fn open(&self, tenant: TenantId) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tenant)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = counts.get_mut(&self.tenant) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// The events of one issuance after `after`, then live ones as they commit, ending after the
 /// event that leaves `pending` (the outcome). Heartbeats keep idle streams alive. Fails with
 /// `NotFound` for another tenant's issuance, before anything is streamed.
@@ -44,11 +104,19 @@ pub async fn watch(
     // The whole history (a handful of events): it also tells where the log ends, so a resume
     // point past the end cannot hide the events still to come.
     let (issuance, history) = app.issuances.events(&who, &issuance_id, 0).await?;
+    let slot = app
+        .watchers
+        .acquire(who.tenant_id, app.settings.watch_max_per_tenant)?;
+    let token_left = (who.expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let token_expires = tokio::time::Instant::now() + token_left;
     let end = history.last().map_or(0, |e| e.sequence);
     let (tx, rx) = mpsc::channel(64);
     let timing = app.watch_timing;
     let mut stopping = app.stopping.subscribe();
     tokio::spawn(async move {
+        let _slot = slot;
         let (tenant, id) = (issuance.tenant_id, issuance.id);
         let mut last = after.clamp(0, end);
         // `true` once the outcome has been sent (or lies before `after`).
@@ -90,6 +158,14 @@ pub async fn watch(
                     }
                 }
                 _ = tx.closed() => return,
+                () = tokio::time::sleep_until(token_expires) => {
+                    let expired = Error::new(
+                        ErrorCode::InvalidToken,
+                        "the access token expired; resume with a fresh one after the last sequence received",
+                    );
+                    let _ = tx.send(Err(expired)).await;
+                    return;
+                }
                 // Shutting down: end the stream cleanly; the client resumes elsewhere from
                 // the last sequence it received.
                 _ = async { let _ = stopping.wait_for(|s| *s).await; } => return,

@@ -307,9 +307,17 @@ pub async fn events(
                     .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"))
             }
             Ok(WatchItem::Heartbeat) => SseEvent::default().comment("heartbeat"),
+            // The stream's last event; the watch ends after it.
             Err(e) => {
-                tracing::error!(error = %e.chain(), "event stream failed");
-                return None;
+                if e.code == issuer_domain::ErrorCode::InvalidToken {
+                    tracing::debug!("event stream ended: the token expired");
+                } else {
+                    tracing::error!(error = %e.chain(), "event stream failed");
+                }
+                SseEvent::default()
+                    .event("error")
+                    .json_data(json!({"code": e.code.as_str(), "detail": e.message}))
+                    .unwrap_or_else(|_| SseEvent::default().event("error"))
             }
         };
         Some((Ok::<_, std::convert::Infallible>(event), rx))

@@ -534,3 +534,307 @@ async fn the_cli_sets_a_tenants_client_budget() {
         .await;
     assert_eq!(out["rate_limit"], Value::Null, "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts and caps
+// ---------------------------------------------------------------------------------------------
+
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Whether the server closes `stream` within `limit` (EOF or reset on read).
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn slow_clients_are_cut_off(app: &TestApp) {
+    // Fifty connections that send half a header.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // One that says nothing at all, and one idle between keep-alive requests.
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    kept.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // Meanwhile the service answers others.
+    let res = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let started = Instant::now();
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "a half-sent header is cut off"
+        );
+    }
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(5)).await,
+        "an idle keep-alive connection is closed"
+    );
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "a silent connection is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+fn tight(mut s: issuer::Settings) -> issuer::Settings {
+    s.http_header_timeout_ms = 500;
+    s.http_idle_timeout_secs = 1;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_on_postgres() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(tight(pg_settings(&db.url, Some(&redis_url())))).await;
+    slow_clients_are_cut_off(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(tight(embedded_settings(dir.path()))).await;
+    slow_clients_are_cut_off(&app).await;
+}
+
+/// Past the connection cap new clients wait; when a connection closes, the next is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_a_free_one() {
+    let db = TestDb::new().await;
+    let mut settings = pg_settings(&db.url, Some(&redis_url()));
+    settings.http_max_connections = 3;
+    let app = TestApp::spawn(settings).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).await.unwrap();
+        held.push(s);
+    }
+    let fourth = tokio::spawn({
+        let url = app.url("/healthz");
+        async move { reqwest::get(url).await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!fourth.is_finished(), "the fourth connection waits");
+    drop(held.pop());
+    let status = tokio::time::timeout(Duration::from_secs(5), fourth)
+        .await
+        .expect("served once a connection closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// A unary call that cannot finish in time is abandoned with 503 / DEADLINE_EXCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_call_times_out() {
+    let db = TestDb::new().await;
+    let mut settings = pg_settings(&db.url, Some(&redis_url()));
+    settings.request_timeout_ms = 500;
+    let app = TestApp::spawn(settings).await;
+    let (_, token) = app.tenant_token().await;
+    let issuance = created(&app, &token, "stuck").await;
+    let id = issuance["issuance_id"].as_str().unwrap().to_owned();
+    // Another session holds the issuance's row: a cancel waits for it.
+    let mut blocker = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM issuances WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let res = app.cancel_rest(&token, &id).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable", "{problem}");
+    let err = app
+        .grpc()
+        .await
+        .cancel_issuance(authed(
+            &token,
+            pb::CancelIssuanceRequest {
+                issuance_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    // Free again: the cancel goes through.
+    assert_eq!(app.cancel_rest(&token, &id).await.status(), StatusCode::OK);
+}
+
+fn sse(app: &TestApp, token: &str, id: &str) -> reqwest::RequestBuilder {
+    app.http
+        .get(app.url(&format!("/issuer/api/v1/issuances/{id}/events")))
+        .bearer_auth(token)
+        .header("accept", "text/event-stream")
+}
+
+fn watch_request(token: &str, id: &str) -> tonic::Request<pb::WatchIssuanceRequest> {
+    authed(
+        token,
+        pb::WatchIssuanceRequest {
+            issuance_id: id.to_owned(),
+            after_sequence: 0,
+        },
+    )
+}
+
+/// Open streams are capped per tenant, over SSE and gRPC together; another tenant is not
+/// affected, and a closed stream frees its place.
+async fn watch_streams_are_capped(app: &TestApp) {
+    let (_, token) = app.tenant_token().await;
+    let (_, other) = app.tenant_token().await;
+    let id = created(app, &token, "watched").await["issuance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other_id = created(app, &other, "watched").await["issuance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let res = sse(app, &token, &id).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        open.push(res);
+    }
+    let mut grpc = app.grpc().await;
+    let stream = grpc
+        .watch_issuance(watch_request(&token, &id))
+        .await
+        .unwrap()
+        .into_inner();
+    let res = sse(app, &token, &id).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited", "{problem}");
+    let err = grpc
+        .watch_issuance(watch_request(&token, &id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let res = sse(app, &other, &other_id).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "another tenant has its own cap"
+    );
+    drop(res);
+    drop(stream);
+    // The server notices the closed stream at its next write or heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = sse(app, &token, &id).send().await.unwrap();
+        if res.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream never freed its place"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn capped(mut s: issuer::Settings) -> issuer::Settings {
+    s.watch_max_per_tenant = 3;
+    s.watch_heartbeat_secs = 1;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_capped_per_tenant_on_postgres() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(capped(pg_settings(&db.url, Some(&redis_url())))).await;
+    watch_streams_are_capped(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_capped_per_tenant_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(capped(embedded_settings(dir.path()))).await;
+    watch_streams_are_capped(&app).await;
+}
+
+/// A token that expires in two seconds: its streams end then, gRPC with UNAUTHENTICATED and
+/// SSE with an `error` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_its_token_expires() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
+    let (creds, token) = app.tenant_token().await;
+    let id = created(&app, &token, "expiring").await["issuance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ttl = app.app.settings.token_ttl_secs;
+    let short = app
+        .app
+        .tokens
+        .issue(
+            creds.tenant_id.parse().unwrap(),
+            &creds.client_id,
+            &Scope::ALL,
+            chrono::Utc::now() - chrono::Duration::seconds(ttl - 2),
+        )
+        .access_token;
+    let started = Instant::now();
+    let mut stream = app
+        .grpc()
+        .await
+        .watch_issuance(watch_request(&short, &id))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sse = sse(&app, &short, &id).send().await.unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(other) => break other,
+            Err(_) => panic!("the stream outlived its token"),
+        }
+    };
+    let err = end.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let mut text = String::new();
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(10), sse.chunk()).await
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains("event: error") && text.contains("invalid_token"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+}

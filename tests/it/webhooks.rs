@@ -1060,6 +1060,7 @@ async fn events_committed_by_a_stopped_replica_are_delivered_by_the_other() {
         tenant_id: creds.tenant_id.parse().unwrap(),
         client_id: creds.client_id.clone(),
         scopes: Scope::ALL.to_vec(),
+        expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
     };
     let committed = Instant::now();
     for id in &ids[N..] {

@@ -176,6 +176,8 @@ impl TokenService {
             tenant_id,
             client_id: c.client_id,
             scopes,
+            expires_at: chrono::DateTime::from_timestamp(c.exp, 0)
+                .ok_or_else(|| TokenError("token has no valid expiry".into()))?,
         };
         // Cached only until `exp` itself, without the leeway granted above.
         Ok((principal, c.exp))

@@ -36,6 +36,8 @@ pub struct Principal {
     pub tenant_id: TenantId,
     pub client_id: String,
     pub scopes: Vec<Scope>,
+    /// When the caller's access token expires: streams opened with it end then.
+    pub expires_at: DateTime<Utc>,
 }
 
 impl Principal {
