@@ -149,6 +149,11 @@ pub struct Settings {
     /// `ISSUER_WATCH_MAX_PER_TENANT`: open watch streams (gRPC and SSE) of one tenant on one
     /// replica at most; past it, 429 / `RESOURCE_EXHAUSTED`.
     pub watch_max_per_tenant: usize,
+    /// `ISSUER_RETENTION_SECS`: how long ended issuances (with their events, email rows and
+    /// webhook deliveries) are kept after their last change; default 90 days.
+    pub retention_secs: u64,
+    /// `ISSUER_RETENTION_INTERVAL_SECS`: how often each replica deletes what is past it.
+    pub retention_interval_secs: u64,
     /// `ISSUER_LOG_FORMAT`: `json` or `pretty`.
     pub log_format: LogFormat,
     /// `ISSUER_LOG_LEVEL`: a `tracing` filter such as `info` or `issuer=debug,info`.
@@ -191,6 +196,8 @@ impl Default for Settings {
             mail_dir: None,
             email_timeout_ms: 30_000,
             email_retry_schedule: None,
+            retention_secs: 90 * 24 * 3600,
+            retention_interval_secs: 300,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_secs: 120,
             http_max_connections: 10_000,
@@ -294,6 +301,14 @@ impl Settings {
         anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.retention_secs >= 1,
+            "ISSUER_RETENTION_SECS must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=86_400).contains(&self.retention_interval_secs),
+            "ISSUER_RETENTION_INTERVAL_SECS must be from 1 to 86400"
         );
         anyhow::ensure!(
             (100..=300_000).contains(&self.http_header_timeout_ms),

@@ -17,6 +17,7 @@ pub mod mail;
 pub mod metrics;
 pub mod qr;
 pub mod rest;
+pub mod retention;
 pub mod server;
 pub mod telemetry;
 pub mod view;
@@ -59,6 +60,17 @@ pub async fn serve(
     let upkeep = tokio::spawn(metrics::upkeep());
     let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
     let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), workers_stopped.clone()));
+    let retention = tokio::spawn(
+        retention::Retention::new(
+            app.store.clone(),
+            app.clock.clone(),
+            std::time::Duration::from_secs(app.settings.retention_secs),
+        )
+        .run(
+            std::time::Duration::from_secs(app.settings.retention_interval_secs),
+            workers_stopped.clone(),
+        ),
+    );
     let mut mailer = tokio::spawn(mail::run(app.clone(), workers_stopped));
     // Attempts under way get their own timeout and a margin to record the result.
     let drain = std::time::Duration::from_millis(
@@ -103,6 +115,7 @@ pub async fn serve(
     }
     sweeper.abort();
     upkeep.abort();
+    retention.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }

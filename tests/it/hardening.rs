@@ -838,3 +838,94 @@ async fn a_watch_ends_when_its_token_expires() {
     );
     assert!(started.elapsed() < Duration::from_secs(8));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------------------------
+
+/// An ended issuance is gone once its retention has passed: 404 for it and its history, its
+/// key free for a new one; a pending one stays; the metrics count what went.
+async fn ended_issuances_are_purged(app: &TestApp) {
+    let (_, token) = app.tenant_token().await;
+    let ended = created(app, &token, "kept-briefly").await;
+    let ended_id = ended["issuance_id"].as_str().unwrap().to_owned();
+    let pending = created(app, &token, "still-pending").await;
+    let pending_id = pending["issuance_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.cancel_rest(&token, &ended_id).await.status(),
+        StatusCode::OK
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.get_rest(&token, &ended_id).await.status() != StatusCode::NOT_FOUND {
+        assert!(
+            Instant::now() < deadline,
+            "the ended issuance was never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let history = app
+        .http
+        .get(app.url(&format!("/issuer/api/v1/issuances/{ended_id}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(history.status(), StatusCode::NOT_FOUND);
+    let again = created(app, &token, "kept-briefly").await;
+    assert_ne!(
+        again["issuance_id"], ended["issuance_id"],
+        "the key is free again"
+    );
+    assert_eq!(
+        app.get_rest(&token, &pending_id).await.status(),
+        StatusCode::OK
+    );
+    let metrics = app
+        .http
+        .get(app.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"issuer_retention_purged_total{kind="issuances"}"#)
+            && metrics.contains(r#"issuer_retention_purged_total{kind="events"}"#),
+        "{metrics}"
+    );
+}
+
+fn short_retention(mut s: issuer::Settings) -> issuer::Settings {
+    s.retention_secs = 1;
+    s.retention_interval_secs = 1;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_issuances_are_purged_after_retention_on_postgres() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(short_retention(pg_settings(&db.url, Some(&redis_url())))).await;
+    ended_issuances_are_purged(&app).await;
+    // Nothing of it is left in any table.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    for table in ["issuance_events", "email_deliveries", "webhook_deliveries"] {
+        let orphans: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} t WHERE NOT EXISTS \
+             (SELECT 1 FROM issuances i WHERE i.tenant_id = t.tenant_id AND i.id = t.issuance_id)"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(orphans, 0, "{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_issuances_are_purged_after_retention_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(short_retention(embedded_settings(dir.path()))).await;
+    ended_issuances_are_purged(&app).await;
+}

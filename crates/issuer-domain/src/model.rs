@@ -26,6 +26,14 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
 }
 
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub issuances: u64,
+    pub events: u64,
+    pub webhook_deliveries: u64,
+}
+
 /// A request budget: `per_sec` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {

@@ -13,7 +13,7 @@ use crate::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
-        RateLimit, StoreGauges, Tenant, Transition, TransitionOutcome,
+        Purged, RateLimit, StoreGauges, Tenant, Transition, TransitionOutcome,
     },
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
@@ -90,8 +90,13 @@ pub trait Store: Send + Sync + 'static {
         nonce_hash: &str,
         expires_at: DateTime<Utc>,
     ) -> Result<bool>;
-    /// Forgets used nonces that expired before `now`; returns how many.
-    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64>;
+    /// Forgets at most `limit` used nonces that expired before `now`; returns how many.
+    async fn purge_used_nonces(&self, now: DateTime<Utc>, limit: u32) -> Result<u64>;
+    /// Deletes at most `limit` issuances that ended (left `pending`) and last changed before
+    /// `ended_before`, with their events, email rows, webhook deliveries and attempts, all in
+    /// one transaction; returns what it deleted. Concurrent callers (replicas) take disjoint
+    /// issuances, and an issuance changing at that moment is left for the next pass.
+    async fn purge_ended(&self, ended_before: DateTime<Utc>, limit: u32) -> Result<Purged>;
     /// Applies `transition` if the issuance is in one of its `from` statuses: updates status,
     /// reason and `updated_at`, purges the payload when the new status does not keep it, and
     /// appends the event with the next sequence, all in one transaction. Concurrent transitions

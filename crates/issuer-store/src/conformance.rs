@@ -50,6 +50,7 @@ pub async fn run_all(store: &dyn Store) {
     webhook_outbox_follows_events(store).await;
     webhook_claims_are_leased_and_recorded(store).await;
     email_outbox(store).await;
+    retention_purges_ended_issuances_and_everything_of_theirs(store).await;
 }
 
 /// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
@@ -1524,7 +1525,7 @@ pub async fn nonces_are_single_use_across_tenants(store: &dyn Store) {
     );
     assert!(
         store
-            .purge_used_nonces(now_with_nanos())
+            .purge_used_nonces(now_with_nanos(), 1000)
             .await
             .expect("purge")
             >= 1
@@ -1885,4 +1886,85 @@ pub async fn concurrent_claims_are_disjoint(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(seen.len(), 40, "all claimed exactly once");
+}
+
+/// Ended issuances go with their events, deliveries and email rows, in batches; pending ones
+/// and recent ones stay; a purged key can be used again.
+pub async fn retention_purges_ended_issuances_and_everything_of_theirs(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let hook = endpoint(tenant, &webhook::ALL_TYPES, true);
+    store
+        .insert_webhook_endpoint(&hook)
+        .await
+        .expect("insert_webhook_endpoint failed");
+    let cancel = |at| {
+        Transition::status(
+            &[IssuanceStatus::Pending],
+            IssuanceStatus::Rejected,
+            Some("cancelled"),
+            "cancelled",
+            at,
+        )
+    };
+    let mut ended = Vec::new();
+    for _ in 0..3 {
+        let (mut issuance, event) = sample_issuance(tenant, &new_request_id());
+        issuance.delivery = Delivery::Email;
+        issuance.email = Some("ada@example.com".into());
+        insert_new(store, &issuance, &event).await;
+        apply(store, tenant, issuance.id, &cancel(now_with_nanos())).await;
+        ended.push(issuance);
+    }
+    let (pending, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &pending, &event).await;
+    assert!(!deliveries(store, tenant, &hook).await.is_empty());
+
+    let past = now_with_nanos() - Duration::hours(1);
+    let none = store.purge_ended(past, 100).await.expect("purge_ended");
+    assert_eq!(none.issuances, 0, "nothing ended that long ago");
+
+    let later = now_with_nanos() + Duration::seconds(1);
+    let first = store.purge_ended(later, 2).await.expect("purge_ended");
+    assert_eq!(first.issuances, 2, "a pass deletes at most its limit");
+    let mut total = first;
+    loop {
+        let more = store.purge_ended(later, 2).await.expect("purge_ended");
+        if more.issuances == 0 {
+            break;
+        }
+        total.issuances += more.issuances;
+        total.events += more.events;
+        total.webhook_deliveries += more.webhook_deliveries;
+    }
+    // Other checks share the database: at least ours are gone.
+    assert!(total.issuances >= 3, "{total:?}");
+    assert!(total.events >= 6, "created + cancelled of each: {total:?}");
+    for i in &ended {
+        assert_eq!(get(store, tenant, i.id).await, None, "purged");
+        assert!(events(store, tenant, i.id).await.is_empty());
+        assert!(
+            store
+                .get_email_deliveries(tenant, &[i.id])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        deliveries(store, tenant, &hook)
+            .await
+            .iter()
+            .all(|d| d.issuance_id == pending.id),
+        "only the pending issuance's deliveries stay"
+    );
+    assert!(
+        get(store, tenant, pending.id).await.is_some(),
+        "pending stays"
+    );
+    // The key is free again.
+    let (again, event) = sample_issuance(tenant, &ended[0].client_request_id);
+    assert!(matches!(
+        store.insert_issuance(&again, &event).await.unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
 }

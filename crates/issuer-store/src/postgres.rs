@@ -19,7 +19,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, RateLimit, Scope, StoreGauges, Tenant, Transition,
+        IssuanceStatus, ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant, Transition,
         TransitionOutcome,
     },
     ports::Store,
@@ -532,13 +532,52 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(name = "store.purge_used_nonces", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
-    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+    async fn purge_used_nonces(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM used_nonces WHERE nonce_hash IN (SELECT nonce_hash FROM used_nonces \
+             WHERE expires_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
         Ok(done.rows_affected())
+    }
+
+    #[tracing::instrument(name = "store.purge_ended", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
+    async fn purge_ended(&self, ended_before: DateTime<Utc>, limit: u32) -> Result<Purged> {
+        // One statement: the events and deliveries go with their issuance (email rows and
+        // webhook attempts by cascade); the foreign key of the events is checked at its end.
+        // SKIP LOCKED gives concurrent passes disjoint rows and leaves an issuance that a
+        // transition holds right now for the next pass.
+        let row = sqlx::query(
+            "WITH doomed AS (SELECT tenant_id, id FROM issuances \
+             WHERE status <> 'pending' AND updated_at < $1 ORDER BY updated_at LIMIT $2 \
+             FOR UPDATE SKIP LOCKED), \
+             ev AS (DELETE FROM issuance_events e USING doomed d \
+             WHERE e.tenant_id = d.tenant_id AND e.issuance_id = d.id RETURNING 1), \
+             wd AS (DELETE FROM webhook_deliveries w USING doomed d \
+             WHERE w.tenant_id = d.tenant_id AND w.issuance_id = d.id RETURNING 1), \
+             iss AS (DELETE FROM issuances i USING doomed d \
+             WHERE i.tenant_id = d.tenant_id AND i.id = d.id RETURNING 1) \
+             SELECT (SELECT count(*) FROM iss) AS issuances, (SELECT count(*) FROM ev) AS events, \
+             (SELECT count(*) FROM wd) AS deliveries",
+        )
+        .bind(ended_before)
+        .bind(i64::from(limit))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let count = |col: &str| -> Result<u64> {
+            let n: i64 = row.try_get(col).map_err(db_error)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        Ok(Purged {
+            issuances: count("issuances")?,
+            events: count("events")?,
+            webhook_deliveries: count("deliveries")?,
+        })
     }
 
     #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]

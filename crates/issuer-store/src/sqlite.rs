@@ -15,7 +15,7 @@ use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, RateLimit, Scope, StoreGauges, Tenant, Transition,
+        IssuanceStatus, ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant, Transition,
         TransitionOutcome,
     },
     ports::Store,
@@ -587,13 +587,63 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(name = "store.purge_used_nonces", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
-    async fn purge_used_nonces(&self, now: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < ?")
-            .bind(time_text(now))
-            .execute(&self.pool)
+    async fn purge_used_nonces(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM used_nonces WHERE nonce_hash IN (SELECT nonce_hash FROM used_nonces \
+             WHERE expires_at < ? LIMIT ?)",
+        )
+        .bind(time_text(now))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+
+    #[tracing::instrument(name = "store.purge_ended", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
+    async fn purge_ended(&self, ended_before: DateTime<Utc>, limit: u32) -> Result<Purged> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_error)?;
-        Ok(done.rows_affected())
+        let doomed: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tenant_id, id FROM issuances WHERE status <> 'pending' AND updated_at < ? \
+             ORDER BY updated_at LIMIT ?",
+        )
+        .bind(time_text(ended_before))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let mut purged = Purged::default();
+        for (tenant, id) in &doomed {
+            // Children first; email rows and webhook attempts go by cascade.
+            for (sql, counter) in [
+                (
+                    "DELETE FROM issuance_events WHERE tenant_id = ? AND issuance_id = ?",
+                    &mut purged.events,
+                ),
+                (
+                    "DELETE FROM webhook_deliveries WHERE tenant_id = ? AND issuance_id = ?",
+                    &mut purged.webhook_deliveries,
+                ),
+                (
+                    "DELETE FROM issuances WHERE tenant_id = ? AND id = ?",
+                    &mut purged.issuances,
+                ),
+            ] {
+                *counter += sqlx::query(sql)
+                    .bind(tenant)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(purged)
     }
 
     #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
