@@ -206,9 +206,17 @@ pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result
             Arc::new(store)
         }
         None => {
-            std::fs::create_dir_all(&settings.data_dir)
+            private_dir(&settings.data_dir)
                 .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
             let path = settings.data_dir.join("issuer.db");
+            // SQLite gives its -wal and -shm files the database file's mode.
+            for file in ["issuer.db", "issuer.db-wal", "issuer.db-shm"] {
+                let file = settings.data_dir.join(file);
+                if file == path || file.exists() {
+                    private_file(&file)
+                        .with_context(|| format!("protecting {}", file.display()))?;
+                }
+            }
             let store = SqliteStore::open(&path.to_string_lossy())
                 .await
                 .map_err(|e| anyhow::anyhow!(e.chain()))
@@ -308,6 +316,32 @@ fn token_signing_key(settings: &Settings) -> anyhow::Result<SigningKey> {
     SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("token signing key: {e}"))
 }
 
+/// Creates `dir` readable by the service's user only (0700), or makes an existing one so: the
+/// embedded default keeps its keys, database and offer emails there.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Creates `path` empty and readable by the service's user only (0600), or makes an existing
+/// file so.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    drop(options.open(path)?);
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(())
+}
+
 /// Reads a file of the embedded default's data dir, creating it (mode 0600) on first start.
 fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
     if path.exists() {
@@ -315,7 +349,7 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
             .with_context(|| format!("reading {}", path.display()));
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
     }
     let value = make();
     let mut options = std::fs::OpenOptions::new();

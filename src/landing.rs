@@ -37,7 +37,19 @@ pub async fn page(
     Path(offer_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (status, html) = match app.issuances.landing(&offer_id).await {
-        Ok(landing) => (StatusCode::OK, render(&landing)?),
+        Ok(landing) => {
+            let qr = match &landing.offer {
+                OfferState::Open {
+                    credential_offer_uri,
+                    ..
+                } => {
+                    Some(crate::qr::image(credential_offer_uri, 280, crate::qr::Format::Svg).await?)
+                }
+                _ => None,
+            };
+            let qr = qr.as_deref().map(String::from_utf8_lossy);
+            (StatusCode::OK, render(&landing, qr.as_deref())?)
+        }
         Err(e) if e.code == ErrorCode::NotFound => (StatusCode::NOT_FOUND, not_found()),
         Err(e) => return Err(e.into()),
     };
@@ -81,7 +93,8 @@ pub fn contact_href(contact: &str) -> String {
     }
 }
 
-fn render(landing: &Landing) -> Result<String, issuer_domain::Error> {
+/// The page; `qr` is the offer's QR code as an SVG document when the offer is open.
+fn render(landing: &Landing, qr: Option<&str>) -> Result<String, issuer_domain::Error> {
     let name = escape(&landing.issuer_name);
     let logo = landing
         .branding
@@ -107,9 +120,10 @@ fn render(landing: &Landing) -> Result<String, issuer_domain::Error> {
             expires_at,
             needs_tx_code,
         } => {
-            let svg = crate::qr::svg(credential_offer_uri, 280)?;
+            let svg =
+                qr.ok_or_else(|| issuer_domain::Error::internal("no QR code for an open offer"))?;
             // Inline: drop the XML prolog, which is not allowed inside HTML.
-            let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
+            let svg = svg.find("<svg").map_or(svg, |i| &svg[i..]);
             let tx_code = if *needs_tx_code {
                 format!(
                     "<p>Your wallet will ask for a transaction code. {name} sends it to you \
@@ -215,11 +229,15 @@ mod tests {
     #[test]
     fn open_offer_has_the_qr_the_link_and_escaped_branding() {
         let uri = "openid-credential-offer://?credential_offer_uri=https%3A%2F%2Fi.example%2Fo";
-        let html = render(&landing(OfferState::Open {
-            credential_offer_uri: uri.into(),
-            expires_at: Utc.with_ymd_and_hms(2026, 12, 1, 9, 30, 0).unwrap(),
-            needs_tx_code: true,
-        }))
+        let qr = crate::qr::svg(uri, 280).unwrap();
+        let html = render(
+            &landing(OfferState::Open {
+                credential_offer_uri: uri.into(),
+                expires_at: Utc.with_ymd_and_hms(2026, 12, 1, 9, 30, 0).unwrap(),
+                needs_tx_code: true,
+            }),
+            Some(&qr),
+        )
         .unwrap();
         assert!(html.contains("<svg"), "inline QR");
         assert!(!html.contains("<?xml"));
@@ -240,7 +258,7 @@ mod tests {
             (OfferState::Used, "already been used"),
             (OfferState::Withdrawn, "no longer available"),
         ] {
-            let html = render(&landing(offer)).unwrap();
+            let html = render(&landing(offer), None).unwrap();
             assert!(html.contains(says), "{says}");
             assert!(!html.contains("openid-credential-offer"));
             assert!(!html.contains("<svg"));

@@ -29,7 +29,7 @@ pub use config::Settings;
 
 /// Builds the app from settings and serves it on `listener` until `shutdown` resolves.
 /// On the first start of an empty embedded database it creates a bootstrap tenant and client
-/// and prints their credentials once.
+/// and writes their credentials to `bootstrap-credentials.env` in the data dir.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
@@ -41,7 +41,7 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!(e.chain()))?
     {
-        print_bootstrap(&creds, &app.settings.public_url);
+        write_bootstrap(&creds, &app.settings)?;
     }
     serve(Arc::new(app), listener, shutdown).await
 }
@@ -272,15 +272,36 @@ async fn follow_readiness(app: Arc<App>, health: tonic_health::server::HealthRep
     }
 }
 
-fn print_bootstrap(creds: &admin::ClientCredentials, public_url: &str) {
-    // Printed, not logged: the secret must not end up in log storage.
-    println!(
-        "\nissuer: first start - created tenant \"default\" and an API client with every scope.\n\
-         The client secret is shown only this once; keep it:\n\n\
-         export ISSUER_URL={public_url}\n\
+/// The bootstrap client's credentials go to `bootstrap-credentials.env` in the data dir (0600),
+/// and to the terminal when there is one. Never to the log: a container's stdout ends up in a
+/// log store, so without a terminal only the file's path is logged.
+fn write_bootstrap(creds: &admin::ClientCredentials, settings: &Settings) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let exports = format!(
+        "export ISSUER_URL={}\n\
          export ISSUER_TENANT_ID={}\n\
          export ISSUER_CLIENT_ID={}\n\
          export ISSUER_CLIENT_SECRET={}\n",
-        creds.tenant_id, creds.client_id, creds.client_secret
+        settings.public_url, creds.tenant_id, creds.client_id, creds.client_secret
     );
+    let path = settings.data_dir.join("bootstrap-credentials.env");
+    app::private_file(&path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    file.write_all(exports.as_bytes())?;
+    if std::io::stdout().is_terminal() {
+        println!(
+            "\nissuer: first start - created tenant \"default\" and an API client with every scope.\n\
+             Its credentials, also in {}:\n\n{exports}",
+            path.display()
+        );
+    } else {
+        tracing::info!(
+            path = %path.display(),
+            "first start: created tenant \"default\" and an API client with every scope; its credentials are in the file"
+        );
+    }
+    Ok(())
 }

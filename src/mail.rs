@@ -157,10 +157,20 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendFailure {
 }
 
 /// Writes the message whole or not at all: a temporary file renamed into place.
+/// The directory and the file are the service user's only (0700, 0600): the message holds a
+/// live offer link.
 async fn write_eml(dir: &std::path::Path, stem: &str, bytes: &[u8]) -> std::io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
+    let dir_owned = dir.to_owned();
+    tokio::task::spawn_blocking(move || crate::app::private_dir(&dir_owned)).await??;
     let tmp = dir.join(format!(".{stem}.eml.tmp"));
-    tokio::fs::write(&tmp, bytes).await?;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(&tmp).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+    file.sync_all().await?;
+    drop(file);
     tokio::fs::rename(&tmp, dir.join(format!("{stem}.eml"))).await
 }
 

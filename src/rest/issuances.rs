@@ -153,21 +153,18 @@ pub async fn qr(
     let uri = app.issuances.open_offer_uri(&who, &id).await?;
     // The image is the offer: as private as the offer itself.
     let headers = [(header::CACHE_CONTROL, "no-store")];
-    Ok(if format == "svg" {
-        (
-            headers,
-            [(header::CONTENT_TYPE, "image/svg+xml")],
-            crate::qr::svg(&uri, size)?,
-        )
-            .into_response()
+    let (format, content_type) = if format == "svg" {
+        (crate::qr::Format::Svg, "image/svg+xml")
     } else {
-        (
-            headers,
-            [(header::CONTENT_TYPE, "image/png")],
-            crate::qr::png(&uri, size)?,
-        )
-            .into_response()
-    })
+        (crate::qr::Format::Png, "image/png")
+    };
+    let image = crate::qr::image(&uri, size, format).await?;
+    Ok((
+        headers,
+        [(header::CONTENT_TYPE, content_type)],
+        axum::body::Bytes::from_owner(image),
+    )
+        .into_response())
 }
 
 #[utoipa::path(

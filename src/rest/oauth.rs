@@ -102,7 +102,18 @@ fn no_store(h: &mut HeaderMap) {
     ),
     security((), ("client_basic" = []))
 )]
-pub async fn token(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn token(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            crate::metrics::token_grant("", "invalid_request");
+            return super::oid4vci::body_refused(&app, &rejection, "invalid_request");
+        }
+    };
     // Set by `issue` once the form is read, for the metrics.
     let mut grant_type = String::new();
     match issue(&app, &headers, &body, &mut grant_type).await {

@@ -5,7 +5,7 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::State,
+    extract::{State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -106,16 +106,26 @@ pub async fn nonce(State(app): State<AppState>) -> impl IntoResponse {
     request_body(content = Object, content_type = "application/json", description = "Credential request (OID4VCI 1.0 §8.2)"),
     responses(
         (status = 200, description = "The SD-JWT VC (OID4VCI 1.0 §8.3)", body = Object),
-        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 400, description = "`invalid_credential_request`, `invalid_proof`, `invalid_nonce`, `unknown_credential_configuration`", body = apidoc::OAuthError),
         (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 413, description = "The body is too large (`ISSUER_MAX_BODY_BYTES`), in this endpoint's error format", body = apidoc::OAuthError),
         (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 500, description = "`server_error`", body = apidoc::OAuthError),
         (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
     ),
     security(("wallet_token" = []))
 )]
-pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn credential(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return body_refused(&app, &rejection, "invalid_credential_request");
+        }
+    };
     let result = async {
         let token = wallet_token(&headers)?;
         let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
@@ -142,6 +152,7 @@ pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: B
         (status = 204, description = "Recorded"),
         (status = 400, description = "`invalid_notification_id`, `invalid_notification_request`", body = apidoc::OAuthError),
         (status = 401, description = "`invalid_token` (`WWW-Authenticate`)", body = apidoc::OAuthError),
+        (status = 413, description = "The body is too large (`ISSUER_MAX_BODY_BYTES`), in this endpoint's error format", body = apidoc::OAuthError),
         (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = apidoc::OAuthError),
         (status = 500, description = "`server_error`", body = apidoc::OAuthError),
         (status = 503, description = "`temporarily_unavailable` (`Retry-After`)", body = apidoc::OAuthError),
@@ -151,8 +162,14 @@ pub async fn credential(State(app): State<AppState>, headers: HeaderMap, body: B
 pub async fn notification(
     State(app): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return body_refused(&app, &rejection, "invalid_notification_request");
+        }
+    };
     let result = async {
         let token = wallet_token(&headers)?;
         let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
@@ -166,6 +183,31 @@ pub async fn notification(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => wallet_error(e),
     }
+}
+
+/// An unreadable or oversized body, in the OAuth / OID4VCI error format with the endpoint's own
+/// `code` (413 when too large, else 400).
+pub fn body_refused(app: &AppState, rejection: &BytesRejection, code: &str) -> Response {
+    let (status, description) = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body exceeds {} bytes",
+                app.settings.max_body_bytes
+            ),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            "unreadable request body".to_owned(),
+        )
+    };
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"error": code, "error_description": description})),
+    )
+        .into_response()
 }
 
 fn wallet_token(headers: &HeaderMap) -> Result<&str, WalletError> {

@@ -355,4 +355,12 @@ async fn without_smtp_the_embedded_default_writes_eml_files() {
         get(&app, &token, id).await["email_delivery"]["state"],
         "sent"
     );
+    // The file holds a live offer link: the service user's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&mail_dir), 0o700);
+    for entry in std::fs::read_dir(&mail_dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
 }

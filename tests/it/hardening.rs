@@ -929,3 +929,72 @@ async fn ended_issuances_are_purged_after_retention_embedded() {
     let app = TestApp::spawn(short_retention(embedded_settings(dir.path()))).await;
     ended_issuances_are_purged(&app).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Smaller items
+// ---------------------------------------------------------------------------------------------
+
+/// Oversized bodies on the OAuth and OID4VCI endpoints get those endpoints' JSON errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_oauth_errors_on_the_oauth_endpoints() {
+    let (_dir, app) = embedded().await;
+    let big = "x".repeat(app.app.settings.max_body_bytes + 1);
+    for (path, content_type, code) in [
+        (
+            "/issuer/oauth/token",
+            "application/x-www-form-urlencoded",
+            "invalid_request",
+        ),
+        (
+            "/issuer/oid4vci/v1/credential",
+            "application/json",
+            "invalid_credential_request",
+        ),
+        (
+            "/issuer/oid4vci/v1/notification",
+            "application/json",
+            "invalid_notification_request",
+        ),
+    ] {
+        let res = app
+            .http
+            .post(app.url(path))
+            .header("content-type", content_type)
+            .bearer_auth("x")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], code, "{path}: {body}");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("exceeds"),
+            "{path}: {body}"
+        );
+    }
+}
+
+/// A tenant name with a line break could forge email headers or log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_names_refuse_control_characters() {
+    let (_dir, app) = embedded().await;
+    for name in ["Acme\r\nBcc: victim@example.com", "Acme\tCorp", "Acme\u{0}"] {
+        let err = issuer::admin::create_tenant(&app.app, name)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code,
+            issuer_domain::ErrorCode::InvalidRequest,
+            "{name:?}"
+        );
+    }
+    assert!(
+        issuer::admin::create_tenant(&app.app, "Acme Corp")
+            .await
+            .is_ok()
+    );
+}

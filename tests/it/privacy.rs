@@ -47,8 +47,9 @@ async fn logs_hold_no_personal_data_from_the_payload() {
     let mut cmd = issuer(dir.path(), port);
     cmd.env("ISSUER_LOG_LEVEL", "debug");
     let (service, first, rest) = start_with(cmd);
-    let creds: Vec<(String, String)> = first
-        .iter()
+    let file = std::fs::read_to_string(dir.path().join("data/bootstrap-credentials.env")).unwrap();
+    let creds: Vec<(String, String)> = file
+        .lines()
         .filter_map(|l| l.strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

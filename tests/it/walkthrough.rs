@@ -1,5 +1,5 @@
 //! README command one and its walk-through, run as written: the real binary started with no
-//! configuration in an empty directory, the printed credentials pasted into the README's shell
+//! configuration in an empty directory, the credentials it wrote sourced into the README's shell
 //! block, and the CLI provisioning commands.
 
 use std::{
@@ -139,7 +139,22 @@ fn command_one_and_the_readme_walkthrough_work_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (service, lines) = start(dir.path(), port);
-    let env = exports(&lines);
+    // Not a terminal: nothing secret on stdout (where a container's logs go), only where the
+    // credentials file is.
+    assert!(exports(&lines).is_empty(), "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains("cs_")),
+        "no client secret on stdout: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("bootstrap-credentials.env")),
+        "{lines:?}"
+    );
+    let data = dir.path().join("data");
+    let file = std::fs::read_to_string(data.join("bootstrap-credentials.env")).unwrap();
+    let env = exports(&file.lines().map(str::to_owned).collect::<Vec<_>>());
     let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         names,
@@ -155,6 +170,17 @@ fn command_one_and_the_readme_walkthrough_work_as_written() {
         dir.path().join("data/issuer.db").exists(),
         "embedded SQLite in ./data"
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700, "the data dir is the service's only");
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
 
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &readme_walkthrough()])
@@ -233,7 +259,9 @@ fn command_one_and_the_readme_walkthrough_work_as_written() {
     drop(service);
     let (_service, lines) = start(dir.path(), port);
     assert!(
-        exports(&lines).is_empty(),
-        "credentials are printed only on the first start"
+        !lines
+            .iter()
+            .any(|l| l.contains("bootstrap-credentials.env")),
+        "credentials are made only on the first start: {lines:?}"
     );
 }

@@ -1144,13 +1144,32 @@ async fn internal_destinations_are_refused_without_an_allow_list() {
     .await;
     assert!(log[0]["last_status"].is_null(), "{log:#?}");
     let error = log[0]["last_error"].as_str().unwrap_or_default();
-    assert!(!error.is_empty(), "{log:#?}");
-    assert!(
-        !error.contains("127.0.0.1") && !error.contains("::1"),
-        "{error}"
+    assert_eq!(error, issuer_webhooks::sender::UNREACHABLE, "{log:#?}");
+    assert_eq!(
+        log[0]["attempts"], 4,
+        "retried like any unreachable host: {log:#?}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(silent.connections(), 0, "no connection to loopback");
+
+    // A name that does not resolve at all reads exactly the same.
+    let ep = register(
+        &app,
+        &token,
+        &json!({"url": "https://no-such-host.invalid/hook"}),
+    )
+    .await;
+    let missing_id = ep["id"].as_str().unwrap();
+    cancelled(&app, &token, "wh-ssrf-2").await;
+    let missing = wait_deliveries(&app, &token, missing_id, Duration::from_secs(10), |d| {
+        d.len() == 1 && d[0]["state"] == "failed"
+    })
+    .await;
+    assert_eq!(
+        missing[0]["last_error"], log[0]["last_error"],
+        "{missing:#?}"
+    );
+    assert_eq!(missing[0]["attempts"], log[0]["attempts"], "{missing:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

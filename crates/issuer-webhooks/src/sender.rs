@@ -25,7 +25,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, redirect};
 
-use crate::guard::{GuardError, GuardedResolver, NetworkPolicy, ResolveError};
+use crate::guard::{GuardedResolver, NetworkPolicy, ResolveError};
 use crate::signing::{WebhookSecret, sign};
 
 /// The longest `Retry-After` honoured; a receiver cannot park a delivery
@@ -83,8 +83,9 @@ pub enum Outcome {
     Retry,
     /// 410 Gone: the receiver asks us to stop; the endpoint must be disabled.
     Gone,
-    /// The guard refused the destination: retrying cannot help until the
-    /// endpoint URL (or the DNS behind it, or the allow-list) changes.
+    /// The URL itself is refused (scheme, credentials, a refused IP literal): retrying
+    /// cannot help until the endpoint URL (or the allow-list) changes. A hostname that
+    /// resolves to refused addresses is a `Retry`, like one that does not resolve.
     Refused,
 }
 
@@ -252,8 +253,12 @@ impl Sender {
                 }
             }
             Err(e) => {
-                if let Some(refusal) = guard_refusal(&e) {
-                    return Attempt::failed(Outcome::Refused, latency, refusal.to_string());
+                // A hostname that resolves only to refused addresses and one that does not
+                // resolve at all look the same to the tenant, text and retries alike: else
+                // registering endpoints would tell which internal names exist.
+                if let Some(failure) = resolve_failure(&e) {
+                    tracing::info!(detail = %failure, "webhook destination unreachable");
+                    return Attempt::failed(Outcome::Retry, latency, UNREACHABLE);
                 }
                 Attempt::failed(Outcome::Retry, latency, describe(&e))
             }
@@ -281,16 +286,17 @@ fn classify(status: u16) -> Outcome {
     }
 }
 
-/// The guard's refusal, if that is what failed the request: the resolver's
-/// error travels inside reqwest's and hyper's errors as a source.
-fn guard_refusal(e: &reqwest::Error) -> Option<&GuardError> {
+/// What tenants see when a destination's name resolves to no address the guard permits, or
+/// to none at all.
+pub const UNREACHABLE: &str = "destination unreachable: its name must resolve to a public address";
+
+/// The guarded lookup's failure, if that is what failed the request: the resolver's error
+/// travels inside reqwest's and hyper's errors as a source.
+fn resolve_failure(e: &reqwest::Error) -> Option<&ResolveError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(ResolveError::Refused(g)) = err.downcast_ref::<ResolveError>() {
-            return Some(g);
-        }
-        if let Some(g) = err.downcast_ref::<GuardError>() {
-            return Some(g);
+        if let Some(r) = err.downcast_ref::<ResolveError>() {
+            return Some(r);
         }
         cur = err.source();
     }
