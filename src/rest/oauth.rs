@@ -139,31 +139,7 @@ async fn issue(
     body: &[u8],
     grant: &mut String,
 ) -> Result<Response, OAuthError> {
-    let form_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| {
-            m.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
-    if !form_type {
-        return Err(OAuthError::new(
-            "invalid_request",
-            "send the parameters as application/x-www-form-urlencoded",
-        ));
-    }
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|_| OAuthError::new("invalid_request", "malformed form body"))?;
-    let mut params = std::collections::HashMap::new();
-    for (k, v) in pairs {
-        if params.insert(k.clone(), v).is_some() {
-            return Err(OAuthError::new(
-                "invalid_request",
-                format!("parameter `{k}` is repeated"),
-            ));
-        }
-    }
+    let params = form_params(headers, body)?;
 
     let grant_type = params
         .get("grant_type")
@@ -270,6 +246,41 @@ async fn issue(
 }
 
 /// The client's id and secret from `client_secret_basic` or `client_secret_post`, never both.
+/// The token request's parameters: an `application/x-www-form-urlencoded` body, each
+/// parameter at most once (RFC 6749 §3.2).
+fn form_params(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<std::collections::HashMap<String, String>, OAuthError> {
+    let form_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form_type {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "send the parameters as application/x-www-form-urlencoded",
+        ));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|_| OAuthError::new("invalid_request", "malformed form body"))?;
+    let mut params = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        if params.insert(k.clone(), v).is_some() {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("parameter `{k}` is repeated"),
+            ));
+        }
+    }
+
+    Ok(params)
+}
+
 fn client_credentials(
     headers: &HeaderMap,
     params: &std::collections::HashMap<String, String>,
@@ -343,4 +354,87 @@ pub async fn jwks(State(app): State<AppState>) -> impl IntoResponse {
         [(header::CACHE_CONTROL, "public, max-age=300")],
         Json(app.tokens.jwks().clone()),
     )
+}
+
+#[cfg(test)]
+mod proptests {
+    //! Whatever a caller sends to the token endpoint, the form and client-authentication
+    //! parsers accept it or refuse it with an RFC 6749 §5.2 code; they never panic.
+
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const CODES: [&str; 5] = [
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "invalid_scope",
+        "unsupported_grant_type",
+    ];
+
+    fn param() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("grant_type".to_owned()),
+            Just("client_id".to_owned()),
+            Just("client_secret".to_owned()),
+            Just("scope".to_owned()),
+            Just("pre-authorized_code".to_owned()),
+            Just("tx_code".to_owned()),
+            ".{0,10}",
+        ]
+    }
+
+    fn headers(content_type: Option<String>, authorization: Option<String>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            (header::CONTENT_TYPE, content_type),
+            (header::AUTHORIZATION, authorization),
+        ] {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                h.insert(name, v);
+            }
+        }
+        h
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_body_is_a_form_or_invalid_request(
+            content_type in prop::option::of(prop_oneof![
+                Just("application/x-www-form-urlencoded".to_owned()),
+                Just("application/x-www-form-urlencoded; charset=UTF-8".to_owned()),
+                Just("application/json".to_owned()),
+                ".{0,30}",
+            ]),
+            body in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200),
+                prop::collection::vec((param(), ".{0,20}"), 0..6)
+                    .prop_map(|p| serde_urlencoded::to_string(p).unwrap().into_bytes()),
+            ],
+        ) {
+            if let Err(e) = form_params(&headers(content_type, None), &body) {
+                prop_assert_eq!(e.error, "invalid_request");
+            }
+        }
+
+        #[test]
+        fn any_client_authentication_is_read_or_refused_with_an_oauth_code(
+            authorization in prop::option::of(prop_oneof![
+                ".{0,40}".prop_map(|s| format!("Basic {}", STANDARD.encode(s))),
+                "[A-Za-z0-9+/=]{0,40}".prop_map(|s| format!("Basic {s}")),
+                ".{0,40}",
+            ]),
+            params in prop::collection::hash_map(param(), ".{0,20}", 0..5),
+        ) {
+            let params: HashMap<String, String> = params;
+            if let Err(e) = client_credentials(&headers(None, authorization), &params) {
+                prop_assert!(CODES.contains(&e.error), "undocumented {}", e.error);
+            }
+        }
+    }
 }

@@ -332,6 +332,109 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+mod proptests {
+    //! Whatever body arrives, `ValidCreate::parse` accepts it or refuses it with
+    //! `invalid_request` and at least one field violation; it never panics.
+
+    use chrono::Utc;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("client_request_id".to_owned()),
+            Just("credential_configuration_id".to_owned()),
+            Just("payload".to_owned()),
+            Just("delivery".to_owned()),
+            Just("email".to_owned()),
+            Just("grant_type".to_owned()),
+            Just("tx_code".to_owned()),
+            Just("expires_in".to_owned()),
+            Just("mandator".to_owned()),
+            Just("mandatee".to_owned()),
+            Just("power".to_owned()),
+            Just("action".to_owned()),
+            Just("function".to_owned()),
+            Just("organizationIdentifier".to_owned()),
+            "[a-zA-Z_]{0,10}",
+        ]
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e15f64..1e15).prop_map(|f| json!(f)),
+            Just(json!("email")),
+            Just(json!("learcredential.employee.sd.1")),
+            Just(json!("ada@example.com")),
+            ".{0,40}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(key(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    fn check(body: &Value) -> Result<(), TestCaseError> {
+        let tenant = Tenant::new("t", Utc::now());
+        match ValidCreate::parse(body, &Catalog::builtin(), &tenant) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                prop_assert_eq!(e.code, ErrorCode::InvalidRequest, "{}", e.message);
+                prop_assert!(!e.violations.is_empty() || !e.message.is_empty());
+                Ok(())
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_body_is_accepted_or_refused_as_invalid_request(body in json()) {
+            check(&body)?;
+        }
+
+        /// A valid body with one member (at the top or in the payload) replaced by anything.
+        #[test]
+        fn a_valid_body_with_one_member_replaced(
+            path in prop_oneof![
+                Just(vec!["client_request_id"]),
+                Just(vec!["credential_configuration_id"]),
+                Just(vec!["delivery"]),
+                Just(vec!["email"]),
+                Just(vec!["payload"]),
+                Just(vec!["payload", "mandator"]),
+                Just(vec!["payload", "mandatee"]),
+                Just(vec!["payload", "power"]),
+                Just(vec!["payload", "mandatee", "email"]),
+                Just(vec!["payload", "mandator", "organizationIdentifier"]),
+            ],
+            value in json(),
+        ) {
+            let mut body = super::tests::valid_body();
+            let mut at = &mut body;
+            for (i, k) in path.iter().enumerate() {
+                if i + 1 == path.len() {
+                    at[*k] = value.clone();
+                } else {
+                    at = &mut at[*k];
+                }
+            }
+            check(&body)?;
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use chrono::Utc;
     use serde_json::json;

@@ -656,4 +656,19 @@ mod tests {
         assert_eq!(decode_page_token("!!"), None);
         assert_eq!(decode_page_token(&URL_SAFE_NO_PAD.encode("x")), None);
     }
+
+    proptest::proptest! {
+        /// Any text is a page token or nothing; never a panic.
+        #[test]
+        fn any_text_decodes_to_a_page_or_nothing(t in ".{0,80}", raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..60)) {
+            let _ = decode_page_token(&t);
+            let _ = decode_page_token(&URL_SAFE_NO_PAD.encode(&raw));
+        }
+
+        #[test]
+        fn every_id_round_trips(bits in proptest::prelude::any::<u128>()) {
+            let id = IssuanceId(uuid::Uuid::from_u128(bits));
+            proptest::prop_assert_eq!(decode_page_token(&URL_SAFE_NO_PAD.encode(id.to_string())), Some(id));
+        }
+    }
 }

@@ -14,9 +14,9 @@ use hmac::{Hmac, Mac};
 use issuer_auth::{SigningKey, TokenService};
 use issuer_domain::{
     Error,
-    catalog::Catalog,
+    catalog::{Catalog, CredentialConfiguration},
     ids::{IssuanceId, TenantId, random_token},
-    model::{Issuance, IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
+    model::{IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
     ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
 };
@@ -289,7 +289,13 @@ impl WalletService {
                 "the credential of this offer was already issued, or the offer ended",
             ));
         }
-        let (shape, proof) = self.parse_request(&issuance, body)?;
+        let config = self
+            .catalog
+            .get(&issuance.credential_configuration_id)
+            .ok_or_else(|| {
+                Error::internal("the issuance's credential configuration left the catalog")
+            })?;
+        let (shape, proof) = parse_credential_request(config, body)?;
         let valid = validate_proof(
             &proof,
             &ProofPolicy::new(self.credential_issuer.clone()),
@@ -313,12 +319,6 @@ impl WalletService {
             ));
         }
 
-        let config = self
-            .catalog
-            .get(&issuance.credential_configuration_id)
-            .ok_or_else(|| {
-                Error::internal("the issuance's credential configuration left the catalog")
-            })?;
         let payload = issuance
             .payload
             .clone()
@@ -367,98 +367,6 @@ impl WalletService {
                 ))
             }
         }
-    }
-
-    /// The request's shape and its one `jwt` proof.
-    fn parse_request(
-        &self,
-        issuance: &Issuance,
-        body: &Value,
-    ) -> Result<(RequestShape, String), WalletError> {
-        let bad = |m: &str| WalletError::refused("invalid_credential_request", m);
-        let obj = body
-            .as_object()
-            .ok_or_else(|| bad("the body must be a JSON object"))?;
-        let config = self
-            .catalog
-            .get(&issuance.credential_configuration_id)
-            .ok_or_else(|| {
-                Error::internal("the issuance's credential configuration left the catalog")
-            })?;
-        let shape = if obj.contains_key("format") {
-            let format = obj["format"].as_str().unwrap_or_default();
-            // `vc+sd-jwt` is the format name before SD-JWT VC draft 06.
-            if format != config.format && !(config.format == "dc+sd-jwt" && format == "vc+sd-jwt") {
-                return Err(WalletError::refused(
-                    "unsupported_credential_format",
-                    "this offer is for another credential format",
-                ));
-            }
-            if obj
-                .get("vct")
-                .is_some_and(|v| v.as_str() != Some(config.vct.as_str()))
-            {
-                return Err(WalletError::refused(
-                    "unsupported_credential_format",
-                    "this offer is for another vct",
-                ));
-            }
-            RequestShape::Draft
-        } else {
-            match obj
-                .get("credential_configuration_id")
-                .and_then(Value::as_str)
-            {
-                Some(id) if id == config.id => RequestShape::V1,
-                Some(_) => {
-                    return Err(WalletError::refused(
-                        "unknown_credential_configuration",
-                        "this offer is for another credential configuration",
-                    ));
-                }
-                None if obj.contains_key("credential_identifier") => {
-                    return Err(WalletError::refused(
-                        "unknown_credential_identifier",
-                        "credential identifiers are not issued by this issuer; use credential_configuration_id",
-                    ));
-                }
-                None => return Err(bad("credential_configuration_id is required")),
-            }
-        };
-        let proof = match (obj.get("proofs"), obj.get("proof")) {
-            (Some(_), Some(_)) => return Err(bad("send either proofs or proof, not both")),
-            (Some(proofs), None) => {
-                let p = proofs.as_object().ok_or_else(|| {
-                    WalletError::refused("invalid_proof", "proofs must be an object")
-                })?;
-                if p.keys().any(|k| k != "jwt") {
-                    return Err(WalletError::refused(
-                        "invalid_proof",
-                        "only the jwt proof type is supported",
-                    ));
-                }
-                match p.get("jwt").and_then(Value::as_array).map(Vec::as_slice) {
-                    Some([one]) => one.as_str().map(str::to_owned),
-                    Some([]) | None => None,
-                    Some(_) => {
-                        return Err(bad("batch issuance is not supported: send one proof"));
-                    }
-                }
-            }
-            (None, Some(proof)) => {
-                if proof.get("proof_type").and_then(Value::as_str) != Some("jwt") {
-                    return Err(WalletError::refused(
-                        "invalid_proof",
-                        "only the jwt proof type is supported",
-                    ));
-                }
-                proof.get("jwt").and_then(Value::as_str).map(str::to_owned)
-            }
-            (None, None) => None,
-        };
-        let proof = proof
-            .ok_or_else(|| WalletError::refused("invalid_proof", "a jwt key proof is required"))?;
-        Ok((shape, proof))
     }
 
     /// A wallet's notification about the credential it received.
@@ -521,6 +429,92 @@ impl WalletService {
         );
         Ok(())
     }
+}
+
+/// The credential request's shape (1.0 or draft) and its one `jwt` proof, for an offer of
+/// `config`. Refusals use the OID4VCI §8.3.1.2 codes.
+pub fn parse_credential_request(
+    config: &CredentialConfiguration,
+    body: &Value,
+) -> Result<(RequestShape, String), WalletError> {
+    let bad = |m: &str| WalletError::refused("invalid_credential_request", m);
+    let obj = body
+        .as_object()
+        .ok_or_else(|| bad("the body must be a JSON object"))?;
+    let shape = if obj.contains_key("format") {
+        let format = obj["format"].as_str().unwrap_or_default();
+        // `vc+sd-jwt` is the format name before SD-JWT VC draft 06.
+        if format != config.format && !(config.format == "dc+sd-jwt" && format == "vc+sd-jwt") {
+            return Err(WalletError::refused(
+                "unsupported_credential_format",
+                "this offer is for another credential format",
+            ));
+        }
+        if obj
+            .get("vct")
+            .is_some_and(|v| v.as_str() != Some(config.vct.as_str()))
+        {
+            return Err(WalletError::refused(
+                "unsupported_credential_format",
+                "this offer is for another vct",
+            ));
+        }
+        RequestShape::Draft
+    } else {
+        match obj
+            .get("credential_configuration_id")
+            .and_then(Value::as_str)
+        {
+            Some(id) if id == config.id => RequestShape::V1,
+            Some(_) => {
+                return Err(WalletError::refused(
+                    "unknown_credential_configuration",
+                    "this offer is for another credential configuration",
+                ));
+            }
+            None if obj.contains_key("credential_identifier") => {
+                return Err(WalletError::refused(
+                    "unknown_credential_identifier",
+                    "credential identifiers are not issued by this issuer; use credential_configuration_id",
+                ));
+            }
+            None => return Err(bad("credential_configuration_id is required")),
+        }
+    };
+    let proof = match (obj.get("proofs"), obj.get("proof")) {
+        (Some(_), Some(_)) => return Err(bad("send either proofs or proof, not both")),
+        (Some(proofs), None) => {
+            let p = proofs
+                .as_object()
+                .ok_or_else(|| WalletError::refused("invalid_proof", "proofs must be an object"))?;
+            if p.keys().any(|k| k != "jwt") {
+                return Err(WalletError::refused(
+                    "invalid_proof",
+                    "only the jwt proof type is supported",
+                ));
+            }
+            match p.get("jwt").and_then(Value::as_array).map(Vec::as_slice) {
+                Some([one]) => one.as_str().map(str::to_owned),
+                Some([]) | None => None,
+                Some(_) => {
+                    return Err(bad("batch issuance is not supported: send one proof"));
+                }
+            }
+        }
+        (None, Some(proof)) => {
+            if proof.get("proof_type").and_then(Value::as_str) != Some("jwt") {
+                return Err(WalletError::refused(
+                    "invalid_proof",
+                    "only the jwt proof type is supported",
+                ));
+            }
+            proof.get("jwt").and_then(Value::as_str).map(str::to_owned)
+        }
+        (None, None) => None,
+    };
+    let proof = proof
+        .ok_or_else(|| WalletError::refused("invalid_proof", "a jwt key proof is required"))?;
+    Ok((shape, proof))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -13,6 +13,8 @@ pub mod proof;
 pub mod sdjwt;
 
 pub mod flow;
+#[cfg(test)]
+mod proptests;
 pub use flow::{WalletError, WalletService, WalletSettings};
 pub use metadata::{
     CREDENTIAL_PAYLOAD_CLAIM, ConfigurationView, authorization_server_metadata,
