@@ -23,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{BenchService, env_or, percentile_ms};
+use common::{BenchService, Stage, drive, env_or};
 
 fn payload() -> Value {
     json!({
@@ -32,86 +32,6 @@ fn payload() -> Value {
         "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
         "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
     })
-}
-
-struct Stage {
-    name: String,
-    ops: usize,
-    secs: f64,
-    latencies: Vec<Duration>,
-}
-
-impl Stage {
-    /// Folds the rounds of one kind into one figure: total operations over total time.
-    fn merge(name: String, rounds: Vec<Stage>) -> Stage {
-        let mut out = Stage {
-            name,
-            ops: 0,
-            secs: 0.0,
-            latencies: Vec::new(),
-        };
-        for r in rounds {
-            out.ops += r.ops;
-            out.secs += r.secs;
-            out.latencies.extend(r.latencies);
-        }
-        out
-    }
-
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.secs
-    }
-
-    fn pct(&self, p: f64) -> f64 {
-        percentile_ms(&self.latencies, p)
-    }
-
-    fn print(&self) {
-        println!(
-            "{:<34} {:>9.0} /s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} ops)",
-            self.name,
-            self.rate(),
-            self.pct(0.50),
-            self.pct(0.99),
-            self.ops
-        );
-    }
-}
-
-/// Runs `conns` workers for `secs`, each calling `op(worker, seq)` in a loop.
-async fn drive<F, Fut>(name: String, conns: usize, secs: u64, op: F) -> Stage
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(secs);
-    let mut tasks = Vec::new();
-    for w in 0..conns {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut seq = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                assert!(op(w, seq).await, "a create failed during the benchmark");
-                lat.push(t.elapsed());
-                seq += 1;
-            }
-            lat
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.unwrap());
-    }
-    Stage {
-        name,
-        ops: latencies.len(),
-        secs: start.elapsed().as_secs_f64(),
-        latencies,
-    }
 }
 
 fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {

@@ -4,7 +4,10 @@
 // Each benchmark uses a part of this module.
 #![allow(dead_code)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use issuer::{App, Settings, admin, admin::ClientCredentials, config::Secret};
 use issuer_domain::model::Scope;
@@ -172,5 +175,86 @@ fn limits_rate() -> u32 {
         0
     } else {
         1_000_000
+    }
+}
+
+/// The figures of one load.
+pub struct Stage {
+    pub name: String,
+    pub ops: usize,
+    pub secs: f64,
+    pub latencies: Vec<Duration>,
+}
+
+impl Stage {
+    /// Folds the rounds of one kind into one figure: total operations over total time.
+    pub fn merge(name: String, rounds: Vec<Stage>) -> Stage {
+        let mut out = Stage {
+            name,
+            ops: 0,
+            secs: 0.0,
+            latencies: Vec::new(),
+        };
+        for r in rounds {
+            out.ops += r.ops;
+            out.secs += r.secs;
+            out.latencies.extend(r.latencies);
+        }
+        out
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
+    pub fn pct(&self, p: f64) -> f64 {
+        percentile_ms(&self.latencies, p)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "{:<34} {:>9.0} /s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} ops)",
+            self.name,
+            self.rate(),
+            self.pct(0.50),
+            self.pct(0.99),
+            self.ops
+        );
+    }
+}
+
+/// Runs `conns` workers for `secs`, each calling `op(worker, seq)` in a loop.
+pub async fn drive<F, Fut>(name: String, conns: usize, secs: u64, op: F) -> Stage
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..conns {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                assert!(op(w, seq).await, "a request failed during the benchmark");
+                lat.push(t.elapsed());
+                seq += 1;
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    Stage {
+        name,
+        ops: latencies.len(),
+        secs: start.elapsed().as_secs_f64(),
+        latencies,
     }
 }
