@@ -16,23 +16,14 @@ use issuer::grpc::{
     pb::{CreateIssuanceRequest, issuance_service_client::IssuanceServiceClient},
     structs::json_to_struct,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{BenchService, Stage, drive, env_or};
-
-fn payload() -> Value {
-    json!({
-        "mandator": {"organizationIdentifier": "VATES-B12345678", "organization": "Acme Corp",
-                     "commonName": "Jane Boss", "email": "boss@acme.example", "country": "ES"},
-        "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
-        "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
-    })
-}
+use common::{BenchService, Stage, drive, env_or, payload};
 
 fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {
     let dir = tempfile::tempdir().unwrap();

@@ -20,16 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{BenchService, Stage, drive, env_or};
-
-fn payload() -> Value {
-    json!({
-        "mandator": {"organizationIdentifier": "VATES-B12345678", "organization": "Acme Corp",
-                     "commonName": "Jane Boss", "email": "boss@acme.example", "country": "ES"},
-        "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
-        "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
-    })
-}
+use common::{BenchService, Stage, drive, env_or, payload};
 
 /// One HTTP/1.1 connection per worker.
 fn clients(conns: usize) -> Arc<Vec<reqwest::Client>> {

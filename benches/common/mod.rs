@@ -13,6 +13,16 @@ use issuer::{App, Settings, admin, admin::ClientCredentials, config::Secret};
 use issuer_domain::model::Scope;
 use serde_json::Value;
 
+/// The payload of every benchmark's creates.
+pub fn payload() -> Value {
+    serde_json::json!({
+        "mandator": {"organizationIdentifier": "VATES-B12345678", "organization": "Acme Corp",
+                     "commonName": "Jane Boss", "email": "boss@acme.example", "country": "ES"},
+        "mandatee": {"firstName": "Ada", "lastName": "Lovelace", "email": "ada@acme.example"},
+        "power": [{"type": "Domain", "domain": "DOME", "function": "Onboarding", "action": ["Execute"]}]
+    })
+}
+
 pub fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }

@@ -13,6 +13,30 @@ use crate::{
 use issuer::grpc::pb;
 use issuer_domain::model::Scope;
 
+/// Runs `$check` against a fresh instance on Postgres + Redis (`$pg`) and on the embedded
+/// default (`$embedded`), each with its settings passed through `$tune`.
+macro_rules! on_both {
+    ($pg:ident, $embedded:ident, $check:ident, $tune:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pg() {
+            let db = TestDb::new().await;
+            let app = TestApp::spawn($tune(pg_settings(&db.url, Some(&redis_url())))).await;
+            $check(&app).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            let dir = tempfile::tempdir().unwrap();
+            let app = TestApp::spawn($tune(embedded_settings(dir.path()))).await;
+            $check(&app).await;
+        }
+    };
+}
+
+fn as_is(s: issuer::Settings) -> issuer::Settings {
+    s
+}
+
 async fn on_postgres() -> (TestDb, TestApp) {
     let db = TestDb::new().await;
     let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
@@ -127,17 +151,12 @@ async fn read_scope_sees_no_offer(app: &TestApp) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_scope_sees_status_but_not_the_offer_on_postgres() {
-    let (_db, app) = on_postgres().await;
-    read_scope_sees_no_offer(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_scope_sees_status_but_not_the_offer_embedded() {
-    let (_dir, app) = embedded().await;
-    read_scope_sees_no_offer(&app).await;
-}
+on_both!(
+    read_scope_sees_status_but_not_the_offer_on_postgres,
+    read_scope_sees_status_but_not_the_offer_embedded,
+    read_scope_sees_no_offer,
+    as_is
+);
 
 // ---------------------------------------------------------------------------------------------
 // Offers: served while open, recorded once
@@ -229,17 +248,12 @@ async fn offers_close_and_record_once(app: &TestApp) {
     assert_eq!(kinds(app, &token, id).await, ["created", "cancelled"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offers_are_served_while_open_and_recorded_once_on_postgres() {
-    let (_db, app) = on_postgres().await;
-    offers_close_and_record_once(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offers_are_served_while_open_and_recorded_once_embedded() {
-    let (_dir, app) = embedded().await;
-    offers_close_and_record_once(&app).await;
-}
+on_both!(
+    offers_are_served_while_open_and_recorded_once_on_postgres,
+    offers_are_served_while_open_and_recorded_once_embedded,
+    offers_close_and_record_once,
+    as_is
+);
 
 /// Fifty first fetches at once record one event between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,18 +456,12 @@ async fn client_budget(app: &TestApp) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_client_has_its_tenants_budget_on_postgres() {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
-    client_budget(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_client_has_its_tenants_budget_embedded() {
-    let (_dir, app) = embedded().await;
-    client_budget(&app).await;
-}
+on_both!(
+    an_api_client_has_its_tenants_budget_on_postgres,
+    an_api_client_has_its_tenants_budget_embedded,
+    client_budget,
+    as_is
+);
 
 /// With Redis unreachable, each replica keeps budgets of its own: requests within the burst
 /// pass, the rest are refused; nothing refuses everything.
@@ -603,19 +611,12 @@ fn tight(mut s: issuer::Settings) -> issuer::Settings {
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_and_idle_connections_are_closed_on_postgres() {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(tight(pg_settings(&db.url, Some(&redis_url())))).await;
-    slow_clients_are_cut_off(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_and_idle_connections_are_closed_embedded() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = TestApp::spawn(tight(embedded_settings(dir.path()))).await;
-    slow_clients_are_cut_off(&app).await;
-}
+on_both!(
+    slow_and_idle_connections_are_closed_on_postgres,
+    slow_and_idle_connections_are_closed_embedded,
+    slow_clients_are_cut_off,
+    tight
+);
 
 /// Past the connection cap new clients wait; when a connection closes, the next is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,19 +773,12 @@ fn capped(mut s: issuer::Settings) -> issuer::Settings {
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_streams_are_capped_per_tenant_on_postgres() {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(capped(pg_settings(&db.url, Some(&redis_url())))).await;
-    watch_streams_are_capped(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_streams_are_capped_per_tenant_embedded() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = TestApp::spawn(capped(embedded_settings(dir.path()))).await;
-    watch_streams_are_capped(&app).await;
-}
+on_both!(
+    watch_streams_are_capped_per_tenant_on_postgres,
+    watch_streams_are_capped_per_tenant_embedded,
+    watch_streams_are_capped,
+    capped
+);
 
 /// A token that expires in two seconds: its streams end then, gRPC with UNAUTHENTICATED and
 /// SSE with an `error` event.
