@@ -1,12 +1,13 @@
-//! The OID4VCI 1.0 protocol pieces that are pure functions of their inputs: validating `jwt` key
-//! proofs (Appendix F.1, §8.2.1), issuing SD-JWT VCs (RFC 9901 with draft-ietf-oauth-sd-jwt-vc),
-//! and building the metadata documents a wallet reads before it talks to us.
+//! The wallet's side of an issuance over OID4VCI 1.0: the protocol pieces, and the use case that
+//! drives them.
 //!
-//! Nothing here does IO — no clock reads, no network, no storage. Time comes in as an argument
-//! and state the protocol needs to remember (which `c_nonce` values were issued and consumed,
-//! which pre-authorized codes are spent) stays with the caller. That keeps every security check
-//! in this crate reproducible in a unit test with a fixed `now`, and lets the HTTP layer decide
-//! how to persist and serialise without this crate knowing about it.
+//! - `proof`, `sdjwt`, `metadata`: pure functions of their inputs. Validating `jwt` key proofs
+//!   (Appendix F.1, §8.2.1), issuing SD-JWT VCs (RFC 9901 with draft-ietf-oauth-sd-jwt-vc), and
+//!   the metadata documents a wallet reads first. Time comes in as an argument, so every
+//!   security check here is reproducible in a unit test with a fixed `now`.
+//! - `flow`: the wallet flow (redeem the code, nonces, issue the credential, notifications).
+//!   It does IO only through the domain's ports (`Store`, `Clock`, `EventNotifier`), never
+//!   through a driver.
 
 pub mod metadata;
 pub mod proof;

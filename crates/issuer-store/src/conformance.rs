@@ -2,8 +2,9 @@
 //!
 //! Every check panics with a message naming what broke. Checks create their own tenants with
 //! fresh random ids and never assume an empty database, so they can run against a shared
-//! database and next to each other. This module is compiled in normal builds on purpose: the
-//! root package's integration tests run it against the stores they wire up.
+//! database and next to each other. The store's tests run each check as a test of its own per
+//! backend (`tests.rs`); other crates get the suite with the `conformance` feature, and release
+//! builds do not contain it.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -22,47 +23,6 @@ use issuer_domain::{
 use serde_json::json;
 
 use crate::trunc_micros;
-
-/// Runs every check except the concurrency one (which needs an `Arc`; see
-/// [`run_concurrency`]).
-pub async fn run_all(store: &dyn Store) {
-    ping(store).await;
-    tenant_round_trip(store).await;
-    clients(store).await;
-    insert_returns_inserted(store).await;
-    duplicate_returns_first(store).await;
-    request_id_is_per_tenant(store).await;
-    reads_are_scoped_by_tenant(store).await;
-    find_by_offer_id(store).await;
-    list_order_and_filters(store).await;
-    list_paging(store).await;
-    first_event_written(store).await;
-    global_sequence_increases(store).await;
-    payload_round_trip(store).await;
-    transition_applies_purges_and_appends(store).await;
-    transition_skips_other_statuses(store).await;
-    transition_of_unknown_or_foreign_is_not_found(store).await;
-    plain_event_keeps_status_and_payload(store).await;
-    overdue_pending_lists_only_due_pending(store).await;
-    code_lookup_and_tx_code_failures(store).await;
-    redemption_applies_once_and_keeps_notification_id(store).await;
-    nonces_are_single_use_across_tenants(store).await;
-    webhook_outbox_follows_events(store).await;
-    webhook_claims_are_leased_and_recorded(store).await;
-    email_outbox(store).await;
-    retention_purges_ended_issuances_and_everything_of_theirs(store).await;
-}
-
-/// Concurrent duplicate inserts: 50 tasks racing on one `client_request_id`.
-pub async fn run_concurrency(store: Arc<dyn Store>) {
-    concurrent_duplicates(store.clone(), 50).await;
-    concurrent_transitions(store.clone(), 20).await;
-    concurrent_redemptions(store.clone(), 20).await;
-    concurrent_tx_code_attempts(store.clone(), 50, 5).await;
-    concurrent_claims_are_disjoint(store.clone()).await;
-    // Last: it leaves deliveries due that other checks' claims would pick up.
-    concurrent_mixed_creates(store).await;
-}
 
 /// A timestamp with sub-microsecond digits, so the checks notice a store that keeps or rounds
 /// them instead of truncating.

@@ -9,8 +9,10 @@
 //! Timestamps are stored at microsecond precision; the store truncates what it is given (see
 //! [`trunc_micros`]), so an entity read back equals the input after that truncation.
 //!
-//! [`conformance`] is the behaviour both backends must show, runnable against any `Store`.
+//! `conformance` (tests, or the `conformance` feature) is the behaviour both backends must
+//! show, runnable against any `Store`.
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod pg_batch;
 mod postgres;

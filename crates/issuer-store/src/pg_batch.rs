@@ -5,7 +5,7 @@
 //! round trip, the backend's wake-up), not by its rows. Under load, requests queue here while at
 //! most [`MAX_RUNNING`] statements run; each statement takes up to [`MAX_BATCH`] of them. An idle
 //! service writes each create at once, alone, so batching adds no latency when there is nothing
-//! to share a commit with. See `docs/adr/0008-group-commit-for-creates.md`.
+//! to share a commit with. See `docs/adr/0008-create-throughput.md`.
 //!
 //! The statement writes what a single create writes: the issuance, its first event, its webhook
 //! outbox rows and, for `delivery: email`, its email outbox row.

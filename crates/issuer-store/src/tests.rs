@@ -20,18 +20,100 @@ use crate::{PgStore, SqliteStore, conformance};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// Runs the checks in a task so that a failing one still lets the caller clean up; the caller
+/// Runs `check` in a task so that a failing one still lets the caller clean up; the caller
 /// re-raises the panic afterwards.
-async fn guarded(store: Arc<dyn Store>, concurrent: usize) -> Result<(), Box<dyn Any + Send>> {
-    tokio::spawn(async move {
-        conformance::run_all(store.as_ref()).await;
-        conformance::run_concurrency(Arc::clone(&store)).await;
-        if concurrent != 50 {
-            conformance::concurrent_duplicates(store, concurrent).await;
-        }
-    })
-    .await
-    .map_err(|e| e.into_panic())
+async fn guarded<F, Fut>(store: Arc<dyn Store>, check: F) -> Result<(), Box<dyn Any + Send>>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move { check(store).await })
+        .await
+        .map_err(|e| e.into_panic())
+}
+
+/// A store under test: opened fresh (and migrated) for one check, cleaned up after it.
+trait Backend: Sized {
+    async fn open() -> Self;
+    fn store(&self) -> Arc<dyn Store>;
+    async fn close(self);
+}
+
+/// Runs one conformance check against a fresh `B`, then cleans up and re-raises its panic.
+async fn run_check<B, F, Fut>(check: F)
+where
+    B: Backend,
+    F: FnOnce(Arc<dyn Store>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let backend = B::open().await;
+    let outcome = guarded(backend.store(), check).await;
+    backend.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// One `#[tokio::test]` per check, so that a failure names its check and hides no other.
+/// `name` calls `conformance::name(&store)`; `name(args)` calls `conformance::name(store,
+/// args)` with the `Arc` (the concurrent checks).
+macro_rules! checks {
+    ($backend:ty => $($check:ident $(($($arg:expr),*))?),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                run_check::<$backend, _, _>(|store| async move {
+                    checks!(@call store, $check $(($($arg),*))?);
+                })
+                .await;
+            }
+        )*
+    };
+    (@call $store:ident, $check:ident) => {
+        conformance::$check($store.as_ref()).await
+    };
+    (@call $store:ident, $check:ident ($($arg:expr),*)) => {
+        conformance::$check($store, $($arg),*).await
+    };
+}
+
+/// The whole suite for one backend; `$n` is how many tasks race in the duplicate-create check.
+macro_rules! conformance_suite {
+    ($backend:ty, $n:expr) => {
+        checks!($backend =>
+            ping,
+            tenant_round_trip,
+            clients,
+            insert_returns_inserted,
+            duplicate_returns_first,
+            request_id_is_per_tenant,
+            reads_are_scoped_by_tenant,
+            find_by_offer_id,
+            list_order_and_filters,
+            list_paging,
+            first_event_written,
+            global_sequence_increases,
+            payload_round_trip,
+            transition_applies_purges_and_appends,
+            transition_skips_other_statuses,
+            transition_of_unknown_or_foreign_is_not_found,
+            plain_event_keeps_status_and_payload,
+            overdue_pending_lists_only_due_pending,
+            code_lookup_and_tx_code_failures,
+            redemption_applies_once_and_keeps_notification_id,
+            nonces_are_single_use_across_tenants,
+            webhook_outbox_follows_events,
+            webhook_claims_are_leased_and_recorded,
+            email_outbox,
+            retention_purges_ended_issuances_and_everything_of_theirs,
+            concurrent_duplicates($n),
+            concurrent_transitions(20),
+            concurrent_redemptions(20),
+            concurrent_tx_code_attempts(50, 5),
+            concurrent_claims_are_disjoint(),
+            concurrent_mixed_creates(),
+        );
+    };
 }
 
 fn admin_url() -> String {
@@ -86,13 +168,26 @@ impl PgDb {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_conforms() {
-    let db = PgDb::create().await;
-    // Migrations must be repeatable: a restarted service runs them again.
-    db.store.migrate().await.expect("second migrate");
-    let outcome = guarded(Arc::new(db.store.clone()), 100).await;
-    db.finish(outcome).await;
+impl Backend for PgDb {
+    async fn open() -> Self {
+        let db = Self::create().await;
+        // Migrations must be repeatable: a restarted service runs them again.
+        db.store.migrate().await.expect("second migrate");
+        db
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+
+    async fn close(self) {
+        self.finish(Ok(())).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+    conformance_suite!(PgDb, 100);
 }
 
 /// Concurrent creates share statements, and a row that cannot be written (the schema refuses
@@ -191,33 +286,60 @@ impl Drop for TempDb {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_conforms() {
-    let file = TempDb(
-        std::env::temp_dir().join(format!("issuer_store_test_{}.db", Uuid::new_v4().simple())),
-    );
-    let path = file.0.to_str().expect("temp path is UTF-8");
-    let store = SqliteStore::open(path).await.expect("open sqlite file");
-    store.migrate().await.expect("migrate");
-    store.migrate().await.expect("second migrate");
+/// A migrated SQLite database in a temporary file.
+struct SqliteFile {
+    store: SqliteStore,
+    _file: TempDb,
+}
 
-    let outcome = guarded(Arc::new(store.clone()), 100).await;
+impl Backend for SqliteFile {
+    async fn open() -> Self {
+        let file = TempDb(
+            std::env::temp_dir().join(format!("issuer_store_test_{}.db", Uuid::new_v4().simple())),
+        );
+        let path = file.0.to_str().expect("temp path is UTF-8");
+        let store = SqliteStore::open(path).await.expect("open sqlite file");
+        store.migrate().await.expect("migrate");
+        store.migrate().await.expect("second migrate");
+        Self { store, _file: file }
+    }
 
-    store.pool().close().await;
-    drop(file);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+
+    async fn close(self) {
+        self.store.pool().close().await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_in_memory_conforms() {
-    let store = SqliteStore::in_memory()
-        .await
-        .expect("open in-memory sqlite");
-    if let Err(panic) = guarded(Arc::new(store), 50).await {
-        std::panic::resume_unwind(panic);
+/// A private in-memory SQLite database.
+struct SqliteMemory(SqliteStore);
+
+impl Backend for SqliteMemory {
+    async fn open() -> Self {
+        Self(
+            SqliteStore::in_memory()
+                .await
+                .expect("open in-memory sqlite"),
+        )
     }
+
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.0.clone())
+    }
+
+    async fn close(self) {}
+}
+
+mod sqlite_file {
+    use super::*;
+    conformance_suite!(SqliteFile, 100);
+}
+
+mod sqlite_memory {
+    use super::*;
+    conformance_suite!(SqliteMemory, 50);
 }
 
 #[tokio::test]
