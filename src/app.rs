@@ -5,15 +5,15 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use issuer_auth::{AesSealer, SecretHasher, ServerSecret, SigningKey, TokenService};
+use issuer_coordination::{
+    InProcessLock, RedisLock,
+    events::EventHub,
+    ratelimit::{LocalLimiter, RateLimiter, RedisLimiter},
+};
 use issuer_domain::{
     catalog::Catalog,
     ports::{Clock, CodeSealer, IdempotencyLock, Store, SystemClock},
     service::{IdempotencySettings, IssuancePorts, IssuanceService},
-};
-use issuer_lock::{
-    InProcessLock, RedisLock,
-    events::EventHub,
-    ratelimit::{LocalLimiter, RateLimiter, RedisLimiter},
 };
 use issuer_oid4vci::{WalletService, WalletSettings};
 use issuer_store::{PgStore, SqliteStore};

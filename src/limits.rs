@@ -10,7 +10,7 @@
 //!   trusted proxy sets (`ISSUER_CLIENT_IP_HEADER`); IPv6 addresses count per /64.
 //!
 //! Budgets live in Redis when it is configured (shared by every replica), else in-process
-//! (see `issuer_lock::ratelimit`). A refusal is a 429 in the endpoint's own error format
+//! (see `issuer_coordination::ratelimit`). A refusal is a 429 in the endpoint's own error format
 //! (problem+json `rate_limited`, or an OAuth error body on the OAuth and OID4VCI endpoints)
 //! with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields
 //! (draft-ietf-httpapi-ratelimit-headers), or `RESOURCE_EXHAUSTED` with `RetryInfo` over
@@ -28,8 +28,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+use issuer_coordination::ratelimit::{Decision, Quota, RateLimiter};
 use issuer_domain::{Error, ErrorCode, ids::TenantId, service::IssuanceService};
-use issuer_lock::ratelimit::{Decision, Quota, RateLimiter};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{app::App, config::Settings};
@@ -324,7 +324,7 @@ pub fn refused(class: Class) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use issuer_lock::ratelimit::LocalLimiter;
+    use issuer_coordination::ratelimit::LocalLimiter;
 
     fn limits(header: &str) -> Limits {
         Limits::new(

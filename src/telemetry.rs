@@ -117,7 +117,7 @@ pub fn init(settings: &Settings, log_to: LogTo) -> anyhow::Result<Telemetry> {
     let only_as_child = |meta: &tracing::Metadata<'_>| {
         meta.is_span()
             && (meta.target().starts_with("issuer_store")
-                || meta.target().starts_with("issuer_lock"))
+                || meta.target().starts_with("issuer_coordination"))
     };
     let traced = tracing_subscriber::filter::DynFilterFn::new(move |meta, cx| {
         ours(meta) && (!only_as_child(meta) || cx.lookup_current().is_some())

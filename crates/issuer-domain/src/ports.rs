@@ -1,5 +1,5 @@
 //! Ports: what the use cases need from the outside world. Adapters implement them
-//! (`issuer-store` for `Store`, `issuer-lock` for `IdempotencyLock`, `issuer-auth` for
+//! (`issuer-store` for `Store`, `issuer-coordination` for `IdempotencyLock`, `issuer-auth` for
 //! `CodeSealer`).
 
 use std::time::Duration;

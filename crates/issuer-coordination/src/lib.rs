@@ -1,6 +1,7 @@
 //! Coordination between replicas, on Redis or in-process. `events`: fan-out of "new events"
-//! announcements. Idempotency locks: `RedisLock` for replicas sharing a Redis (`SET NX PX`, released by a
-//! compare-and-delete script) and `InProcessLock` for the embedded default. Both only spare
+//! announcements. `ratelimit`: request budgets. Idempotency locks: `RedisLock` for replicas
+//! sharing a Redis (`SET NX PX`, released by a compare-and-delete script) and `InProcessLock`
+//! for the embedded default. Both only spare
 //! duplicate work; the store's unique constraint is what makes creates idempotent, so every
 //! Redis failure is reported as a `LockError` for the caller to proceed without the lock,
 //! quickly: operations time out instead of hanging.
