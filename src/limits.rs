@@ -134,7 +134,7 @@ impl Verdict {
     /// A 429 with an RFC 6749 §5.2 body, for the OAuth and OID4VCI endpoints.
     pub fn oauth(&self) -> Response {
         let body = serde_json::json!({
-            "error": ErrorCode::RateLimited.as_str(),
+            "error": issuer_domain::OAuthCode::RateLimited.as_str(),
             "error_description": self.message(),
         });
         let mut res = (

@@ -58,7 +58,8 @@ impl WatchCounts {
             return Err(Error::new(
                 ErrorCode::RateLimited,
                 format!("this tenant already has {max} watch streams open; close one first"),
-            ));
+            )
+            .with("limit", max.to_string()));
         }
         *open += 1;
         Ok(WatchSlot {

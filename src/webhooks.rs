@@ -280,7 +280,8 @@ impl App {
             return Err(Error::new(
                 issuer_domain::ErrorCode::InvalidState,
                 "the endpoint is disabled; enable it before retrying its deliveries",
-            ));
+            )
+            .with("status", "disabled"));
         }
         if self
             .store

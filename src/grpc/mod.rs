@@ -55,7 +55,10 @@ pub fn status(e: Error) -> Status {
     details.set_error_info(
         e.code.as_str().to_ascii_uppercase(),
         ERROR_DOMAIN,
-        HashMap::new(),
+        e.metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect::<HashMap<_, _>>(),
     );
     for v in &e.violations {
         details.add_bad_request_violation(v.field.clone(), v.message.clone());

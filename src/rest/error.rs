@@ -71,10 +71,9 @@ impl IntoResponse for ApiError {
                 );
             }
             ErrorCode::InsufficientScope => {
-                let scope = e.message.split('`').nth(1).map(str::to_owned);
                 h.insert(
                     header::WWW_AUTHENTICATE,
-                    bearer_challenge("insufficient_scope", &e.message, scope.as_deref()),
+                    bearer_challenge("insufficient_scope", &e.message, e.meta("scope")),
                 );
             }
             ErrorCode::Unavailable => {

@@ -11,7 +11,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use issuer_domain::{
-    ErrorCode,
+    ErrorCode, OAuthCode,
     model::{PRE_AUTHORIZED_CODE_GRANT, Scope},
 };
 use issuer_oid4vci::WalletError;
@@ -23,24 +23,20 @@ const CLIENT_CREDENTIALS: &str = "client_credentials";
 
 /// An RFC 6749 §5.2 error.
 struct OAuthError {
-    status: StatusCode,
-    error: &'static str,
+    code: OAuthCode,
     description: String,
 }
 
 impl OAuthError {
-    fn new(error: &'static str, description: impl Into<String>) -> Self {
-        let status = match error {
-            "invalid_client" => StatusCode::UNAUTHORIZED,
-            "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => StatusCode::BAD_REQUEST,
-        };
+    fn new(code: OAuthCode, description: impl Into<String>) -> Self {
         Self {
-            status,
-            error,
+            code,
             description: description.into(),
         }
+    }
+
+    fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST)
     }
 }
 
@@ -49,27 +45,28 @@ impl From<issuer_domain::Error> for OAuthError {
         tracing::error!(error = %e.chain(), "token endpoint failed");
         if e.code == ErrorCode::Unavailable {
             Self::new(
-                "temporarily_unavailable",
+                OAuthCode::TemporarilyUnavailable,
                 "the service is temporarily unavailable",
             )
         } else {
-            Self::new("server_error", "internal error")
+            Self::new(OAuthCode::ServerError, "internal error")
         }
     }
 }
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let body = json!({"error": self.error, "error_description": self.description});
-        let mut res = (self.status, Json(body)).into_response();
+        let status = self.status();
+        let body = json!({"error": self.code.as_str(), "error_description": self.description});
+        let mut res = (status, Json(body)).into_response();
         no_store(res.headers_mut());
-        if self.status == StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Basic realm="issuer""#),
             );
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(super::error::RETRY_AFTER_SECS),
@@ -111,7 +108,7 @@ pub async fn token(
         Ok(body) => body,
         Err(rejection) => {
             crate::metrics::token_grant("", "invalid_request");
-            return super::oid4vci::body_refused(&app, &rejection, "invalid_request");
+            return super::oid4vci::body_refused(&app, &rejection, OAuthCode::InvalidRequest);
         }
     };
     // Set by `issue` once the form is read, for the metrics.
@@ -127,7 +124,7 @@ pub async fn token(
             res
         }
         Err(e) => {
-            crate::metrics::token_grant(&grant_type, e.error);
+            crate::metrics::token_grant(&grant_type, e.code.as_str());
             e.into_response()
         }
     }
@@ -143,7 +140,7 @@ async fn issue(
 
     let grant_type = params
         .get("grant_type")
-        .ok_or_else(|| OAuthError::new("invalid_request", "grant_type is required"))?;
+        .ok_or_else(|| OAuthError::new(OAuthCode::InvalidRequest, "grant_type is required"))?;
     grant.clone_from(grant_type);
     if grant_type == PRE_AUTHORIZED_CODE_GRANT {
         // Anonymous access: the wallet holds the code, not client credentials.
@@ -170,7 +167,7 @@ async fn issue(
     }
     if grant_type != CLIENT_CREDENTIALS {
         return Err(OAuthError::new(
-            "unsupported_grant_type",
+            OAuthCode::UnsupportedGrantType,
             format!("grant type `{grant_type}` is not supported here"),
         ));
     }
@@ -202,7 +199,7 @@ async fn issue(
         _ => {
             tracing::info!(client_id = %client_id, "client authentication failed");
             return Err(OAuthError::new(
-                "invalid_client",
+                OAuthCode::InvalidClient,
                 "client authentication failed",
             ));
         }
@@ -215,11 +212,11 @@ async fn issue(
     {
         None => client.scopes.clone(),
         Some(requested) => {
-            let requested =
-                Scope::parse_list(requested).map_err(|m| OAuthError::new("invalid_scope", m))?;
+            let requested = Scope::parse_list(requested)
+                .map_err(|m| OAuthError::new(OAuthCode::InvalidScope, m))?;
             if let Some(s) = requested.iter().find(|s| !client.scopes.contains(s)) {
                 return Err(OAuthError::new(
-                    "invalid_scope",
+                    OAuthCode::InvalidScope,
                     format!("scope `{s}` is not granted to this client"),
                 ));
             }
@@ -262,17 +259,17 @@ fn form_params(
         });
     if !form_type {
         return Err(OAuthError::new(
-            "invalid_request",
+            OAuthCode::InvalidRequest,
             "send the parameters as application/x-www-form-urlencoded",
         ));
     }
     let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|_| OAuthError::new("invalid_request", "malformed form body"))?;
+        .map_err(|_| OAuthError::new(OAuthCode::InvalidRequest, "malformed form body"))?;
     let mut params = std::collections::HashMap::new();
     for (k, v) in pairs {
         if params.insert(k.clone(), v).is_some() {
             return Err(OAuthError::new(
-                "invalid_request",
+                OAuthCode::InvalidRequest,
                 format!("parameter `{k}` is repeated"),
             ));
         }
@@ -294,7 +291,7 @@ fn client_credentials(
     let post = params.get("client_secret").is_some();
     match (basic, post) {
         (Some(_), true) => Err(OAuthError::new(
-            "invalid_request",
+            OAuthCode::InvalidRequest,
             "use one client authentication method, not two",
         )),
         (Some(b64), false) => {
@@ -302,18 +299,22 @@ fn client_credentials(
                 .decode(b64)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
-            let (id, secret) = decoded
-                .split_once(':')
-                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+                .ok_or_else(|| {
+                    OAuthError::new(OAuthCode::InvalidClient, "malformed Basic credentials")
+                })?;
+            let (id, secret) = decoded.split_once(':').ok_or_else(|| {
+                OAuthError::new(OAuthCode::InvalidClient, "malformed Basic credentials")
+            })?;
             // RFC 6749 §2.3.1: both parts are form-urlencoded before base64.
-            let id = form_decode(id)
-                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
-            let secret = form_decode(secret)
-                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            let id = form_decode(id).ok_or_else(|| {
+                OAuthError::new(OAuthCode::InvalidClient, "malformed Basic credentials")
+            })?;
+            let secret = form_decode(secret).ok_or_else(|| {
+                OAuthError::new(OAuthCode::InvalidClient, "malformed Basic credentials")
+            })?;
             if params.get("client_id").is_some_and(|p| *p != id) {
                 return Err(OAuthError::new(
-                    "invalid_request",
+                    OAuthCode::InvalidRequest,
                     "client_id does not match the credentials",
                 ));
             }
@@ -322,14 +323,14 @@ fn client_credentials(
         (None, true) => {
             let id = params.get("client_id").ok_or_else(|| {
                 OAuthError::new(
-                    "invalid_request",
+                    OAuthCode::InvalidRequest,
                     "client_id is required with client_secret",
                 )
             })?;
             Ok((id.clone(), params["client_secret"].clone()))
         }
         (None, false) => Err(OAuthError::new(
-            "invalid_client",
+            OAuthCode::InvalidClient,
             "client authentication is required",
         )),
     }
@@ -367,12 +368,12 @@ mod proptests {
 
     use super::*;
 
-    const CODES: [&str; 5] = [
-        "invalid_request",
-        "invalid_client",
-        "invalid_grant",
-        "invalid_scope",
-        "unsupported_grant_type",
+    const CODES: [OAuthCode; 5] = [
+        OAuthCode::InvalidRequest,
+        OAuthCode::InvalidClient,
+        OAuthCode::InvalidGrant,
+        OAuthCode::InvalidScope,
+        OAuthCode::UnsupportedGrantType,
     ];
 
     fn param() -> impl Strategy<Value = String> {
@@ -418,7 +419,7 @@ mod proptests {
             ],
         ) {
             if let Err(e) = form_params(&headers(content_type, None), &body) {
-                prop_assert_eq!(e.error, "invalid_request");
+                prop_assert_eq!(e.code, OAuthCode::InvalidRequest);
             }
         }
 
@@ -433,7 +434,7 @@ mod proptests {
         ) {
             let params: HashMap<String, String> = params;
             if let Err(e) = client_credentials(&headers(None, authorization), &params) {
-                prop_assert!(CODES.contains(&e.error), "undocumented {}", e.error);
+                prop_assert!(CODES.contains(&e.code), "undocumented {}", e.code);
             }
         }
     }

@@ -9,7 +9,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use issuer_domain::ErrorCode;
+use issuer_domain::{ErrorCode, OAuthCode};
 use issuer_oid4vci::{
     ConfigurationView, WalletError, authorization_server_metadata,
     credential_issuer_metadata_with_display, jwt_vc_issuer_metadata,
@@ -123,13 +123,13 @@ pub async fn credential(
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
-            return body_refused(&app, &rejection, "invalid_credential_request");
+            return body_refused(&app, &rejection, OAuthCode::InvalidCredentialRequest);
         }
     };
     let result = async {
         let token = wallet_token(&headers)?;
         let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
-            code: "invalid_credential_request",
+            code: OAuthCode::InvalidCredentialRequest,
             description: "the body must be JSON".into(),
         })?;
         app.wallet.credential(token, &body).await
@@ -167,13 +167,13 @@ pub async fn notification(
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
-            return body_refused(&app, &rejection, "invalid_notification_request");
+            return body_refused(&app, &rejection, OAuthCode::InvalidNotificationRequest);
         }
     };
     let result = async {
         let token = wallet_token(&headers)?;
         let body: Value = serde_json::from_slice(&body).map_err(|_| WalletError::Refused {
-            code: "invalid_notification_request",
+            code: OAuthCode::InvalidNotificationRequest,
             description: "the body must be JSON".into(),
         })?;
         app.wallet.notify(token, &body).await
@@ -187,7 +187,7 @@ pub async fn notification(
 
 /// An unreadable or oversized body, in the OAuth / OID4VCI error format with the endpoint's own
 /// `code` (413 when too large, else 400).
-pub fn body_refused(app: &AppState, rejection: &BytesRejection, code: &str) -> Response {
+pub fn body_refused(app: &AppState, rejection: &BytesRejection, code: OAuthCode) -> Response {
     let (status, description) = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -205,7 +205,7 @@ pub fn body_refused(app: &AppState, rejection: &BytesRejection, code: &str) -> R
     (
         status,
         [(header::CACHE_CONTROL, "no-store")],
-        Json(json!({"error": code, "error_description": description})),
+        Json(json!({"error": code.as_str(), "error_description": description})),
     )
         .into_response()
 }
@@ -216,7 +216,7 @@ fn wallet_token(headers: &HeaderMap) -> Result<&str, WalletError> {
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .ok_or_else(|| WalletError::Refused {
-            code: "invalid_token",
+            code: OAuthCode::InvalidToken,
             description: "missing bearer token".into(),
         })
 }
@@ -225,15 +225,12 @@ fn wallet_token(headers: &HeaderMap) -> Result<&str, WalletError> {
 pub fn wallet_error(e: WalletError) -> Response {
     match e {
         WalletError::Refused { code, description } => {
-            let status = if code == "invalid_token" {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::BAD_REQUEST
-            };
+            let status =
+                StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
             let mut res = (
                 status,
                 [(header::CACHE_CONTROL, "no-store")],
-                Json(json!({"error": code, "error_description": description})),
+                Json(json!({"error": code.as_str(), "error_description": description})),
             )
                 .into_response();
             if status == StatusCode::UNAUTHORIZED {
@@ -247,12 +244,14 @@ pub fn wallet_error(e: WalletError) -> Response {
         WalletError::Internal(e) => {
             tracing::error!(error = %e.chain(), "wallet request failed");
             let unavailable = e.code == ErrorCode::Unavailable;
-            let (status, code) = if unavailable {
-                (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            let code = if unavailable {
+                OAuthCode::TemporarilyUnavailable
             } else {
-                (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+                OAuthCode::ServerError
             };
-            let mut res = (status, Json(json!({"error": code}))).into_response();
+            let status = StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut res = (status, Json(json!({"error": code.as_str()}))).into_response();
             if unavailable {
                 res.headers_mut().insert(
                     header::RETRY_AFTER,

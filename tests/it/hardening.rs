@@ -992,3 +992,81 @@ async fn tenant_names_refuse_control_characters() {
             .is_ok()
     );
 }
+
+/// gRPC errors say in `ErrorInfo.metadata` what a client can act on: the offending field, the
+/// missing scope, the issuance's current status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_error_info_carries_the_field_the_scope_and_the_status() {
+    use tonic_types::StatusExt;
+    let (_db, app) = on_postgres().await;
+    let (creds, token) = app.tenant_token().await;
+    let reader = client_with(&app, &creds, &[Scope::IssuanceRead]).await;
+    let mut grpc = app.grpc().await;
+    let info = |e: &tonic::Status| e.get_details_error_info().expect("ErrorInfo").metadata;
+
+    let mut body = create_body("meta-1");
+    body["payload"]["mandator"]
+        .as_object_mut()
+        .unwrap()
+        .remove("organizationIdentifier");
+    let err = grpc
+        .create_issuance(authed(&token, crate::helpers::create_request_pb(&body)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        info(&err).get("field").map(String::as_str),
+        Some("payload.mandator.organizationIdentifier")
+    );
+
+    let err = grpc
+        .create_issuance(authed(
+            &reader,
+            crate::helpers::create_request_pb(&create_body("meta-2")),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        info(&err).get("scope").map(String::as_str),
+        Some("issuance:write")
+    );
+
+    let mut body = create_body("meta-3");
+    body["expires_in"] = 1.into();
+    let expiring = app
+        .create_rest(&token, &body)
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let expiring_id = expiring["issuance_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read: Value = app
+            .get_rest(&token, &expiring_id)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if read["status"] == "rejected" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired: {read}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let err = grpc
+        .cancel_issuance(authed(
+            &token,
+            pb::CancelIssuanceRequest {
+                issuance_id: expiring_id,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        info(&err).get("status").map(String::as_str),
+        Some("rejected")
+    );
+}

@@ -76,6 +76,104 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// The error codes of the OAuth and OID4VCI endpoints, each endpoint in its own vocabulary:
+/// RFC 6749 §5.2 at the token endpoint, RFC 6750 §3.1 for wallet tokens, OID4VCI 1.0 §8.3.1.2
+/// at the credential endpoint and §11.3 at the notification endpoint. These answer with
+/// `{"error", "error_description"}`, not problem+json; each code knows its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OAuthCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    InvalidScope,
+    UnsupportedGrantType,
+    InvalidToken,
+    InvalidCredentialRequest,
+    UnknownCredentialConfiguration,
+    UnknownCredentialIdentifier,
+    /// Draft-13/15 wallets: the `format` or `vct` asked for is not the offer's.
+    UnsupportedCredentialFormat,
+    InvalidProof,
+    InvalidNonce,
+    InvalidNotificationId,
+    InvalidNotificationRequest,
+    RateLimited,
+    ServerError,
+    TemporarilyUnavailable,
+}
+
+impl OAuthCode {
+    pub const ALL: [OAuthCode; 17] = [
+        OAuthCode::InvalidRequest,
+        OAuthCode::InvalidClient,
+        OAuthCode::InvalidGrant,
+        OAuthCode::InvalidScope,
+        OAuthCode::UnsupportedGrantType,
+        OAuthCode::InvalidToken,
+        OAuthCode::InvalidCredentialRequest,
+        OAuthCode::UnknownCredentialConfiguration,
+        OAuthCode::UnknownCredentialIdentifier,
+        OAuthCode::UnsupportedCredentialFormat,
+        OAuthCode::InvalidProof,
+        OAuthCode::InvalidNonce,
+        OAuthCode::InvalidNotificationId,
+        OAuthCode::InvalidNotificationRequest,
+        OAuthCode::RateLimited,
+        OAuthCode::ServerError,
+        OAuthCode::TemporarilyUnavailable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OAuthCode::InvalidRequest => "invalid_request",
+            OAuthCode::InvalidClient => "invalid_client",
+            OAuthCode::InvalidGrant => "invalid_grant",
+            OAuthCode::InvalidScope => "invalid_scope",
+            OAuthCode::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthCode::InvalidToken => "invalid_token",
+            OAuthCode::InvalidCredentialRequest => "invalid_credential_request",
+            OAuthCode::UnknownCredentialConfiguration => "unknown_credential_configuration",
+            OAuthCode::UnknownCredentialIdentifier => "unknown_credential_identifier",
+            OAuthCode::UnsupportedCredentialFormat => "unsupported_credential_format",
+            OAuthCode::InvalidProof => "invalid_proof",
+            OAuthCode::InvalidNonce => "invalid_nonce",
+            OAuthCode::InvalidNotificationId => "invalid_notification_id",
+            OAuthCode::InvalidNotificationRequest => "invalid_notification_request",
+            OAuthCode::RateLimited => "rate_limited",
+            OAuthCode::ServerError => "server_error",
+            OAuthCode::TemporarilyUnavailable => "temporarily_unavailable",
+        }
+    }
+
+    /// The HTTP status of an answer with this code.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            OAuthCode::InvalidClient | OAuthCode::InvalidToken => 401,
+            OAuthCode::RateLimited => 429,
+            OAuthCode::ServerError => 500,
+            OAuthCode::TemporarilyUnavailable => 503,
+            OAuthCode::InvalidRequest
+            | OAuthCode::InvalidGrant
+            | OAuthCode::InvalidScope
+            | OAuthCode::UnsupportedGrantType
+            | OAuthCode::InvalidCredentialRequest
+            | OAuthCode::UnknownCredentialConfiguration
+            | OAuthCode::UnknownCredentialIdentifier
+            | OAuthCode::UnsupportedCredentialFormat
+            | OAuthCode::InvalidProof
+            | OAuthCode::InvalidNonce
+            | OAuthCode::InvalidNotificationId
+            | OAuthCode::InvalidNotificationRequest => 400,
+        }
+    }
+}
+
+impl fmt::Display for OAuthCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One invalid field: a dotted path into the request (`payload.mandator.organizationIdentifier`,
 /// `payload.power[0].action`) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -101,6 +199,9 @@ pub struct Error {
     pub code: ErrorCode,
     pub message: String,
     pub violations: Vec<FieldViolation>,
+    /// Facts a client can act on, by name (`scope`, `status`, `limit`): gRPC sends them as
+    /// `ErrorInfo.metadata`, REST uses `scope` in `WWW-Authenticate`.
+    pub metadata: Vec<(&'static str, String)>,
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -111,8 +212,23 @@ impl Error {
             code,
             message: message.into(),
             violations: Vec::new(),
+            metadata: Vec::new(),
             source: None,
         }
+    }
+
+    /// The error with one more metadata entry.
+    pub fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.metadata.push((key, value.into()));
+        self
+    }
+
+    /// The metadata entry `key`, if any.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn invalid(violations: Vec<FieldViolation>) -> Self {
@@ -120,10 +236,15 @@ impl Error {
             [one] => format!("{}: {}", one.field, one.message),
             _ => format!("{} fields are invalid", violations.len()),
         };
-        Self {
+        let field = violations.first().map(|v| v.field.clone());
+        let mut e = Self {
             violations,
             ..Self::new(ErrorCode::InvalidRequest, message)
+        };
+        if let Some(field) = field.filter(|f| !f.is_empty()) {
+            e = e.with("field", field);
         }
+        e
     }
 
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -139,6 +260,7 @@ impl Error {
             ErrorCode::InsufficientScope,
             format!("the access token lacks the scope `{scope}`"),
         )
+        .with("scope", scope)
     }
 
     /// An unexpected failure; `cause` goes to the log, the caller sees a generic message.

@@ -15,4 +15,4 @@ pub mod schema;
 pub mod service;
 pub mod webhook;
 
-pub use error::{Error, ErrorCode, FieldViolation};
+pub use error::{Error, ErrorCode, FieldViolation, OAuthCode};

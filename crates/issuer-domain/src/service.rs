@@ -330,7 +330,10 @@ impl IssuanceService {
     pub async fn open_offer_uri(&self, who: &Principal, id: &str) -> Result<String> {
         who.require(Scope::IssuanceWrite)?;
         let issuance = self.get(who, id).await?;
-        let closed = |why: &str| Err(Error::new(ErrorCode::InvalidState, why.to_owned()));
+        let closed = |why: &str| {
+            Err(Error::new(ErrorCode::InvalidState, why.to_owned())
+                .with("status", issuance.status.as_str()))
+        };
         match issuance.offer_phase(self.clock.now()) {
             OfferPhase::Open => Ok(self.credential_offer_uri(&issuance)),
             OfferPhase::Expired => closed("the offer has expired"),
@@ -439,9 +442,13 @@ impl IssuanceService {
                 format!(
                     "the issuance is {}{} and can no longer be cancelled",
                     i.status,
-                    i.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    i.reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 ),
-            )),
+            )
+            .with("status", i.status.as_str())),
             TransitionOutcome::NotFound => Err(Error::not_found("issuance")),
         }
     }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use hmac::{Hmac, Mac};
 use issuer_auth::{SigningKey, TokenService};
 use issuer_domain::{
-    Error,
+    Error, OAuthCode,
     catalog::{Catalog, CredentialConfiguration},
     ids::{IssuanceId, TenantId, random_token},
     model::{IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
@@ -33,7 +33,7 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum WalletError {
     #[error("{code}: {description}")]
     Refused {
-        code: &'static str,
+        code: OAuthCode,
         description: String,
     },
     /// A store failure: 503 or 500, never the wallet's fault.
@@ -42,7 +42,7 @@ pub enum WalletError {
 }
 
 impl WalletError {
-    fn refused(code: &'static str, description: impl Into<String>) -> Self {
+    fn refused(code: OAuthCode, description: impl Into<String>) -> Self {
         Self::Refused {
             code,
             description: description.into(),
@@ -157,11 +157,11 @@ impl WalletService {
         tx_code: Option<&str>,
     ) -> Result<WalletToken, WalletError> {
         let code = code.filter(|c| !c.is_empty()).ok_or_else(|| {
-            WalletError::refused("invalid_request", "pre-authorized_code is required")
+            WalletError::refused(OAuthCode::InvalidRequest, "pre-authorized_code is required")
         })?;
         let invalid_grant = || {
             WalletError::refused(
-                "invalid_grant",
+                OAuthCode::InvalidGrant,
                 "the pre-authorized code is invalid or expired",
             )
         };
@@ -178,7 +178,10 @@ impl WalletService {
             .ok_or_else(invalid_grant)?;
         if let Some(expected) = &issuance.tx_code_hash {
             let given = tx_code.filter(|t| !t.is_empty()).ok_or_else(|| {
-                WalletError::refused("invalid_request", "tx_code is required for this offer")
+                WalletError::refused(
+                    OAuthCode::InvalidRequest,
+                    "tx_code is required for this offer",
+                )
             })?;
             // The attempt is reserved before the comparison, in one conditional write: however
             // many guesses arrive at once, at most the cap of them is ever compared.
@@ -199,7 +202,7 @@ impl WalletService {
                     "wrong transaction code"
                 );
                 return Err(WalletError::refused(
-                    "invalid_grant",
+                    OAuthCode::InvalidGrant,
                     "the transaction code is wrong",
                 ));
             }
@@ -269,7 +272,7 @@ impl WalletService {
     fn wallet(&self, access_token: &str) -> Result<(TenantId, IssuanceId), WalletError> {
         self.tokens
             .verify_wallet(access_token)
-            .map_err(|e| WalletError::refused("invalid_token", e.0))
+            .map_err(|e| WalletError::refused(OAuthCode::InvalidToken, e.0))
     }
 
     /// Issues the credential for a credential request (1.0 or draft shape).
@@ -281,11 +284,14 @@ impl WalletService {
         let (tenant, id) = self.wallet(access_token)?;
         let now = self.clock.now();
         let issuance = self.store.get_issuance(tenant, id).await?.ok_or_else(|| {
-            WalletError::refused("invalid_token", "the access token's offer no longer exists")
+            WalletError::refused(
+                OAuthCode::InvalidToken,
+                "the access token's offer no longer exists",
+            )
         })?;
         if issuance.status != IssuanceStatus::Pending {
             return Err(WalletError::refused(
-                "invalid_credential_request",
+                OAuthCode::InvalidCredentialRequest,
                 "the credential of this offer was already issued, or the offer ended",
             ));
         }
@@ -301,20 +307,20 @@ impl WalletService {
             &ProofPolicy::new(self.credential_issuer.clone()),
             now,
         )
-        .map_err(|e| WalletError::refused(e.code.as_str(), e.message))?;
+        .map_err(|e| WalletError::refused(e.code.into(), e.message))?;
         let nonce = valid.nonce.ok_or_else(|| {
             WalletError::refused(
-                "invalid_proof",
+                OAuthCode::InvalidProof,
                 "the proof must carry a nonce from the nonce endpoint",
             )
         })?;
         let nonce_exp = self.check_nonce(&nonce, now).ok_or_else(|| {
-            WalletError::refused("invalid_nonce", "the nonce is unknown or expired")
+            WalletError::refused(OAuthCode::InvalidNonce, "the nonce is unknown or expired")
         })?;
         let nonce_hash = URL_SAFE_NO_PAD.encode(Sha256::digest(nonce.as_bytes()));
         if !self.store.use_nonce(tenant, &nonce_hash, nonce_exp).await? {
             return Err(WalletError::refused(
-                "invalid_nonce",
+                OAuthCode::InvalidNonce,
                 "the nonce was already used",
             ));
         }
@@ -336,7 +342,7 @@ impl WalletService {
             },
             &self.credential_key,
         )
-        .map_err(|e| WalletError::refused("invalid_proof", e.to_string()))?;
+        .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))?;
 
         let notification_id = random_token(16);
         let accept = Transition {
@@ -362,7 +368,7 @@ impl WalletService {
             // A concurrent request issued it, or the offer was cancelled: this copy is dropped.
             TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
                 Err(WalletError::refused(
-                    "invalid_credential_request",
+                    OAuthCode::InvalidCredentialRequest,
                     "the credential of this offer was already issued, or the offer ended",
                 ))
             }
@@ -372,7 +378,7 @@ impl WalletService {
     /// A wallet's notification about the credential it received.
     pub async fn notify(&self, access_token: &str, body: &Value) -> Result<(), WalletError> {
         let (tenant, id) = self.wallet(access_token)?;
-        let bad = |m: &str| WalletError::refused("invalid_notification_request", m);
+        let bad = |m: &str| WalletError::refused(OAuthCode::InvalidNotificationRequest, m);
         let notification_id = body
             .get("notification_id")
             .and_then(Value::as_str)
@@ -384,7 +390,7 @@ impl WalletService {
         let issuance = self.store.get_issuance(tenant, id).await?;
         if issuance.and_then(|i| i.notification_id).as_deref() != Some(notification_id) {
             return Err(WalletError::refused(
-                "invalid_notification_id",
+                OAuthCode::InvalidNotificationId,
                 "unknown notification_id",
             ));
         }
@@ -437,7 +443,7 @@ pub fn parse_credential_request(
     config: &CredentialConfiguration,
     body: &Value,
 ) -> Result<(RequestShape, String), WalletError> {
-    let bad = |m: &str| WalletError::refused("invalid_credential_request", m);
+    let bad = |m: &str| WalletError::refused(OAuthCode::InvalidCredentialRequest, m);
     let obj = body
         .as_object()
         .ok_or_else(|| bad("the body must be a JSON object"))?;
@@ -446,7 +452,7 @@ pub fn parse_credential_request(
         // `vc+sd-jwt` is the format name before SD-JWT VC draft 06.
         if format != config.format && !(config.format == "dc+sd-jwt" && format == "vc+sd-jwt") {
             return Err(WalletError::refused(
-                "unsupported_credential_format",
+                OAuthCode::UnsupportedCredentialFormat,
                 "this offer is for another credential format",
             ));
         }
@@ -455,7 +461,7 @@ pub fn parse_credential_request(
             .is_some_and(|v| v.as_str() != Some(config.vct.as_str()))
         {
             return Err(WalletError::refused(
-                "unsupported_credential_format",
+                OAuthCode::UnsupportedCredentialFormat,
                 "this offer is for another vct",
             ));
         }
@@ -468,13 +474,13 @@ pub fn parse_credential_request(
             Some(id) if id == config.id => RequestShape::V1,
             Some(_) => {
                 return Err(WalletError::refused(
-                    "unknown_credential_configuration",
+                    OAuthCode::UnknownCredentialConfiguration,
                     "this offer is for another credential configuration",
                 ));
             }
             None if obj.contains_key("credential_identifier") => {
                 return Err(WalletError::refused(
-                    "unknown_credential_identifier",
+                    OAuthCode::UnknownCredentialIdentifier,
                     "credential identifiers are not issued by this issuer; use credential_configuration_id",
                 ));
             }
@@ -484,12 +490,12 @@ pub fn parse_credential_request(
     let proof = match (obj.get("proofs"), obj.get("proof")) {
         (Some(_), Some(_)) => return Err(bad("send either proofs or proof, not both")),
         (Some(proofs), None) => {
-            let p = proofs
-                .as_object()
-                .ok_or_else(|| WalletError::refused("invalid_proof", "proofs must be an object"))?;
+            let p = proofs.as_object().ok_or_else(|| {
+                WalletError::refused(OAuthCode::InvalidProof, "proofs must be an object")
+            })?;
             if p.keys().any(|k| k != "jwt") {
                 return Err(WalletError::refused(
-                    "invalid_proof",
+                    OAuthCode::InvalidProof,
                     "only the jwt proof type is supported",
                 ));
             }
@@ -504,7 +510,7 @@ pub fn parse_credential_request(
         (None, Some(proof)) => {
             if proof.get("proof_type").and_then(Value::as_str) != Some("jwt") {
                 return Err(WalletError::refused(
-                    "invalid_proof",
+                    OAuthCode::InvalidProof,
                     "only the jwt proof type is supported",
                 ));
             }
@@ -512,8 +518,9 @@ pub fn parse_credential_request(
         }
         (None, None) => None,
     };
-    let proof = proof
-        .ok_or_else(|| WalletError::refused("invalid_proof", "a jwt key proof is required"))?;
+    let proof = proof.ok_or_else(|| {
+        WalletError::refused(OAuthCode::InvalidProof, "a jwt key proof is required")
+    })?;
     Ok((shape, proof))
 }
 

@@ -102,6 +102,15 @@ impl ProofErrorCode {
     }
 }
 
+impl From<ProofErrorCode> for issuer_domain::OAuthCode {
+    fn from(code: ProofErrorCode) -> Self {
+        match code {
+            ProofErrorCode::InvalidProof => Self::InvalidProof,
+            ProofErrorCode::InvalidNonce => Self::InvalidNonce,
+        }
+    }
+}
+
 impl std::fmt::Display for ProofErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

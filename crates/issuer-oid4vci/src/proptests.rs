@@ -4,7 +4,7 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
-use issuer_domain::catalog::Catalog;
+use issuer_domain::{OAuthCode, catalog::Catalog};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -101,12 +101,12 @@ fn proof_header() -> impl Strategy<Value = Value> {
         })
 }
 
-const CREDENTIAL_CODES: [&str; 5] = [
-    "invalid_credential_request",
-    "invalid_proof",
-    "unsupported_credential_format",
-    "unknown_credential_configuration",
-    "unknown_credential_identifier",
+const CREDENTIAL_CODES: [OAuthCode; 5] = [
+    OAuthCode::InvalidCredentialRequest,
+    OAuthCode::InvalidProof,
+    OAuthCode::UnsupportedCredentialFormat,
+    OAuthCode::UnknownCredentialConfiguration,
+    OAuthCode::UnknownCredentialIdentifier,
 ];
 
 proptest! {
