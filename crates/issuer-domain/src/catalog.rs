@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{error::FieldViolation, schema};
+use crate::{error::FieldViolation, schema::Schema};
 
 /// One credential configuration (OID4VCI `credential_configurations_supported` entry plus the
 /// payload schema).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CredentialConfiguration {
     pub id: String,
     /// Credential format, e.g. `dc+sd-jwt`.
@@ -21,16 +21,42 @@ pub struct CredentialConfiguration {
     /// OID4VCI display objects.
     #[serde(default)]
     pub display: Value,
-    /// JSON schema of the create request's `payload`.
+    /// JSON schema (2020-12) of the create request's `payload`.
     pub schema: Value,
+    /// `schema`, compiled when the catalog is built.
+    #[serde(skip)]
+    compiled: Option<Schema>,
+}
+
+impl PartialEq for CredentialConfiguration {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.id,
+            &self.format,
+            &self.vct,
+            &self.display,
+            &self.schema,
+        ) == (
+            &other.id,
+            &other.format,
+            &other.vct,
+            &other.display,
+            &other.schema,
+        )
+    }
 }
 
 impl CredentialConfiguration {
     /// Validates a payload; violations are reported under `payload.`.
     pub fn validate_payload(&self, payload: &Value) -> Vec<FieldViolation> {
-        let mut out = Vec::new();
-        schema::validate(&self.schema, payload, "payload", &mut out);
-        out
+        match &self.compiled {
+            Some(schema) => schema.validate(payload, "payload"),
+            // Only a configuration that never went through `Catalog::new` lacks it.
+            None => match Schema::compile(&self.schema, &self.id) {
+                Ok(schema) => schema.validate(payload, "payload"),
+                Err(e) => vec![FieldViolation::new("credential_configuration_id", e)],
+            },
+        }
     }
 }
 
@@ -41,11 +67,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Builds a catalog, refusing schemas the validator does not fully understand.
+    /// Builds a catalog, compiling each payload schema once; an invalid schema is refused.
     pub fn new(configs: Vec<CredentialConfiguration>) -> Result<Self, String> {
         let mut map = BTreeMap::new();
-        for c in configs {
-            schema::check_schema(&c.schema, &format!("{}.schema", c.id))?;
+        for mut c in configs {
+            c.compiled = Some(Schema::compile(&c.schema, &format!("{}.schema", c.id))?);
             if map.insert(c.id.clone(), c).is_some() {
                 return Err("duplicate credential configuration id".into());
             }
@@ -80,13 +106,16 @@ impl Catalog {
 
 /// `learcredential.employee.sd.1`: a LEARCredentialEmployee as an SD-JWT VC (DESIGN §7).
 fn lear_credential_employee() -> CredentialConfiguration {
-    let text = |max: u64| json!({"type": "string", "minLength": 1, "maxLength": max});
+    // Not blank: at least one character that is not white space.
+    let text =
+        |max: u64| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": "\\S"});
     let email = json!({"type": "string", "format": "email", "maxLength": 254});
     CredentialConfiguration {
         id: "learcredential.employee.sd.1".into(),
         format: "dc+sd-jwt".into(),
         vct: "learcredential.employee.sd.1".into(),
         display: json!([{"name": "LEAR Credential Employee", "locale": "en"}]),
+        compiled: None,
         schema: json!({
             "type": "object",
             "additionalProperties": false,

@@ -1,166 +1,78 @@
-//! A small JSON Schema validator for credential payload schemas.
+//! Payload schemas: JSON Schema 2020-12, compiled once when the catalog loads, by the
+//! `jsonschema` crate with remote and file references off (a schema refers only to itself,
+//! through `$ref` / `$defs`). An operator's catalog may use any keyword of the draft (`pattern`,
+//! `const`, `oneOf`, `minimum`, `format: date`, ...). `format: email` means a plain address, as
+//! the service accepts for offer emails (no display name or quoting).
 //!
-//! The catalog's schemas use a deliberately small subset of JSON Schema (2020-12 keywords):
-//! `type` (one name or a list), `properties`, `required`, `additionalProperties` (boolean),
-//! `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum` and `format: "email"`.
-//! Every violation names the exact field path (`payload.power[0].action`), which is what callers
-//! need to fix a request, and a schema that uses any other keyword is refused when the catalog
-//! is loaded rather than silently half-checked.
+//! Every violation names its exact field path (`payload.power[0].action`) and says what is wrong
+//! in words that never repeat the offending value: values are personal data, and refusals are
+//! logged.
 
+use std::sync::Arc;
+
+use jsonschema::{Draft, ValidationError, Validator, error::ValidationErrorKind};
 use serde_json::Value;
 
-use crate::{create::is_valid_email, error::FieldViolation};
+use crate::error::FieldViolation;
 
-const KEYWORDS: &[&str] = &[
-    "$schema",
-    "$id",
-    "title",
-    "description",
-    "type",
-    "properties",
-    "required",
-    "additionalProperties",
-    "items",
-    "minItems",
-    "maxItems",
-    "minLength",
-    "maxLength",
-    "enum",
-    "format",
-];
+/// A schema compiled for validation.
+#[derive(Clone)]
+pub struct Schema(Arc<Validator>);
 
-/// Checks that `schema` only uses supported keywords; returns the first offending path.
-pub fn check_schema(schema: &Value, path: &str) -> Result<(), String> {
-    let Some(obj) = schema.as_object() else {
-        return Err(format!("{path}: a schema must be an object"));
-    };
-    for (k, v) in obj {
-        if !KEYWORDS.contains(&k.as_str()) {
-            return Err(format!("{path}: unsupported schema keyword `{k}`"));
-        }
-        match k.as_str() {
-            "properties" => {
-                for (name, sub) in v
-                    .as_object()
-                    .ok_or(format!("{path}.properties: not an object"))?
-                {
-                    check_schema(sub, &format!("{path}.properties.{name}"))?;
-                }
-            }
-            "items" => check_schema(v, &format!("{path}.items"))?,
-            "format" if v != "email" => return Err(format!("{path}: unsupported format {v}")),
-            "additionalProperties" if !v.is_boolean() => {
-                return Err(format!("{path}: additionalProperties must be a boolean"));
-            }
-            _ => {}
-        }
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Schema")
     }
-    Ok(())
 }
 
-/// Validates `value` at `path` against `schema`, appending violations.
-pub fn validate(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldViolation>) {
-    if let Some(types) = schema.get("type") {
-        let names: Vec<&str> = match types {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-            _ => vec![],
-        };
-        if !names.iter().any(|t| type_matches(t, value)) {
-            out.push(FieldViolation::new(
-                path,
-                format!("must be {}", describe(&names)),
-            ));
-            return;
+impl Schema {
+    /// Compiles `schema`; an invalid one, or one that refers outside itself, is refused with
+    /// `path` (its place in the catalog) in the message.
+    pub fn compile(schema: &Value, path: &str) -> Result<Self, String> {
+        jsonschema::options()
+            .with_draft(Draft::Draft202012)
+            .should_validate_formats(true)
+            // A plain address (no display name, quoting or spaces), as offer emails need.
+            .with_format("email", crate::create::is_valid_email)
+            .build(schema)
+            .map(|v| Self(Arc::new(v)))
+            .map_err(|e| format!("{path}: invalid schema: {}", e.masked()))
+    }
+
+    /// The violations of `value`, reported under `root` (e.g. `payload`).
+    pub fn validate(&self, value: &Value, root: &str) -> Vec<FieldViolation> {
+        let mut out = Vec::new();
+        // No store keeps U+0000 in text (Postgres refuses it), and no credential needs it.
+        nul_strings(value, root, &mut out);
+        for e in self.0.iter_errors(value) {
+            violations(&e, value, root, &mut out);
+        }
+        out
+    }
+}
+
+/// The field path of a JSON pointer into `value`: `/power/0/action` under `payload` is
+/// `payload.power[0].action` (an index only where the value there is an array).
+fn field_path(pointer: &str, value: &Value, root: &str) -> String {
+    let mut path = root.to_owned();
+    let mut at = Some(value);
+    for raw in pointer.split('/').skip(1) {
+        let segment = raw.replace("~1", "/").replace("~0", "~");
+        match at {
+            Some(Value::Array(items)) => {
+                path.push_str(&format!("[{segment}]"));
+                at = segment.parse::<usize>().ok().and_then(|i| items.get(i));
+            }
+            _ => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(&segment);
+                at = at.and_then(|v| v.get(&segment));
+            }
         }
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
-    {
-        out.push(FieldViolation::new(
-            path,
-            format!("must be one of {}", Value::Array(allowed.clone())),
-        ));
-    }
-    match value {
-        Value::Object(obj) => {
-            let props = schema.get("properties").and_then(Value::as_object);
-            if let Some(required) = schema.get("required").and_then(Value::as_array) {
-                for name in required.iter().filter_map(Value::as_str) {
-                    let missing = match obj.get(name) {
-                        None | Some(Value::Null) => true,
-                        Some(Value::String(s)) => s.trim().is_empty(),
-                        _ => false,
-                    };
-                    if missing {
-                        out.push(FieldViolation::new(join(path, name), "is required"));
-                    }
-                }
-            }
-            let closed = schema.get("additionalProperties") == Some(&Value::Bool(false));
-            for (name, v) in obj {
-                match props.and_then(|p| p.get(name)) {
-                    Some(sub) => validate(sub, v, &join(path, name), out),
-                    None if closed => out.push(FieldViolation::new(
-                        join(path, name),
-                        "is not a known field",
-                    )),
-                    None => {}
-                }
-            }
-        }
-        Value::Array(items) => {
-            let len = items.len() as u64;
-            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
-                && len < min
-            {
-                out.push(FieldViolation::new(
-                    path,
-                    format!("must have at least {min} item(s)"),
-                ));
-            }
-            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
-                && len > max
-            {
-                out.push(FieldViolation::new(
-                    path,
-                    format!("must have at most {max} item(s)"),
-                ));
-            }
-            if let Some(sub) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    validate(sub, item, &format!("{path}[{i}]"), out);
-                }
-            }
-        }
-        Value::String(s) => {
-            // No store keeps U+0000 in text (Postgres refuses it), and no credential needs it.
-            if s.contains('\0') {
-                out.push(FieldViolation::new(path, "must not contain NUL characters"));
-            }
-            let len = s.chars().count() as u64;
-            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
-                && len < min
-            {
-                out.push(FieldViolation::new(
-                    path,
-                    format!("must be at least {min} character(s)"),
-                ));
-            }
-            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
-                && len > max
-            {
-                out.push(FieldViolation::new(
-                    path,
-                    format!("must be at most {max} characters"),
-                ));
-            }
-            if schema.get("format").and_then(Value::as_str) == Some("email") && !is_valid_email(s) {
-                out.push(FieldViolation::new(path, "must be a valid email address"));
-            }
-        }
-        _ => {}
-    }
+    path
 }
 
 fn join(path: &str, name: &str) -> String {
@@ -171,28 +83,85 @@ fn join(path: &str, name: &str) -> String {
     }
 }
 
-fn type_matches(name: &str, v: &Value) -> bool {
-    match name {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "boolean" => v.is_boolean(),
-        "number" => v.is_number(),
-        "integer" => v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.fract() == 0.0),
-        "null" => v.is_null(),
-        _ => false,
-    }
+fn violations(e: &ValidationError<'_>, value: &Value, root: &str, out: &mut Vec<FieldViolation>) {
+    let path = field_path(e.instance_path().as_str(), value, root);
+    let message = match e.kind() {
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            out.push(FieldViolation::new(join(&path, name), "is required"));
+            return;
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            for name in unexpected {
+                out.push(FieldViolation::new(
+                    join(&path, name),
+                    "is not a known field",
+                ));
+            }
+            return;
+        }
+        ValidationErrorKind::Type { kind } => {
+            let names: Vec<String> = match kind {
+                jsonschema::error::TypeKind::Single(t) => vec![t.to_string()],
+                jsonschema::error::TypeKind::Multiple(set) => {
+                    set.iter().map(|t| t.to_string()).collect()
+                }
+            };
+            format!("must be {}", describe(&names))
+        }
+        ValidationErrorKind::MinLength { limit } => {
+            format!("must be at least {limit} character(s)")
+        }
+        ValidationErrorKind::MaxLength { limit } => format!("must be at most {limit} characters"),
+        ValidationErrorKind::MinItems { limit } => format!("must have at least {limit} item(s)"),
+        ValidationErrorKind::MaxItems { limit } => format!("must have at most {limit} item(s)"),
+        ValidationErrorKind::Enum { options } => format!("must be one of {options}"),
+        ValidationErrorKind::Format { format } if format == "email" => {
+            "must be a valid email address".to_owned()
+        }
+        ValidationErrorKind::Pattern { pattern } if pattern == r"\S" => {
+            "must not be blank".to_owned()
+        }
+        // The library's own words, with the offending value masked.
+        _ => e.masked_with("the value").to_string(),
+    };
+    out.push(FieldViolation::new(path, message));
 }
 
-fn describe(names: &[&str]) -> String {
-    let with_article: Vec<String> = names
+fn describe(names: &[String]) -> String {
+    names
         .iter()
-        .map(|n| match *n {
+        .map(|n| match n.as_str() {
             "object" | "array" | "integer" => format!("an {n}"),
             other => format!("a {other}"),
         })
-        .collect();
-    with_article.join(" or ")
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+fn nul_strings(value: &Value, path: &str, out: &mut Vec<FieldViolation>) {
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            out.push(FieldViolation::new(path, "must not contain NUL characters"));
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                nul_strings(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(obj) => {
+            for (k, v) in obj {
+                if k.contains('\0') {
+                    out.push(FieldViolation::new(
+                        path,
+                        "must not contain NUL characters in field names",
+                    ));
+                }
+                nul_strings(v, &join(path, k), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -202,9 +171,10 @@ mod tests {
     use super::*;
 
     fn violations(schema: Value, value: Value) -> Vec<String> {
-        let mut out = Vec::new();
-        validate(&schema, &value, "payload", &mut out);
-        out.into_iter()
+        Schema::compile(&schema, "test")
+            .unwrap()
+            .validate(&value, "payload")
+            .into_iter()
             .map(|v| format!("{}: {}", v.field, v.message))
             .collect()
     }
@@ -215,8 +185,10 @@ mod tests {
             "a": {"type": "object", "required": ["b"], "properties": {"b": {"type": "string"}}},
             "list": {"type": "array", "items": {"type": ["string", "array"]}}
         }});
+        let mut got = violations(schema.clone(), json!({"a": {}, "list": ["x", 3]}));
+        got.sort();
         assert_eq!(
-            violations(schema.clone(), json!({"a": {}, "list": ["x", 3]})),
+            got,
             vec![
                 "payload.a.b: is required",
                 "payload.list[1]: must be a string or an array"
@@ -235,24 +207,76 @@ mod tests {
     }
 
     #[test]
-    fn blank_required_strings_are_missing() {
-        let schema = json!({"type": "object", "required": ["a"]});
+    fn blank_strings_fail_a_non_blank_pattern() {
+        let schema =
+            json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "\\S"}}});
         assert_eq!(
             violations(schema, json!({"a": "  "})),
-            vec!["payload.a: is required"]
+            vec!["payload.a: must not be blank"]
         );
     }
 
     #[test]
-    fn unsupported_keywords_are_refused() {
-        assert!(check_schema(&json!({"oneOf": []}), "s").is_err());
-        assert!(check_schema(&json!({"type": "string", "format": "uri"}), "s").is_err());
-        assert!(
-            check_schema(
-                &json!({"type": "object", "properties": {"a": {"type": "string"}}}),
-                "s"
-            )
-            .is_ok()
+    fn nul_characters_are_refused_anywhere() {
+        let schema = json!({"type": "object"});
+        assert_eq!(
+            violations(schema, json!({"a": ["x", "y\u{0}"]})),
+            vec!["payload.a[1]: must not contain NUL characters"]
         );
+    }
+
+    /// What an operator's catalog may now use: `$defs` / `$ref`, `pattern`, `const`, `oneOf`,
+    /// `minimum`, `format: date`, each violation at its exact path and without the value.
+    #[test]
+    fn the_whole_draft_is_available() {
+        let schema = json!({
+            "type": "object",
+            "$defs": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+            "properties": {
+                "unit": {"$ref": "#/$defs/code"},
+                "level": {"type": "integer", "minimum": 1},
+                "born": {"type": "string", "format": "date"},
+                "kind": {"const": "employee"},
+                "power": {"type": "array", "items": {"oneOf": [
+                    {"type": "object", "required": ["action"]},
+                    {"type": "string"}
+                ]}}
+            }
+        });
+        let got = violations(
+            schema.clone(),
+            json!({"unit": "secret-unit", "level": 0, "born": "1990-13-45", "kind": "x",
+                   "power": [{"action": "a"}, 5]}),
+        );
+        let fields: Vec<&str> = got.iter().map(|v| v.split(':').next().unwrap()).collect();
+        for f in [
+            "payload.unit",
+            "payload.level",
+            "payload.born",
+            "payload.kind",
+            "payload.power[1]",
+        ] {
+            assert!(fields.contains(&f), "{f} in {got:?}");
+        }
+        assert!(
+            got.iter()
+                .all(|v| !v.contains("secret-unit") && !v.contains("1990-13-45")),
+            "no value is repeated: {got:?}"
+        );
+        assert!(
+            violations(
+                schema,
+                json!({"unit": "ABC", "level": 2, "born": "1990-01-31", "kind": "employee",
+                       "power": [{"action": "a"}, "b"]})
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn invalid_schemas_and_outside_references_are_refused() {
+        assert!(Schema::compile(&json!({"type": "no-such-type"}), "s").is_err());
+        assert!(Schema::compile(&json!({"$ref": "https://example.com/schema.json"}), "s").is_err());
+        assert!(Schema::compile(&json!({"$ref": "file:///etc/passwd"}), "s").is_err());
     }
 }
