@@ -167,7 +167,7 @@ impl From<&IssuanceEvent> for EventView {
         Self {
             issuance_id: e.issuance_id.to_string(),
             sequence: e.sequence,
-            kind: e.kind.clone(),
+            kind: e.kind.as_str().to_owned(),
             status: e.status.as_str(),
             reason: e.reason.clone(),
             occurred_at: e.occurred_at,

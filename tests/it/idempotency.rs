@@ -111,7 +111,7 @@ async fn assert_one_created_event(app: &TestApp, creds: &Creds, issuance_id: &st
         "exactly one event for {issuance_id}: {events:?}"
     );
     assert_eq!(events[0].sequence, 1);
-    assert_eq!(events[0].kind, "created");
+    assert_eq!(events[0].kind.as_str(), "created");
     assert_eq!(events[0].status, IssuanceStatus::Pending);
     assert_eq!(events[0].issuance_id.to_string(), issuance_id);
 }

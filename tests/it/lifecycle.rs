@@ -42,7 +42,7 @@ async fn event_kinds(app: &TestApp, tenant: TenantId, id: IssuanceId) -> Vec<Str
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect()
 }
 

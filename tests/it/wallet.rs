@@ -195,7 +195,7 @@ async fn event_kinds(app: &TestApp, creds: &Creds, id: &str) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect()
 }
 

@@ -370,26 +370,74 @@ pub struct IssuanceEvent {
     pub sequence: i64,
     /// Assigned by the store; increases across all issuances.
     pub global_sequence: i64,
-    pub kind: String,
+    pub kind: EventKind,
     pub status: IssuanceStatus,
     pub reason: Option<String>,
     pub occurred_at: DateTime<Utc>,
 }
+/// What happened to an issuance: the kind of each event in its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Created,
+    OfferRetrieved,
+    Cancelled,
+    Expired,
+    TokenIssued,
+    CredentialIssued,
+    CredentialAccepted,
+    CredentialDeleted,
+    CredentialFailure,
+    EmailSent,
+    EmailFailed,
+}
 
-/// Event kinds written by this crate.
-pub mod event_kind {
-    pub const CREATED: &str = "created";
-    pub const OFFER_RETRIEVED: &str = "offer_retrieved";
-    pub const CANCELLED: &str = "cancelled";
-    pub const EXPIRED: &str = "expired";
-    pub const TOKEN_ISSUED: &str = "token_issued";
-    pub const TX_CODE_FAILED: &str = "tx_code_failed";
-    pub const CREDENTIAL_ISSUED: &str = "credential_issued";
-    pub const CREDENTIAL_ACCEPTED: &str = "credential_accepted";
-    pub const CREDENTIAL_DELETED: &str = "credential_deleted";
-    pub const CREDENTIAL_FAILURE: &str = "credential_failure";
-    pub const EMAIL_SENT: &str = "email_sent";
-    pub const EMAIL_FAILED: &str = "email_failed";
+impl EventKind {
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Created,
+        EventKind::OfferRetrieved,
+        EventKind::Cancelled,
+        EventKind::Expired,
+        EventKind::TokenIssued,
+        EventKind::CredentialIssued,
+        EventKind::CredentialAccepted,
+        EventKind::CredentialDeleted,
+        EventKind::CredentialFailure,
+        EventKind::EmailSent,
+        EventKind::EmailFailed,
+    ];
+
+    /// The word stored and shown (`type` of an event in the API).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::OfferRetrieved => "offer_retrieved",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Expired => "expired",
+            EventKind::TokenIssued => "token_issued",
+            EventKind::CredentialIssued => "credential_issued",
+            EventKind::CredentialAccepted => "credential_accepted",
+            EventKind::CredentialDeleted => "credential_deleted",
+            EventKind::CredentialFailure => "credential_failure",
+            EventKind::EmailSent => "email_sent",
+            EventKind::EmailFailed => "email_failed",
+        }
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown event kind `{s}`"))
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Reasons of `rejected` / `error` issuances.
@@ -416,7 +464,7 @@ pub struct Transition {
     /// The new status and reason; `None` records the event without a status change.
     pub to: Option<(IssuanceStatus, Option<String>)>,
     /// The event's kind.
-    pub kind: String,
+    pub kind: EventKind,
     pub at: DateTime<Utc>,
     /// Also marks the pre-authorized code redeemed; applies only while it is not yet.
     pub redeem_code: bool,
@@ -434,7 +482,7 @@ impl Transition {
         from: &[IssuanceStatus],
         to: IssuanceStatus,
         reason: Option<&str>,
-        kind: &str,
+        kind: EventKind,
         at: DateTime<Utc>,
     ) -> Self {
         Self {
@@ -444,11 +492,11 @@ impl Transition {
     }
 
     /// An event without a status change, recorded while the issuance is in one of `from`.
-    pub fn event(from: &[IssuanceStatus], kind: &str, at: DateTime<Utc>) -> Self {
+    pub fn event(from: &[IssuanceStatus], kind: EventKind, at: DateTime<Utc>) -> Self {
         Self {
             from: from.to_vec(),
             to: None,
-            kind: kind.to_owned(),
+            kind,
             at,
             redeem_code: false,
             retrieve_offer: false,
@@ -461,9 +509,9 @@ impl Transition {
     /// its outcome in the outbox, recorded whatever the issuance's status is by now.
     pub fn email(update: EmailUpdate, at: DateTime<Utc>) -> Self {
         let kind = if update.state == EmailState::Sent {
-            event_kind::EMAIL_SENT
+            EventKind::EmailSent
         } else {
-            event_kind::EMAIL_FAILED
+            EventKind::EmailFailed
         };
         Self {
             email: Some(update),
@@ -582,6 +630,14 @@ pub enum InsertOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_kinds_round_trip_through_their_words() {
+        for kind in EventKind::ALL {
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+        }
+        assert!("tx_code_guessed".parse::<EventKind>().is_err());
+    }
 
     fn fields(b: &Branding) -> Vec<String> {
         match b.validate() {

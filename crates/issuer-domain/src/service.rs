@@ -23,9 +23,8 @@ use crate::{
     error::{Error, ErrorCode, Result},
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
     model::{
-        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter, OfferPhase,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, event_kind,
-        reason,
+        EventKind, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter, OfferPhase,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, reason,
     },
     ports::{Clock, CodeSealer, EventNotifier, IdempotencyLock, LockAttempt, Store},
 };
@@ -287,7 +286,7 @@ impl IssuanceService {
             issuance_id: issuance.id,
             sequence: 1,
             global_sequence: 0,
-            kind: event_kind::CREATED.to_owned(),
+            kind: EventKind::Created,
             status: IssuanceStatus::Pending,
             reason: None,
             occurred_at: now,
@@ -422,7 +421,7 @@ impl IssuanceService {
             &[IssuanceStatus::Pending],
             IssuanceStatus::Rejected,
             Some(reason::CANCELLED),
-            event_kind::CANCELLED,
+            EventKind::Cancelled,
             self.clock.now(),
         );
         match self.store.transition(who.tenant_id, id, &t).await? {
@@ -464,7 +463,7 @@ impl IssuanceService {
                 &[IssuanceStatus::Pending],
                 IssuanceStatus::Rejected,
                 Some(reason::EXPIRED),
-                event_kind::EXPIRED,
+                EventKind::Expired,
                 now,
             );
             if let TransitionOutcome::Applied(_) = self.store.transition(tenant, id, &t).await? {
@@ -514,7 +513,7 @@ impl IssuanceService {
             // Only the first fetch is an event; every later one is a read.
             let retrieved = Transition {
                 retrieve_offer: true,
-                ..Transition::event(&[IssuanceStatus::Pending], event_kind::OFFER_RETRIEVED, now)
+                ..Transition::event(&[IssuanceStatus::Pending], EventKind::OfferRetrieved, now)
             };
             match self
                 .store

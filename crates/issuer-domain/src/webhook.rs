@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     ids::{IssuanceId, TenantId},
-    model::{Issuance, IssuanceEvent, IssuanceStatus, event_kind},
+    model::{EventKind, Issuance, IssuanceEvent, IssuanceStatus},
 };
 
 pub const ISSUANCE_ACCEPTED: &str = "issuance.accepted";
@@ -44,10 +44,18 @@ pub fn event_type(event: &IssuanceEvent, status_changed: bool) -> Option<&'stati
             IssuanceStatus::Pending => None,
         };
     }
-    match event.kind.as_str() {
-        event_kind::CREATED => Some(ISSUANCE_CREATED),
-        event_kind::OFFER_RETRIEVED => Some(ISSUANCE_OFFER_RETRIEVED),
-        _ => None,
+    match event.kind {
+        EventKind::Created => Some(ISSUANCE_CREATED),
+        EventKind::OfferRetrieved => Some(ISSUANCE_OFFER_RETRIEVED),
+        EventKind::Cancelled
+        | EventKind::Expired
+        | EventKind::TokenIssued
+        | EventKind::CredentialIssued
+        | EventKind::CredentialAccepted
+        | EventKind::CredentialDeleted
+        | EventKind::CredentialFailure
+        | EventKind::EmailSent
+        | EventKind::EmailFailed => None,
     }
 }
 

@@ -16,7 +16,7 @@ use issuer_domain::{
     Error, OAuthCode,
     catalog::{Catalog, CredentialConfiguration},
     ids::{IssuanceId, TenantId, random_token},
-    model::{IssuanceStatus, Transition, TransitionOutcome, event_kind, reason},
+    model::{EventKind, IssuanceStatus, Transition, TransitionOutcome, reason},
     ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
 };
@@ -209,7 +209,7 @@ impl WalletService {
         }
         let redeem = Transition {
             redeem_code: true,
-            ..Transition::event(&[IssuanceStatus::Pending], event_kind::TOKEN_ISSUED, now)
+            ..Transition::event(&[IssuanceStatus::Pending], EventKind::TokenIssued, now)
         };
         match self
             .store
@@ -351,7 +351,7 @@ impl WalletService {
                 &[IssuanceStatus::Pending],
                 IssuanceStatus::Accepted,
                 None,
-                event_kind::CREDENTIAL_ISSUED,
+                EventKind::CredentialIssued,
                 now,
             )
         };
@@ -398,20 +398,20 @@ impl WalletService {
         let accepted = [IssuanceStatus::Accepted];
         let t = match event {
             "credential_accepted" => {
-                Transition::event(&accepted, event_kind::CREDENTIAL_ACCEPTED, now)
+                Transition::event(&accepted, EventKind::CredentialAccepted, now)
             }
             "credential_deleted" => Transition::status(
                 &accepted,
                 IssuanceStatus::Rejected,
                 Some(reason::DECLINED),
-                event_kind::CREDENTIAL_DELETED,
+                EventKind::CredentialDeleted,
                 now,
             ),
             "credential_failure" => Transition::status(
                 &accepted,
                 IssuanceStatus::Error,
                 Some(reason::CREDENTIAL_FAILURE),
-                event_kind::CREDENTIAL_FAILURE,
+                EventKind::CredentialFailure,
                 now,
             ),
             _ => {

@@ -13,9 +13,9 @@ use issuer_domain::{
     ErrorCode,
     ids::{IssuanceId, TenantId, random_token},
     model::{
-        ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, InsertOutcome,
-        Issuance, IssuanceEvent, IssuanceStatus, ListFilter, PRE_AUTHORIZED_CODE_GRANT, RateLimit,
-        Scope, Tenant, Transition, TransitionOutcome, event_kind,
+        ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, EventKind,
+        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
+        PRE_AUTHORIZED_CODE_GRANT, RateLimit, Scope, Tenant, Transition, TransitionOutcome,
     },
     ports::Store,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -90,7 +90,7 @@ pub fn first_event(issuance: &Issuance) -> IssuanceEvent {
         issuance_id: issuance.id,
         sequence: 1,
         global_sequence: 0,
-        kind: event_kind::CREATED.to_owned(),
+        kind: EventKind::Created,
         status: issuance.status,
         reason: issuance.reason.clone(),
         occurred_at: issuance.created_at,
@@ -678,7 +678,7 @@ pub async fn first_event_written(store: &dyn Store) {
         ..event
     };
     assert_eq!(*ev, expected, "the stored event must be the one given");
-    assert_eq!(ev.kind, event_kind::CREATED);
+    assert_eq!(ev.kind, EventKind::Created);
     assert_eq!(ev.sequence, 1);
     assert!(
         store
@@ -1074,9 +1074,9 @@ pub async fn email_outbox(store: &dyn Store) {
     let history = events(store, tenant, mail.id).await;
     let last = history.last().unwrap();
     assert_eq!(
-        (last.kind.as_str(), last.status, last.reason.as_deref()),
+        (last.kind, last.status, last.reason.as_deref()),
         (
-            event_kind::EMAIL_FAILED,
+            EventKind::EmailFailed,
             IssuanceStatus::Pending,
             Some("smtp: connection refused")
         )
@@ -1104,10 +1104,7 @@ pub async fn email_outbox(store: &dyn Store) {
         (EmailState::Sent, 2, Some(trunc_micros(later)))
     );
     let last = events(store, tenant, mail.id).await.pop().unwrap();
-    assert_eq!(
-        (last.kind.as_str(), last.reason),
-        (event_kind::EMAIL_SENT, None)
-    );
+    assert_eq!((last.kind, last.reason), (EventKind::EmailSent, None));
     apply(store, tenant, mail.id, &cancel_at(later)).await;
     assert_eq!(
         email_rows(store, tenant, mail.id).await.unwrap().state,
@@ -1135,7 +1132,7 @@ fn cancel_at(at: DateTime<Utc>) -> Transition {
         &[IssuanceStatus::Pending],
         IssuanceStatus::Rejected,
         Some("cancelled"),
-        "cancelled",
+        EventKind::Cancelled,
         at,
     )
 }
@@ -1237,7 +1234,7 @@ pub async fn plain_event_keeps_status_and_payload(store: &dyn Store) {
     let stored = insert_new(store, &issuance, &event).await;
     let t = Transition::event(
         &[IssuanceStatus::Pending],
-        "offer_retrieved",
+        EventKind::OfferRetrieved,
         now_with_nanos(),
     );
     assert_eq!(
@@ -1410,7 +1407,7 @@ pub async fn concurrent_tx_code_attempts(store: Arc<dyn Store>, n: usize, max: i
 fn redeem(at: DateTime<Utc>) -> Transition {
     Transition {
         redeem_code: true,
-        ..Transition::event(&[IssuanceStatus::Pending], "token_issued", at)
+        ..Transition::event(&[IssuanceStatus::Pending], EventKind::TokenIssued, at)
     }
 }
 
@@ -1437,7 +1434,7 @@ pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store
             &[IssuanceStatus::Pending],
             IssuanceStatus::Accepted,
             None,
-            "credential_issued",
+            EventKind::CredentialIssued,
             now_with_nanos(),
         )
     };
@@ -1448,12 +1445,19 @@ pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store
     assert_eq!(accepted.notification_id.as_deref(), Some("n-1"));
     assert_eq!(accepted.code_redeemed_at, Some(trunc_micros(at)), "kept");
     assert_eq!(accepted.payload, None);
-    let kinds: Vec<String> = events(store, tenant, issuance.id)
+    let kinds: Vec<EventKind> = events(store, tenant, issuance.id)
         .await
         .into_iter()
         .map(|e| e.kind)
         .collect();
-    assert_eq!(kinds, ["created", "token_issued", "credential_issued"]);
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Created,
+            EventKind::TokenIssued,
+            EventKind::CredentialIssued
+        ]
+    );
 }
 
 /// A nonce is accepted once in the whole issuer; expired ones can be purged.
@@ -1601,7 +1605,7 @@ pub async fn webhook_outbox_follows_events(store: &dyn Store) {
         issuance.id,
         &Transition::event(
             &[IssuanceStatus::Pending],
-            "offer_retrieved",
+            EventKind::OfferRetrieved,
             now_with_nanos(),
         ),
     )
@@ -1862,7 +1866,7 @@ pub async fn retention_purges_ended_issuances_and_everything_of_theirs(store: &d
             &[IssuanceStatus::Pending],
             IssuanceStatus::Rejected,
             Some("cancelled"),
-            "cancelled",
+            EventKind::Cancelled,
             at,
         )
     };

@@ -245,7 +245,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     .bind(issuance.code_redeemed_at.map(trunc_micros))
     .bind(&issuance.notification_id)
     .bind(event.sequence)
-    .bind(&event.kind)
+    .bind(event.kind.as_str())
     .bind(event.status.as_str())
     .bind(&event.reason)
     .bind(trunc_micros(event.occurred_at))
@@ -321,7 +321,7 @@ impl<'a> Columns<'a> {
             .push(i.code_redeemed_at.map(trunc_micros));
         self.notification_id.push(i.notification_id.as_deref());
         self.ev_sequence.push(e.sequence);
-        self.ev_kind.push(&e.kind);
+        self.ev_kind.push(e.kind.as_str());
         self.ev_status.push(e.status.as_str());
         self.ev_reason.push(e.reason.as_deref());
         self.ev_occurred_at.push(trunc_micros(e.occurred_at));

@@ -686,7 +686,7 @@ impl Store for PgStore {
         ))
         .bind(tenant.0)
         .bind(id.0)
-        .bind(&t.kind)
+        .bind(t.kind.as_str())
         .bind(event_status.as_str())
         .bind(event_reason)
         .bind(trunc_micros(t.at))

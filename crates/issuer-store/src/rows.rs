@@ -11,8 +11,8 @@ use issuer_domain::{
     Error, ErrorCode,
     ids::{IssuanceId, TenantId},
     model::{
-        ApiClient, Branding, Delivery, EmailDelivery, Issuance, IssuanceEvent, IssuanceStatus,
-        RateLimit, Scope, StoreGauges, Tenant, Transition,
+        ApiClient, Branding, Delivery, EmailDelivery, EventKind, Issuance, IssuanceEvent,
+        IssuanceStatus, RateLimit, Scope, StoreGauges, Tenant, Transition,
     },
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
@@ -349,7 +349,7 @@ pub(crate) fn event(row: &impl RowAccess) -> Result<IssuanceEvent, Error> {
             issuance_id: IssuanceId(row.uuid("issuance_id")?),
             sequence: row.int("sequence")?,
             global_sequence: row.int("global_sequence")?,
-            kind: row.text("kind")?,
+            kind: row.parsed::<EventKind>("kind")?,
             status: row.parsed::<IssuanceStatus>("status")?,
             reason: row.opt_text("reason")?,
             occurred_at: row.time("occurred_at")?,
