@@ -354,7 +354,7 @@ impl Issuance {
             _ if self.code_redeemed_at.is_some() => OfferPhase::Used,
             IssuanceStatus::Pending if self.expires_at > now => OfferPhase::Open,
             IssuanceStatus::Pending => OfferPhase::Expired,
-            _ if self.reason.as_deref() == Some(reason::EXPIRED) => OfferPhase::Expired,
+            _ if self.reason.as_deref() == Some(Reason::Expired.as_str()) => OfferPhase::Expired,
             IssuanceStatus::Accepted => OfferPhase::Used,
             IssuanceStatus::Rejected | IssuanceStatus::Error => OfferPhase::Withdrawn,
         }
@@ -440,12 +440,25 @@ impl fmt::Display for EventKind {
     }
 }
 
-/// Reasons of `rejected` / `error` issuances.
-pub mod reason {
-    pub const EXPIRED: &str = "expired";
-    pub const CANCELLED: &str = "cancelled";
-    pub const DECLINED: &str = "declined";
-    pub const CREDENTIAL_FAILURE: &str = "credential_failure";
+/// Why an issuance is `rejected` or `error`: the reason a status change records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Expired,
+    Cancelled,
+    Declined,
+    CredentialFailure,
+}
+
+impl Reason {
+    /// The word stored and shown (`reason` in the API and webhooks).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Expired => "expired",
+            Reason::Cancelled => "cancelled",
+            Reason::Declined => "declined",
+            Reason::CredentialFailure => "credential_failure",
+        }
+    }
 }
 
 impl IssuanceStatus {
@@ -481,12 +494,12 @@ impl Transition {
     pub fn status(
         from: &[IssuanceStatus],
         to: IssuanceStatus,
-        reason: Option<&str>,
+        reason: Option<Reason>,
         kind: EventKind,
         at: DateTime<Utc>,
     ) -> Self {
         Self {
-            to: Some((to, reason.map(str::to_owned))),
+            to: Some((to, reason.map(|r| r.as_str().to_owned()))),
             ..Self::event(from, kind, at)
         }
     }

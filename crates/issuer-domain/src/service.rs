@@ -24,7 +24,7 @@ use crate::{
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
     model::{
         EventKind, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter, OfferPhase,
-        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant, Transition, TransitionOutcome, reason,
+        PRE_AUTHORIZED_CODE_GRANT, Reason, Scope, Tenant, Transition, TransitionOutcome,
     },
     ports::{Clock, CodeSealer, EventNotifier, IdempotencyLock, LockAttempt, Store},
 };
@@ -420,7 +420,7 @@ impl IssuanceService {
         let t = Transition::status(
             &[IssuanceStatus::Pending],
             IssuanceStatus::Rejected,
-            Some(reason::CANCELLED),
+            Some(Reason::Cancelled),
             EventKind::Cancelled,
             self.clock.now(),
         );
@@ -432,7 +432,7 @@ impl IssuanceService {
             }
             TransitionOutcome::Skipped(i)
                 if i.status == IssuanceStatus::Rejected
-                    && i.reason.as_deref() == Some(reason::CANCELLED) =>
+                    && i.reason.as_deref() == Some(Reason::Cancelled.as_str()) =>
             {
                 Ok(i)
             }
@@ -462,7 +462,7 @@ impl IssuanceService {
             let t = Transition::status(
                 &[IssuanceStatus::Pending],
                 IssuanceStatus::Rejected,
-                Some(reason::EXPIRED),
+                Some(Reason::Expired),
                 EventKind::Expired,
                 now,
             );

@@ -16,7 +16,7 @@ use issuer_domain::{
     Error, OAuthCode,
     catalog::{Catalog, CredentialConfiguration},
     ids::{IssuanceId, TenantId, random_token},
-    model::{EventKind, IssuanceStatus, Transition, TransitionOutcome, reason},
+    model::{EventKind, IssuanceStatus, Reason, Transition, TransitionOutcome},
     ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
 };
@@ -403,14 +403,14 @@ impl WalletService {
             "credential_deleted" => Transition::status(
                 &accepted,
                 IssuanceStatus::Rejected,
-                Some(reason::DECLINED),
+                Some(Reason::Declined),
                 EventKind::CredentialDeleted,
                 now,
             ),
             "credential_failure" => Transition::status(
                 &accepted,
                 IssuanceStatus::Error,
-                Some(reason::CREDENTIAL_FAILURE),
+                Some(Reason::CredentialFailure),
                 EventKind::CredentialFailure,
                 now,
             ),

@@ -15,7 +15,7 @@ use issuer_domain::{
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, EventKind,
         InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, RateLimit, Scope, Tenant, Transition, TransitionOutcome,
+        PRE_AUTHORIZED_CODE_GRANT, RateLimit, Reason, Scope, Tenant, Transition, TransitionOutcome,
     },
     ports::Store,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -1131,7 +1131,7 @@ fn cancel_at(at: DateTime<Utc>) -> Transition {
     Transition::status(
         &[IssuanceStatus::Pending],
         IssuanceStatus::Rejected,
-        Some("cancelled"),
+        Some(Reason::Cancelled),
         EventKind::Cancelled,
         at,
     )
@@ -1865,7 +1865,7 @@ pub async fn retention_purges_ended_issuances_and_everything_of_theirs(store: &d
         Transition::status(
             &[IssuanceStatus::Pending],
             IssuanceStatus::Rejected,
-            Some("cancelled"),
+            Some(Reason::Cancelled),
             EventKind::Cancelled,
             at,
         )
