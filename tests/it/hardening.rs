@@ -440,15 +440,7 @@ async fn client_budget(app: &TestApp) {
     let res = list(&other).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK, "another tenant's client");
     assert!(header(&res, "ratelimit-policy").starts_with("\"client\";q=400;"));
-    let metrics = app
-        .http
-        .get(app.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(r#"issuer_rate_limited_total{class="management"}"#)
             && metrics.contains(r#"issuer_rate_limited_total{class="token"}"#),
@@ -874,15 +866,7 @@ async fn ended_issuances_are_purged(app: &TestApp) {
         app.get_rest(&token, &pending_id).await.status(),
         StatusCode::OK
     );
-    let metrics = app
-        .http
-        .get(app.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(r#"issuer_retention_purged_total{kind="issuances"}"#)
             && metrics.contains(r#"issuer_retention_purged_total{kind="events"}"#),

@@ -180,6 +180,18 @@ impl TestApp {
         format!("http://{addr}/metrics")
     }
 
+    /// One scrape of the metrics listener, as text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.metrics_url())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A new tenant with one client holding `scopes`.
     pub async fn provision(&self, scopes: &[Scope]) -> Creds {
         let tenant = admin::create_tenant(&self.app, "test tenant")

@@ -270,16 +270,6 @@ async fn anonymous_input_cannot_grow_the_series_and_the_public_port_hides_them()
             .filter(|l| l.starts_with("issuer_http_requests_total"))
             .count()
     };
-    let scrape = || async {
-        app.http
-            .get(app.metrics_url())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     let send = |i: usize| {
         let method = reqwest::Method::from_bytes(format!("X{i}Y").as_bytes()).unwrap();
         app.http
@@ -295,7 +285,7 @@ async fn anonymous_input_cannot_grow_the_series_and_the_public_port_hides_them()
             .await
             .unwrap();
     }
-    let before = scrape().await;
+    let before = app.metrics_text().await;
     for i in 3..203 {
         send(i).await.unwrap();
         app.http
@@ -304,7 +294,7 @@ async fn anonymous_input_cannot_grow_the_series_and_the_public_port_hides_them()
             .await
             .unwrap();
     }
-    let after = scrape().await;
+    let after = app.metrics_text().await;
     assert_eq!(series(&before), series(&after), "{after}");
     assert!(
         after.contains(r#"method="other""#) && after.contains(r#"route="other""#),

@@ -51,9 +51,7 @@ impl RedisLock {
             release: Script::new(RELEASE),
         })
     }
-}
 
-impl RedisLock {
     /// The connection, for other users of the same Redis (rate limits).
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
