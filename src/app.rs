@@ -12,6 +12,7 @@ use issuer_coordination::{
 };
 use issuer_domain::{
     catalog::Catalog,
+    lifecycle::Lifecycle,
     ports::{Clock, CodeSealer, IdempotencyLock, Store, SystemClock},
     service::{IdempotencySettings, IssuancePorts, IssuanceService},
 };
@@ -32,6 +33,8 @@ pub struct App {
     pub hasher: SecretHasher,
     pub clock: Arc<dyn Clock>,
     pub issuances: IssuanceService,
+    /// Plans and applies changes of issuances (the workers' way to change one).
+    pub lifecycle: Lifecycle,
     /// Announces new events to watchers on every replica.
     pub hub: Arc<EventHub>,
     pub sealer: Arc<dyn CodeSealer>,
@@ -165,6 +168,7 @@ impl App {
             },
         );
         Ok(Self {
+            lifecycle: Lifecycle::new(store.clone(), hub.clone()),
             hasher: SecretHasher::new(&secret),
             settings,
             store,

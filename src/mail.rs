@@ -13,8 +13,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use issuer_domain::{
     Error,
-    model::{Branding, EmailDelivery, EmailState, EmailUpdate, Issuance, OfferPhase, Transition},
-    ports::EventNotifier,
+    lifecycle::{Command, EmailUpdate, Executed, OfferPhase},
+    model::{Branding, EmailDelivery, EmailState, Issuance},
 };
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
@@ -431,13 +431,21 @@ async fn attempt(app: &App, delivery: EmailDelivery) {
         EmailState::Failed | EmailState::Cancelled => "failed",
     });
     match app
-        .store
-        .transition(tenant_id, issuance_id, &Transition::email(update, now))
+        .lifecycle
+        .execute(
+            tenant_id,
+            issuance_id,
+            Some(issuance),
+            &Command::EmailOutcome(update),
+            now,
+        )
         .await
     {
-        Ok(_) => {
+        Ok(Executed::Applied(_)) => {
             tracing::info!(%tenant_id, %issuance_id, state = state.as_str(), attempt = delivery.attempts + 1, "offer email attempt recorded");
-            app.hub.notify(tenant_id, issuance_id);
+        }
+        Ok(_) => {
+            tracing::info!(%tenant_id, %issuance_id, "another mailer took the email over; this attempt's outcome is dropped");
         }
         Err(e) => {
             tracing::warn!(error = %e.chain(), %issuance_id, "recording an email attempt failed; the lease will expire");

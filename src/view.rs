@@ -133,7 +133,7 @@ impl IssuanceView {
             client_request_id: i.client_request_id.clone(),
             credential_configuration_id: i.credential_configuration_id.clone(),
             status: i.status.as_str(),
-            reason: i.reason.clone(),
+            reason: i.reason.map(|r| r.as_str().to_owned()),
             credential_offer_uri: who
                 .scopes
                 .contains(&Scope::IssuanceWrite)

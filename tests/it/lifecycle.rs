@@ -181,7 +181,7 @@ async fn an_issuance_expires_on_time_with_nobody_reading_it() {
         IssuanceStatus::Rejected,
         "expired within 5 s of creation"
     );
-    assert_eq!(row.reason.as_deref(), Some("expired"));
+    assert_eq!(row.reason.map(|r| r.as_str()), Some("expired"));
     assert_eq!(row.payload, None);
     assert_eq!(event_kinds(&app, tenant, id).await, ["created", "expired"]);
 
@@ -258,7 +258,7 @@ async fn the_embedded_default_expires_too() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (row.status, row.reason.as_deref()),
+        (row.status, row.reason.map(|r| r.as_str())),
         (IssuanceStatus::Rejected, Some("expired"))
     );
 }

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod create;
 pub mod error;
 pub mod ids;
+pub mod lifecycle;
 pub mod model;
 pub mod ports;
 pub mod schema;

@@ -307,7 +307,11 @@ pub struct Issuance {
     pub request_fingerprint: String,
     pub credential_configuration_id: String,
     pub status: IssuanceStatus,
-    pub reason: Option<String>,
+    /// Why it is `rejected` or `error`.
+    pub reason: Option<Reason>,
+    /// The sequence of its last event: every change adds one, and a store applies a change
+    /// only while the version it was planned from is still current.
+    pub version: i64,
     /// The credential subject data; `None` once purged (terminal issuances).
     pub payload: Option<Value>,
     pub delivery: Delivery,
@@ -333,32 +337,6 @@ pub struct Issuance {
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-/// Where an issuance's offer stands for whoever holds its link. The one rule that the offer
-/// endpoint, the landing page, the QR endpoint and the mailer all follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OfferPhase {
-    /// Redeemable: pending, unexpired, its code not yet redeemed.
-    Open,
-    Expired,
-    /// A wallet redeemed the code (and holds a token or the credential).
-    Used,
-    /// Cancelled by the issuer, or ended without a credential.
-    Withdrawn,
-}
-
-impl Issuance {
-    pub fn offer_phase(&self, now: DateTime<Utc>) -> OfferPhase {
-        match self.status {
-            _ if self.code_redeemed_at.is_some() => OfferPhase::Used,
-            IssuanceStatus::Pending if self.expires_at > now => OfferPhase::Open,
-            IssuanceStatus::Pending => OfferPhase::Expired,
-            _ if self.reason.as_deref() == Some(Reason::Expired.as_str()) => OfferPhase::Expired,
-            IssuanceStatus::Accepted => OfferPhase::Used,
-            IssuanceStatus::Rejected | IssuanceStatus::Error => OfferPhase::Withdrawn,
-        }
-    }
 }
 
 /// One entry of an issuance's event log (the transactional outbox of DESIGN §6).
@@ -450,6 +428,13 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::Expired,
+        Reason::Cancelled,
+        Reason::Declined,
+        Reason::CredentialFailure,
+    ];
+
     /// The word stored and shown (`reason` in the API and webhooks).
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -461,75 +446,35 @@ impl Reason {
     }
 }
 
+impl FromStr for Reason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown reason `{s}`"))
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a wallet reports about the credential it received (OID4VCI §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WalletEvent {
+    Accepted,
+    Deleted,
+    Failure,
+}
+
 impl IssuanceStatus {
     /// Only a pending issuance still needs its payload (to issue the credential); every other
     /// status purges it.
     pub fn keeps_payload(self) -> bool {
         self == IssuanceStatus::Pending
-    }
-}
-
-/// A state change (or, with `to: None`, a plain event) applied atomically with its event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Transition {
-    /// Applies only while the issuance is in one of these statuses.
-    pub from: Vec<IssuanceStatus>,
-    /// The new status and reason; `None` records the event without a status change.
-    pub to: Option<(IssuanceStatus, Option<String>)>,
-    /// The event's kind.
-    pub kind: EventKind,
-    pub at: DateTime<Utc>,
-    /// Also marks the pre-authorized code redeemed; applies only while it is not yet.
-    pub redeem_code: bool,
-    /// Also marks the offer retrieved; applies only while it is not yet (the first fetch).
-    pub retrieve_offer: bool,
-    /// Also stores the notification id handed to the wallet.
-    pub notification_id: Option<String>,
-    /// Also records an attempt in the issuance's email outbox row.
-    pub email: Option<EmailUpdate>,
-}
-
-impl Transition {
-    /// A status change from any of `from`.
-    pub fn status(
-        from: &[IssuanceStatus],
-        to: IssuanceStatus,
-        reason: Option<Reason>,
-        kind: EventKind,
-        at: DateTime<Utc>,
-    ) -> Self {
-        Self {
-            to: Some((to, reason.map(|r| r.as_str().to_owned()))),
-            ..Self::event(from, kind, at)
-        }
-    }
-
-    /// An event without a status change, recorded while the issuance is in one of `from`.
-    pub fn event(from: &[IssuanceStatus], kind: EventKind, at: DateTime<Utc>) -> Self {
-        Self {
-            from: from.to_vec(),
-            to: None,
-            kind,
-            at,
-            redeem_code: false,
-            retrieve_offer: false,
-            notification_id: None,
-            email: None,
-        }
-    }
-
-    /// An email attempt's event (`email_sent` or `email_failed`, the error as its reason) and
-    /// its outcome in the outbox, recorded whatever the issuance's status is by now.
-    pub fn email(update: EmailUpdate, at: DateTime<Utc>) -> Self {
-        let kind = if update.state == EmailState::Sent {
-            EventKind::EmailSent
-        } else {
-            EventKind::EmailFailed
-        };
-        Self {
-            email: Some(update),
-            ..Self::event(&IssuanceStatus::ALL, kind, at)
-        }
     }
 }
 
@@ -601,27 +546,6 @@ pub struct StoreGauges {
     pub pool_max: u32,
 }
 
-/// The outcome of one email attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmailUpdate {
-    /// The lease the attempt ran under (the claimed row's `next_attempt_at`).
-    pub claimed_until: DateTime<Utc>,
-    pub state: EmailState,
-    /// When `state` is `Pending`: the next attempt.
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    pub error: Option<String>,
-}
-
-/// What applying a transition did.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TransitionOutcome {
-    /// Applied; the issuance as it is now (payload purged when it left `pending`).
-    Applied(Issuance),
-    /// The issuance is in a status the transition does not apply to; nothing changed.
-    Skipped(Issuance),
-    NotFound,
-}
-
 /// Filter and page of a list request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {
@@ -645,11 +569,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_kinds_round_trip_through_their_words() {
+    fn event_kinds_and_reasons_round_trip_through_their_words() {
         for kind in EventKind::ALL {
             assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
         }
         assert!("tx_code_guessed".parse::<EventKind>().is_err());
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+        }
+        assert!("bored".parse::<Reason>().is_err());
     }
 
     fn fields(b: &Branding) -> Vec<String> {

@@ -11,9 +11,10 @@ use uuid::Uuid;
 use crate::{
     error::Result,
     ids::{IssuanceId, TenantId},
+    lifecycle::{Transition, TransitionOutcome, TxCodeAttempt},
     model::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
-        Purged, RateLimit, StoreGauges, Tenant, Transition, TransitionOutcome,
+        Purged, RateLimit, StoreGauges, Tenant,
     },
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
@@ -73,15 +74,11 @@ pub trait Store: Send + Sync + 'static {
     /// The issuance whose pre-authorized code hashes to `code_hash`.
     async fn find_issuance_by_code_hash(&self, code_hash: &str) -> Result<Option<Issuance>>;
     /// Reserves one transaction-code attempt before the code is compared: counts it atomically
-    /// when fewer than `max_attempts` were made and the code is still open (pending, not
-    /// redeemed), and returns the count after it; `None` when the budget is spent or the code
-    /// is closed. Of any number of concurrent callers, at most `max_attempts` in all get `Some`.
-    async fn reserve_tx_code_attempt(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        max_attempts: i64,
-    ) -> Result<Option<i64>>;
+    /// while the issuance still has `attempt.version` and fewer than `attempt.max_attempts`
+    /// were made, and returns the count after it; `None` otherwise. Of any number of concurrent
+    /// callers, at most `max_attempts` in all get `Some`. The count is no change of state: the
+    /// version stays.
+    async fn reserve_tx_code_attempt(&self, attempt: &TxCodeAttempt) -> Result<Option<i64>>;
     /// Marks a nonce used by `tenant`; `false` when it was used before, in any tenant: nonces
     /// are issued for the whole issuer.
     async fn use_nonce(
@@ -97,19 +94,13 @@ pub trait Store: Send + Sync + 'static {
     /// one transaction; returns what it deleted. Concurrent callers (replicas) take disjoint
     /// issuances, and an issuance changing at that moment is left for the next pass.
     async fn purge_ended(&self, ended_before: DateTime<Utc>, limit: u32) -> Result<Purged>;
-    /// Applies `transition` if the issuance is in one of its `from` statuses: updates status,
-    /// reason and `updated_at`, purges the payload when the new status does not keep it, and
-    /// appends the event with the next sequence, all in one transaction. Concurrent transitions
-    /// of one issuance serialize; only those whose `from` still matches apply. A status change
-    /// out of `pending` cancels a pending email. With `transition.email`, the email outbox row
-    /// is updated too, only while it is still pending under the attempt's lease
-    /// (`claimed_until`); otherwise nothing is written and the outcome is `Skipped`.
-    async fn transition(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        transition: &Transition,
-    ) -> Result<TransitionOutcome>;
+    /// Applies a transition planned by the lifecycle (`Issuance::plan`), all or nothing, in one
+    /// transaction: writes the issuance as `transition.after`, appends `transition.event`,
+    /// applies its email change and queues its webhook for every matching enabled endpoint —
+    /// only while the stored issuance still has `transition.expected_version` (otherwise
+    /// `Stale`) and, for an email attempt, while the email row is still pending under the
+    /// attempt's lease (otherwise `EmailLeaseLost`). The store decides no rule.
+    async fn transition(&self, transition: &Transition) -> Result<TransitionOutcome>;
     /// Pending issuances whose `expires_at` is at or before `now`, oldest first, at most `limit`.
     async fn overdue_pending(
         &self,

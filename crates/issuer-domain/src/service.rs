@@ -22,9 +22,10 @@ use crate::{
     create::ValidCreate,
     error::{Error, ErrorCode, Result},
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
+    lifecycle::{Command, Executed, Lifecycle, OfferPhase},
     model::{
-        EventKind, InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter, OfferPhase,
-        PRE_AUTHORIZED_CODE_GRANT, Reason, Scope, Tenant, Transition, TransitionOutcome,
+        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
+        PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant,
     },
     ports::{Clock, CodeSealer, EventNotifier, IdempotencyLock, LockAttempt, Store},
 };
@@ -107,6 +108,7 @@ pub struct IssuanceService {
     idempotency: IdempotencySettings,
     tenants: Mutex<HashMap<TenantId, (Tenant, DateTime<Utc>)>>,
     notifier: Arc<dyn EventNotifier>,
+    lifecycle: Lifecycle,
 }
 
 /// How long tenant settings are cached per instance, and how many.
@@ -137,6 +139,7 @@ impl IssuanceService {
             notifier,
         } = ports;
         Self {
+            lifecycle: Lifecycle::new(store.clone(), notifier.clone()),
             store,
             lock,
             sealer,
@@ -265,6 +268,7 @@ impl IssuanceService {
             credential_configuration_id: request.credential_configuration_id,
             status: IssuanceStatus::Pending,
             reason: None,
+            version: 1,
             payload: Some(request.payload),
             delivery: request.delivery,
             email: request.email.map(|e| e.as_str().to_owned()),
@@ -281,17 +285,11 @@ impl IssuanceService {
             created_at: now,
             updated_at: now,
         };
-        let event = IssuanceEvent {
-            tenant_id: issuance.tenant_id,
-            issuance_id: issuance.id,
-            sequence: 1,
-            global_sequence: 0,
-            kind: EventKind::Created,
-            status: IssuanceStatus::Pending,
-            reason: None,
-            occurred_at: now,
-        };
-        match self.store.insert_issuance(&issuance, &event).await? {
+        match self
+            .store
+            .insert_issuance(&issuance, &issuance.created_event())
+            .await?
+        {
             InsertOutcome::Inserted(stored) => {
                 self.notifier.notify(stored.tenant_id, stored.id);
                 tracing::info!(
@@ -335,8 +333,7 @@ impl IssuanceService {
         };
         match issuance.offer_phase(self.clock.now()) {
             OfferPhase::Open => Ok(self.credential_offer_uri(&issuance)),
-            OfferPhase::Expired => closed("the offer has expired"),
-            OfferPhase::Used => closed("the offer has been redeemed by a wallet"),
+            phase @ (OfferPhase::Expired | OfferPhase::Used) => closed(phase.describe()),
             OfferPhase::Withdrawn => closed(&format!(
                 "the offer is closed: the issuance is `{}`",
                 issuance.status.as_str()
@@ -417,38 +414,27 @@ impl IssuanceService {
         let Ok(id) = id.parse::<IssuanceId>() else {
             return Err(Error::not_found("issuance"));
         };
-        let t = Transition::status(
-            &[IssuanceStatus::Pending],
-            IssuanceStatus::Rejected,
-            Some(Reason::Cancelled),
-            EventKind::Cancelled,
-            self.clock.now(),
-        );
-        match self.store.transition(who.tenant_id, id, &t).await? {
-            TransitionOutcome::Applied(i) => {
-                self.notifier.notify(i.tenant_id, i.id);
+        let now = self.clock.now();
+        match self
+            .lifecycle
+            .execute(who.tenant_id, id, None, &Command::Cancel, now)
+            .await?
+        {
+            Executed::Applied(i) => {
                 tracing::info!(tenant_id = %i.tenant_id, issuance_id = %i.id, "issuance cancelled");
                 Ok(i)
             }
-            TransitionOutcome::Skipped(i)
-                if i.status == IssuanceStatus::Rejected
-                    && i.reason.as_deref() == Some(Reason::Cancelled.as_str()) =>
-            {
-                Ok(i)
-            }
-            TransitionOutcome::Skipped(i) => Err(Error::new(
+            Executed::Unchanged(i) => Ok(i),
+            Executed::Refused(i, _) => Err(Error::new(
                 ErrorCode::InvalidState,
                 format!(
                     "the issuance is {}{} and can no longer be cancelled",
                     i.status,
-                    i.reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
+                    i.reason.map(|r| format!(" ({r})")).unwrap_or_default()
                 ),
             )
             .with("status", i.status.as_str())),
-            TransitionOutcome::NotFound => Err(Error::not_found("issuance")),
+            Executed::NotFound => Err(Error::not_found("issuance")),
         }
     }
 
@@ -459,15 +445,11 @@ impl IssuanceService {
         let now = self.clock.now();
         let mut expired = 0;
         for (tenant, id) in self.store.overdue_pending(now, limit).await? {
-            let t = Transition::status(
-                &[IssuanceStatus::Pending],
-                IssuanceStatus::Rejected,
-                Some(Reason::Expired),
-                EventKind::Expired,
-                now,
-            );
-            if let TransitionOutcome::Applied(_) = self.store.transition(tenant, id, &t).await? {
-                self.notifier.notify(tenant, id);
+            if let Executed::Applied(_) = self
+                .lifecycle
+                .execute(tenant, id, None, &Command::Expire, now)
+                .await?
+            {
                 tracing::info!(tenant_id = %tenant, issuance_id = %id, "issuance expired");
                 expired += 1;
             }
@@ -504,33 +486,22 @@ impl IssuanceService {
     pub async fn credential_offer(&self, offer_id: &str) -> Result<Value> {
         let now = self.clock.now();
         let gone = || Error::not_found("credential offer");
-        let mut issuance = self
-            .find_offer(offer_id)
+        let issuance = self.find_offer(offer_id).await?.ok_or_else(gone)?;
+        // Only the first fetch is an event; every later one is a read.
+        let issuance = match self
+            .lifecycle
+            .execute(
+                issuance.tenant_id,
+                issuance.id,
+                Some(issuance),
+                &Command::RetrieveOffer,
+                now,
+            )
             .await?
-            .filter(|i| i.offer_phase(now) == OfferPhase::Open)
-            .ok_or_else(gone)?;
-        if issuance.offer_retrieved_at.is_none() {
-            // Only the first fetch is an event; every later one is a read.
-            let retrieved = Transition {
-                retrieve_offer: true,
-                ..Transition::event(&[IssuanceStatus::Pending], EventKind::OfferRetrieved, now)
-            };
-            match self
-                .store
-                .transition(issuance.tenant_id, issuance.id, &retrieved)
-                .await?
-            {
-                TransitionOutcome::Applied(_) => {
-                    self.notifier.notify(issuance.tenant_id, issuance.id);
-                }
-                // A concurrent first fetch recorded it, or the offer closed meanwhile.
-                TransitionOutcome::Skipped(current) => issuance = current,
-                TransitionOutcome::NotFound => return Err(gone()),
-            }
-            if issuance.offer_phase(now) != OfferPhase::Open {
-                return Err(gone());
-            }
-        }
+        {
+            Executed::Applied(i) | Executed::Unchanged(i) => i,
+            Executed::Refused(..) | Executed::NotFound => return Err(gone()),
+        };
         let code = self.sealer.open(&issuance.pre_authorized_code_sealed)?;
         let mut grant = json!({"pre-authorized_code": code});
         if issuance.tx_code_hash.is_some() {

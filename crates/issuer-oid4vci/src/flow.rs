@@ -1,8 +1,9 @@
 //! The wallet's side of an issuance (OID4VCI 1.0 pre-authorized code flow): redeem the code for
 //! an access token, get a nonce, trade a key proof for the SD-JWT VC, report what became of it.
 //!
-//! Invariants: a pre-authorized code yields one token (the store's conditional transition
-//! decides races); a transaction code has an attempt cap after which the offer's code is dead;
+//! Every change of the issuance is planned by the domain's lifecycle and applied with a
+//! compare-and-set, so races are decided there. Invariants: a pre-authorized code yields one
+//! token; a transaction code has an attempt cap after which the offer's code is dead;
 //! a nonce is accepted once; an issuance yields one credential, and issuing it moves the
 //! issuance to `accepted`, which purges the payload.
 
@@ -16,7 +17,8 @@ use issuer_domain::{
     Error, OAuthCode,
     catalog::{Catalog, CredentialConfiguration},
     ids::{IssuanceId, TenantId, random_token},
-    model::{EventKind, IssuanceStatus, Reason, Transition, TransitionOutcome},
+    lifecycle::{Command, Executed, Lifecycle, OfferPhase},
+    model::WalletEvent,
     ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
 };
@@ -119,7 +121,7 @@ pub struct WalletService {
     credential_issuer: String,
     nonce_key: [u8; 32],
     settings: WalletSettings,
-    notifier: Arc<dyn EventNotifier>,
+    lifecycle: Lifecycle,
 }
 
 impl WalletService {
@@ -137,6 +139,7 @@ impl WalletService {
         notifier: Arc<dyn EventNotifier>,
     ) -> Self {
         Self {
+            lifecycle: Lifecycle::new(store.clone(), notifier),
             store,
             clock,
             sealer,
@@ -146,7 +149,6 @@ impl WalletService {
             credential_issuer: credential_issuer.to_owned(),
             nonce_key,
             settings,
-            notifier,
         }
     }
 
@@ -170,13 +172,10 @@ impl WalletService {
             .store
             .find_issuance_by_code_hash(&hash_code(code))
             .await?
-            .filter(|i| {
-                i.status == IssuanceStatus::Pending
-                    && i.expires_at > now
-                    && i.code_redeemed_at.is_none()
-            })
+            .filter(|i| i.offer_phase(now) == OfferPhase::Open)
             .ok_or_else(invalid_grant)?;
-        if let Some(expected) = &issuance.tx_code_hash {
+        let (tenant, id) = (issuance.tenant_id, issuance.id);
+        if let Some(expected) = issuance.tx_code_hash.clone() {
             let given = tx_code.filter(|t| !t.is_empty()).ok_or_else(|| {
                 WalletError::refused(
                     OAuthCode::InvalidRequest,
@@ -186,18 +185,14 @@ impl WalletService {
             // The attempt is reserved before the comparison, in one conditional write: however
             // many guesses arrive at once, at most the cap of them is ever compared.
             let attempts = self
-                .store
-                .reserve_tx_code_attempt(
-                    issuance.tenant_id,
-                    issuance.id,
-                    self.settings.tx_code_max_attempts,
-                )
+                .lifecycle
+                .reserve_tx_code_attempt(issuance.clone(), self.settings.tx_code_max_attempts, now)
                 .await?
-                .ok_or_else(invalid_grant)?;
+                .map_err(|_| invalid_grant())?;
             if !constant_time_eq(self.sealer.digest(given).as_bytes(), expected.as_bytes()) {
                 tracing::info!(
-                    tenant_id = %issuance.tenant_id,
-                    issuance_id = %issuance.id,
+                    tenant_id = %tenant,
+                    issuance_id = %id,
                     attempts,
                     "wrong transaction code"
                 );
@@ -207,25 +202,16 @@ impl WalletService {
                 ));
             }
         }
-        let redeem = Transition {
-            redeem_code: true,
-            ..Transition::event(&[IssuanceStatus::Pending], EventKind::TokenIssued, now)
-        };
-        match self
-            .store
-            .transition(issuance.tenant_id, issuance.id, &redeem)
+        // Another request redeemed it first, or it was cancelled meanwhile: refused.
+        let Executed::Applied(_) = self
+            .lifecycle
+            .execute(tenant, id, Some(issuance), &Command::RedeemCode, now)
             .await?
-        {
-            TransitionOutcome::Applied(_) => self.notifier.notify(issuance.tenant_id, issuance.id),
-            // Another request redeemed it first, or it was cancelled meanwhile.
-            TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
-                return Err(invalid_grant());
-            }
-        }
-        let token = self
-            .tokens
-            .issue_wallet(issuance.tenant_id, issuance.id, now);
-        tracing::info!(tenant_id = %issuance.tenant_id, issuance_id = %issuance.id, "wallet token issued");
+        else {
+            return Err(invalid_grant());
+        };
+        let token = self.tokens.issue_wallet(tenant, id, now);
+        tracing::info!(tenant_id = %tenant, issuance_id = %id, "wallet token issued");
         Ok(WalletToken {
             access_token: token.access_token,
             expires_in: token.expires_in,
@@ -289,11 +275,20 @@ impl WalletService {
                 "the access token's offer no longer exists",
             )
         })?;
-        if issuance.status != IssuanceStatus::Pending {
-            return Err(WalletError::refused(
+        let not_issuable = || {
+            WalletError::refused(
                 OAuthCode::InvalidCredentialRequest,
                 "the credential of this offer was already issued, or the offer ended",
-            ));
+            )
+        };
+        let notification_id = random_token(16);
+        let issue = Command::IssueCredential {
+            notification_id: notification_id.clone(),
+        };
+        // Planned up front, so that a credential is not signed for an issuance that cannot
+        // take it; applied only once it is signed.
+        if issuance.plan(&issue, now).is_err() {
+            return Err(not_issuable());
         }
         let config = self
             .catalog
@@ -344,20 +339,12 @@ impl WalletService {
         )
         .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))?;
 
-        let notification_id = random_token(16);
-        let accept = Transition {
-            notification_id: Some(notification_id.clone()),
-            ..Transition::status(
-                &[IssuanceStatus::Pending],
-                IssuanceStatus::Accepted,
-                None,
-                EventKind::CredentialIssued,
-                now,
-            )
-        };
-        match self.store.transition(tenant, id, &accept).await? {
-            TransitionOutcome::Applied(_) => {
-                self.notifier.notify(tenant, id);
+        match self
+            .lifecycle
+            .execute(tenant, id, Some(issuance), &issue, now)
+            .await?
+        {
+            Executed::Applied(_) => {
                 tracing::info!(tenant_id = %tenant, issuance_id = %id, "credential issued");
                 Ok(IssuedCredential {
                     credential: issued.compact,
@@ -366,11 +353,8 @@ impl WalletService {
                 })
             }
             // A concurrent request issued it, or the offer was cancelled: this copy is dropped.
-            TransitionOutcome::Skipped(_) | TransitionOutcome::NotFound => {
-                Err(WalletError::refused(
-                    OAuthCode::InvalidCredentialRequest,
-                    "the credential of this offer was already issued, or the offer ended",
-                ))
+            Executed::Unchanged(_) | Executed::Refused(..) | Executed::NotFound => {
+                Err(not_issuable())
             }
         }
     }
@@ -388,49 +372,25 @@ impl WalletService {
             .and_then(Value::as_str)
             .ok_or_else(|| bad("event is required"))?;
         let issuance = self.store.get_issuance(tenant, id).await?;
-        if issuance.and_then(|i| i.notification_id).as_deref() != Some(notification_id) {
+        let issuance = issuance.filter(|i| i.notification_id.as_deref() == Some(notification_id));
+        let Some(issuance) = issuance else {
             return Err(WalletError::refused(
                 OAuthCode::InvalidNotificationId,
                 "unknown notification_id",
             ));
-        }
-        let now = self.clock.now();
-        let accepted = [IssuanceStatus::Accepted];
-        let t = match event {
-            "credential_accepted" => {
-                Transition::event(&accepted, EventKind::CredentialAccepted, now)
-            }
-            "credential_deleted" => Transition::status(
-                &accepted,
-                IssuanceStatus::Rejected,
-                Some(Reason::Declined),
-                EventKind::CredentialDeleted,
-                now,
-            ),
-            "credential_failure" => Transition::status(
-                &accepted,
-                IssuanceStatus::Error,
-                Some(Reason::CredentialFailure),
-                EventKind::CredentialFailure,
-                now,
-            ),
-            _ => {
-                return Err(bad(
-                    "event must be credential_accepted, credential_deleted or credential_failure",
-                ));
-            }
         };
+        let command = Command::Notify(event.parse::<WalletEvent>().map_err(|m| bad(&m))?);
         // A notification after the status already moved on changes nothing and is no error:
         // wallets retry notifications.
-        let outcome = self.store.transition(tenant, id, &t).await?;
-        if let TransitionOutcome::Applied(_) = outcome {
-            self.notifier.notify(tenant, id);
-        }
+        let outcome = self
+            .lifecycle
+            .execute(tenant, id, Some(issuance), &command, self.clock.now())
+            .await?;
         tracing::info!(
             tenant_id = %tenant,
             issuance_id = %id,
             event,
-            applied = matches!(outcome, TransitionOutcome::Applied(_)),
+            applied = matches!(outcome, Executed::Applied(_)),
             "wallet notification"
         );
         Ok(())

@@ -12,10 +12,11 @@ use chrono::{DateTime, Duration, Timelike, Utc};
 use issuer_domain::{
     ErrorCode,
     ids::{IssuanceId, TenantId, random_token},
+    lifecycle::{Command, EmailUpdate, Transition, TransitionOutcome, TxCodeAttempt},
     model::{
-        ApiClient, Branding, Delivery, EmailDelivery, EmailState, EmailUpdate, EventKind,
-        InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
-        PRE_AUTHORIZED_CODE_GRANT, RateLimit, Reason, Scope, Tenant, Transition, TransitionOutcome,
+        ApiClient, Branding, Delivery, EmailDelivery, EmailState, EventKind, InsertOutcome,
+        Issuance, IssuanceEvent, IssuanceStatus, ListFilter, PRE_AUTHORIZED_CODE_GRANT, RateLimit,
+        Reason, Scope, Tenant,
     },
     ports::Store,
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -63,6 +64,7 @@ pub fn sample_issuance(tenant: TenantId, client_request_id: &str) -> (Issuance, 
         credential_configuration_id: "conformance_credential".to_owned(),
         status: IssuanceStatus::Pending,
         reason: None,
+        version: 1,
         payload: Some(json!({ "given_name": "Ada", "family_name": "Lovelace" })),
         delivery: Delivery::Email,
         email: Some("ada@example.org".to_owned()),
@@ -92,7 +94,7 @@ pub fn first_event(issuance: &Issuance) -> IssuanceEvent {
         global_sequence: 0,
         kind: EventKind::Created,
         status: issuance.status,
-        reason: issuance.reason.clone(),
+        reason: issuance.reason.map(|r| r.as_str().to_owned()),
         occurred_at: issuance.created_at,
     }
 }
@@ -744,7 +746,7 @@ pub async fn payload_round_trip(store: &dyn Store) {
     purged.email = None;
     purged.delivery = Delivery::Qr;
     purged.status = IssuanceStatus::Error;
-    purged.reason = Some("purged after failure".to_owned());
+    purged.reason = Some(Reason::CredentialFailure);
     let event = first_event(&purged);
     let stored = insert_new(store, &purged, &event).await;
     assert_eq!(
@@ -1034,13 +1036,10 @@ pub async fn email_outbox(store: &dyn Store) {
         next_attempt_at: None,
         error: None,
     };
-    assert!(matches!(
-        store
-            .transition(tenant, mail.id, &Transition::email(stale, now))
-            .await
-            .unwrap(),
-        TransitionOutcome::Skipped(_)
-    ));
+    assert_eq!(
+        apply(store, tenant, mail.id, &email(stale, now)).await,
+        TransitionOutcome::EmailLeaseLost
+    );
     assert_eq!(
         events(store, tenant, mail.id).await.len(),
         1,
@@ -1055,7 +1054,7 @@ pub async fn email_outbox(store: &dyn Store) {
         next_attempt_at: Some(retry_at),
         error: Some("smtp: connection refused".into()),
     };
-    apply(store, tenant, mail.id, &Transition::email(failed, now)).await;
+    apply(store, tenant, mail.id, &email(failed, now)).await;
     let row = email_rows(store, tenant, mail.id).await.unwrap();
     assert_eq!(
         (
@@ -1097,7 +1096,7 @@ pub async fn email_outbox(store: &dyn Store) {
         next_attempt_at: None,
         error: None,
     };
-    apply(store, tenant, mail.id, &Transition::email(sent, later)).await;
+    apply(store, tenant, mail.id, &email(sent, later)).await;
     let row = email_rows(store, tenant, mail.id).await.unwrap();
     assert_eq!(
         (row.state, row.attempts, row.sent_at),
@@ -1127,26 +1126,57 @@ pub async fn email_outbox(store: &dyn Store) {
     );
 }
 
-fn cancel_at(at: DateTime<Utc>) -> Transition {
-    Transition::status(
-        &[IssuanceStatus::Pending],
-        IssuanceStatus::Rejected,
-        Some(Reason::Cancelled),
-        EventKind::Cancelled,
-        at,
-    )
+/// A command at a time: what the lifecycle plans a transition from.
+pub struct Step {
+    command: Command,
+    at: DateTime<Utc>,
 }
 
+fn cancel_at(at: DateTime<Utc>) -> Step {
+    Step {
+        command: Command::Cancel,
+        at,
+    }
+}
+
+fn redeem(at: DateTime<Utc>) -> Step {
+    Step {
+        command: Command::RedeemCode,
+        at,
+    }
+}
+
+fn email(update: EmailUpdate, at: DateTime<Utc>) -> Step {
+    Step {
+        command: Command::EmailOutcome(update),
+        at,
+    }
+}
+
+/// Plans `step` on the issuance as stored now, as the lifecycle does.
+async fn plan(store: &dyn Store, tenant: TenantId, id: IssuanceId, step: &Step) -> Transition {
+    let current = get(store, tenant, id).await.expect("the issuance exists");
+    current
+        .plan(&step.command, step.at)
+        .unwrap_or_else(|r| panic!("{:?} is refused: {r:?}", step.command))
+        .unwrap_or_else(|| panic!("{:?} changes nothing", step.command))
+}
+
+async fn transition(store: &dyn Store, t: &Transition) -> TransitionOutcome {
+    store
+        .transition(t)
+        .await
+        .unwrap_or_else(|e| panic!("transition failed: {}", e.chain()))
+}
+
+/// Plans `step` on the stored issuance and applies it.
 async fn apply(
     store: &dyn Store,
     tenant: TenantId,
     id: IssuanceId,
-    t: &Transition,
+    step: &Step,
 ) -> TransitionOutcome {
-    store
-        .transition(tenant, id, t)
-        .await
-        .unwrap_or_else(|e| panic!("transition failed: {}", e.chain()))
+    transition(store, &plan(store, tenant, id, step).await).await
 }
 
 /// A status change updates status, reason and `updated_at`, purges the payload and appends the
@@ -1161,7 +1191,8 @@ pub async fn transition_applies_purges_and_appends(store: &dyn Store) {
         panic!("a pending issuance must accept pending -> rejected");
     };
     assert_eq!(after.status, IssuanceStatus::Rejected);
-    assert_eq!(after.reason.as_deref(), Some("cancelled"));
+    assert_eq!(after.reason, Some(Reason::Cancelled));
+    assert_eq!(after.version, 2);
     assert_eq!(
         after.payload, None,
         "leaving pending must purge the payload"
@@ -1171,7 +1202,7 @@ pub async fn transition_applies_purges_and_appends(store: &dyn Store) {
         after.offer_id, issuance.offer_id,
         "other columns are untouched"
     );
-    assert_eq!(get(store, tenant, issuance.id).await.as_ref(), Some(&after));
+    assert_eq!(get(store, tenant, issuance.id).await.as_ref(), Some(&*after));
     let evs = events(store, tenant, issuance.id).await;
     assert_eq!(evs.len(), 2, "the transition appends one event");
     let last = &evs[1];
@@ -1184,42 +1215,56 @@ pub async fn transition_applies_purges_and_appends(store: &dyn Store) {
     assert!(last.global_sequence > evs[0].global_sequence);
 }
 
-/// A transition whose `from` does not match changes nothing and reports the current state.
-pub async fn transition_skips_other_statuses(store: &dyn Store) {
+/// A transition planned from a version that is no longer current changes nothing.
+pub async fn stale_transition_changes_nothing(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     insert_new(store, &issuance, &event).await;
-    let TransitionOutcome::Applied(cancelled) =
-        apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await
-    else {
-        panic!("first cancel applies");
+    let cancel = plan(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await;
+    let retrieve = plan(
+        store,
+        tenant,
+        issuance.id,
+        &Step {
+            command: Command::RetrieveOffer,
+            at: now_with_nanos(),
+        },
+    )
+    .await;
+    let TransitionOutcome::Applied(cancelled) = transition(store, &cancel).await else {
+        panic!("the first transition applies");
     };
-    match apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await {
-        TransitionOutcome::Skipped(current) => assert_eq!(current, cancelled),
-        other => panic!("a second cancel must be skipped, got {other:?}"),
+    for t in [&cancel, &retrieve] {
+        assert_eq!(
+            transition(store, t).await,
+            TransitionOutcome::Stale,
+            "planned from version 1, the issuance is at 2"
+        );
     }
+    assert_eq!(get(store, tenant, issuance.id).await, Some(*cancelled));
     assert_eq!(
         events(store, tenant, issuance.id).await.len(),
         2,
-        "no event for a skipped transition"
+        "no event for a stale transition"
     );
 }
 
-/// Unknown ids and other tenants' issuances are not found, and nothing is written.
-pub async fn transition_of_unknown_or_foreign_is_not_found(store: &dyn Store) {
+/// Unknown ids and other tenants' issuances are stale, and nothing is written.
+pub async fn transition_of_unknown_or_foreign_is_stale(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let other = new_tenant(store).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     insert_new(store, &issuance, &event).await;
-    let t = cancel_at(now_with_nanos());
-    assert_eq!(
-        apply(store, tenant, IssuanceId::new(), &t).await,
-        TransitionOutcome::NotFound
-    );
-    assert_eq!(
-        apply(store, other, issuance.id, &t).await,
-        TransitionOutcome::NotFound
-    );
+    let t = plan(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await;
+    let mut unknown = t.clone();
+    unknown.after.id = IssuanceId::new();
+    unknown.event.issuance_id = unknown.after.id;
+    let mut foreign = t.clone();
+    foreign.after.tenant_id = other;
+    foreign.event.tenant_id = other;
+    for t in [&unknown, &foreign] {
+        assert_eq!(transition(store, t).await, TransitionOutcome::Stale);
+    }
     assert_eq!(
         get(store, tenant, issuance.id).await.map(|i| i.status),
         Some(IssuanceStatus::Pending)
@@ -1227,21 +1272,26 @@ pub async fn transition_of_unknown_or_foreign_is_not_found(store: &dyn Store) {
     assert_eq!(events(store, tenant, issuance.id).await.len(), 1);
 }
 
-/// `to: None` records an event and leaves status, payload and `updated_at` alone.
+/// An event without a status change leaves status, payload and `updated_at` alone.
 pub async fn plain_event_keeps_status_and_payload(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     let stored = insert_new(store, &issuance, &event).await;
-    let t = Transition::event(
-        &[IssuanceStatus::Pending],
-        EventKind::OfferRetrieved,
-        now_with_nanos(),
-    );
+    let at = now_with_nanos();
+    let retrieved = Issuance {
+        offer_retrieved_at: Some(trunc_micros(at)),
+        version: 2,
+        ..stored
+    };
+    let step = Step {
+        command: Command::RetrieveOffer,
+        at,
+    };
     assert_eq!(
-        apply(store, tenant, issuance.id, &t).await,
-        TransitionOutcome::Applied(stored.clone())
+        apply(store, tenant, issuance.id, &step).await,
+        TransitionOutcome::Applied(Box::new(retrieved.clone()))
     );
-    assert_eq!(get(store, tenant, issuance.id).await, Some(stored));
+    assert_eq!(get(store, tenant, issuance.id).await, Some(retrieved));
     let evs = events(store, tenant, issuance.id).await;
     assert_eq!(evs.len(), 2);
     assert_eq!(
@@ -1295,23 +1345,26 @@ pub async fn concurrent_transitions(store: Arc<dyn Store>, n: usize) {
     let tenant = new_tenant(store.as_ref()).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     insert_new(store.as_ref(), &issuance, &event).await;
+    // Each task planned from the same read, as concurrent requests do.
+    let cancel = plan(
+        store.as_ref(),
+        tenant,
+        issuance.id,
+        &cancel_at(now_with_nanos()),
+    )
+    .await;
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let store = Arc::clone(&store);
-            let id = issuance.id;
-            tokio::spawn(async move {
-                store
-                    .transition(tenant, id, &cancel_at(now_with_nanos()))
-                    .await
-            })
+            let (store, cancel) = (Arc::clone(&store), cancel.clone());
+            tokio::spawn(async move { store.transition(&cancel).await })
         })
         .collect();
     let mut applied = 0;
     for task in tasks {
         match task.await.expect("transition task panicked") {
             Ok(TransitionOutcome::Applied(_)) => applied += 1,
-            Ok(TransitionOutcome::Skipped(i)) => assert_eq!(i.status, IssuanceStatus::Rejected),
-            Ok(TransitionOutcome::NotFound) => panic!("the issuance exists"),
+            Ok(TransitionOutcome::Stale) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
             Err(e) => panic!("a concurrent transition failed: {}", e.chain()),
         }
     }
@@ -1339,12 +1392,27 @@ pub async fn code_lookup_and_tx_code_failures(store: &dyn Store) {
             .unwrap(),
         None
     );
-    let reserve = |max| store.reserve_tx_code_attempt(tenant, issuance.id, max);
+    let reserve = |tenant_id, version, max_attempts| TxCodeAttempt {
+        tenant_id,
+        id: issuance.id,
+        version,
+        max_attempts,
+    };
     for expected in 1..=3 {
-        let n = reserve(3).await.expect("reserve attempt");
+        let n = store
+            .reserve_tx_code_attempt(&reserve(tenant, 1, 3))
+            .await
+            .expect("reserve attempt");
         assert_eq!(n, Some(expected), "attempts below the cap are counted");
     }
-    assert_eq!(reserve(3).await.unwrap(), None, "the cap is reached");
+    assert_eq!(
+        store
+            .reserve_tx_code_attempt(&reserve(tenant, 1, 3))
+            .await
+            .unwrap(),
+        None,
+        "the cap is reached"
+    );
     assert_eq!(
         get(store, tenant, issuance.id)
             .await
@@ -1353,22 +1421,39 @@ pub async fn code_lookup_and_tx_code_failures(store: &dyn Store) {
         "a refused reservation counts nothing"
     );
     assert_eq!(
-        reserve(5).await.unwrap(),
+        store
+            .reserve_tx_code_attempt(&reserve(tenant, 1, 5))
+            .await
+            .unwrap(),
         Some(4),
         "a higher cap allows more"
     );
     let other = new_tenant(store).await;
     assert_eq!(
         store
-            .reserve_tx_code_attempt(other, issuance.id, 10)
+            .reserve_tx_code_attempt(&reserve(other, 1, 10))
             .await
             .unwrap(),
         None,
         "scoped by tenant"
     );
-    // A redeemed code takes no more attempts.
+    // Once the issuance changed (here: its code redeemed), an attempt planned before counts
+    // nothing, and the counter is no change of its version.
     apply(store, tenant, issuance.id, &redeem(now_with_nanos())).await;
-    assert_eq!(reserve(10).await.unwrap(), None, "closed once redeemed");
+    assert_eq!(
+        store
+            .reserve_tx_code_attempt(&reserve(tenant, 1, 10))
+            .await
+            .unwrap(),
+        None,
+        "planned from a version no longer current"
+    );
+    assert_eq!(
+        get(store, tenant, issuance.id)
+            .await
+            .map(|i| (i.version, i.tx_code_failures)),
+        Some((2, 4))
+    );
 }
 
 /// Concurrent transaction-code attempts: of `n` at once, exactly `max` are reserved.
@@ -1383,7 +1468,12 @@ pub async fn concurrent_tx_code_attempts(store: Arc<dyn Store>, n: usize, max: i
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .reserve_tx_code_attempt(tenant, issuance.id, max)
+                    .reserve_tx_code_attempt(&TxCodeAttempt {
+                        tenant_id: tenant,
+                        id: issuance.id,
+                        version: 1,
+                        max_attempts: max,
+                    })
                     .await
             })
         })
@@ -1404,39 +1494,29 @@ pub async fn concurrent_tx_code_attempts(store: Arc<dyn Store>, n: usize, max: i
     );
 }
 
-fn redeem(at: DateTime<Utc>) -> Transition {
-    Transition {
-        redeem_code: true,
-        ..Transition::event(&[IssuanceStatus::Pending], EventKind::TokenIssued, at)
-    }
-}
-
 /// A code redemption applies once; the notification id set with a later transition stays.
 pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store) {
     let tenant = new_tenant(store).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     insert_new(store, &issuance, &event).await;
     let at = now_with_nanos();
-    let TransitionOutcome::Applied(redeemed) = apply(store, tenant, issuance.id, &redeem(at)).await
-    else {
+    let redemption = plan(store, tenant, issuance.id, &redeem(at)).await;
+    let TransitionOutcome::Applied(redeemed) = transition(store, &redemption).await else {
         panic!("the first redemption applies");
     };
     assert_eq!(redeemed.code_redeemed_at, Some(trunc_micros(at)));
     assert_eq!(redeemed.status, IssuanceStatus::Pending);
     assert!(redeemed.payload.is_some(), "redeeming keeps the payload");
-    assert!(matches!(
-        apply(store, tenant, issuance.id, &redeem(now_with_nanos())).await,
-        TransitionOutcome::Skipped(_)
-    ));
-    let issued = Transition {
-        notification_id: Some("n-1".to_owned()),
-        ..Transition::status(
-            &[IssuanceStatus::Pending],
-            IssuanceStatus::Accepted,
-            None,
-            EventKind::CredentialIssued,
-            now_with_nanos(),
-        )
+    assert_eq!(
+        transition(store, &redemption).await,
+        TransitionOutcome::Stale,
+        "a code is redeemed once"
+    );
+    let issued = Step {
+        command: Command::IssueCredential {
+            notification_id: "n-1".to_owned(),
+        },
+        at: now_with_nanos(),
     };
     let TransitionOutcome::Applied(accepted) = apply(store, tenant, issuance.id, &issued).await
     else {
@@ -1508,15 +1588,17 @@ pub async fn concurrent_redemptions(store: Arc<dyn Store>, n: usize) {
     let tenant = new_tenant(store.as_ref()).await;
     let (issuance, event) = sample_issuance(tenant, &new_request_id());
     insert_new(store.as_ref(), &issuance, &event).await;
+    let redemption = plan(
+        store.as_ref(),
+        tenant,
+        issuance.id,
+        &redeem(now_with_nanos()),
+    )
+    .await;
     let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let store = Arc::clone(&store);
-            let id = issuance.id;
-            tokio::spawn(async move {
-                store
-                    .transition(tenant, id, &redeem(now_with_nanos()))
-                    .await
-            })
+            let (store, redemption) = (Arc::clone(&store), redemption.clone());
+            tokio::spawn(async move { store.transition(&redemption).await })
         })
         .collect();
     let mut applied = 0;
@@ -1599,17 +1681,11 @@ pub async fn webhook_outbox_follows_events(store: &dyn Store) {
     assert_eq!(created[0].state, DeliveryState::Pending);
     assert!(deliveries(store, tenant, &outcomes).await.is_empty());
 
-    apply(
-        store,
-        tenant,
-        issuance.id,
-        &Transition::event(
-            &[IssuanceStatus::Pending],
-            EventKind::OfferRetrieved,
-            now_with_nanos(),
-        ),
-    )
-    .await;
+    let retrieve = Step {
+        command: Command::RetrieveOffer,
+        at: now_with_nanos(),
+    };
+    apply(store, tenant, issuance.id, &retrieve).await;
     assert!(
         deliveries(store, tenant, &outcomes).await.is_empty(),
         "not an outcome"
@@ -1861,22 +1937,13 @@ pub async fn retention_purges_ended_issuances_and_everything_of_theirs(store: &d
         .insert_webhook_endpoint(&hook)
         .await
         .expect("insert_webhook_endpoint failed");
-    let cancel = |at| {
-        Transition::status(
-            &[IssuanceStatus::Pending],
-            IssuanceStatus::Rejected,
-            Some(Reason::Cancelled),
-            EventKind::Cancelled,
-            at,
-        )
-    };
     let mut ended = Vec::new();
     for _ in 0..3 {
         let (mut issuance, event) = sample_issuance(tenant, &new_request_id());
         issuance.delivery = Delivery::Email;
         issuance.email = Some("ada@example.com".into());
         insert_new(store, &issuance, &event).await;
-        apply(store, tenant, issuance.id, &cancel(now_with_nanos())).await;
+        apply(store, tenant, issuance.id, &cancel_at(now_with_nanos())).await;
         ended.push(issuance);
     }
     let (pending, event) = sample_issuance(tenant, &new_request_id());

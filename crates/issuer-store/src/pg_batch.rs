@@ -229,7 +229,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     .bind(&issuance.request_fingerprint)
     .bind(&issuance.credential_configuration_id)
     .bind(issuance.status.as_str())
-    .bind(&issuance.reason)
+    .bind(issuance.reason.map(|r| r.as_str()))
     .bind(issuance.payload.as_ref().map(Json))
     .bind(issuance.delivery.as_str())
     .bind(&issuance.email)
@@ -304,7 +304,7 @@ impl<'a> Columns<'a> {
         self.credential_configuration_id
             .push(&i.credential_configuration_id);
         self.status.push(i.status.as_str());
-        self.reason.push(i.reason.as_deref());
+        self.reason.push(i.reason.map(|r| r.as_str()));
         self.payload.push(i.payload.as_ref().map(Json));
         self.delivery.push(i.delivery.as_str());
         self.email.push(i.email.as_deref());

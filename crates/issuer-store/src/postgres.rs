@@ -17,10 +17,10 @@ use issuer_domain::{
     Error,
     error::Result,
     ids::{IssuanceId, TenantId},
+    lifecycle::{EmailChange, Transition, TransitionOutcome, TxCodeAttempt},
     model::{
-        ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant, Transition,
-        TransitionOutcome,
+        ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
+        Purged, RateLimit, Scope, StoreGauges, Tenant,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -488,22 +488,18 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(name = "store.reserve_tx_code_attempt", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
-    async fn reserve_tx_code_attempt(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        max_attempts: i64,
-    ) -> Result<Option<i64>> {
+    async fn reserve_tx_code_attempt(&self, attempt: &TxCodeAttempt) -> Result<Option<i64>> {
         // One conditional statement: concurrent guesses serialize on the row, and only the
         // first `max_attempts` of them find the counter below the cap.
         sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
-             WHERE tenant_id = $1 AND id = $2 AND tx_code_failures < $3 \
-             AND status = 'pending' AND code_redeemed_at IS NULL RETURNING tx_code_failures",
+             WHERE tenant_id = $1 AND id = $2 AND version = $3 AND tx_code_failures < $4 \
+             RETURNING tx_code_failures",
         )
-        .bind(tenant.0)
-        .bind(id.0)
-        .bind(max_attempts)
+        .bind(attempt.tenant_id.0)
+        .bind(attempt.id.0)
+        .bind(attempt.version)
+        .bind(attempt.max_attempts)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?
@@ -581,122 +577,90 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]
-    async fn transition(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        t: &Transition,
-    ) -> Result<TransitionOutcome> {
+    async fn transition(&self, t: &Transition) -> Result<TransitionOutcome> {
+        let (after, event) = (&t.after, &t.event);
+        let (tenant, id) = (after.tenant_id.0, after.id.0);
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // The row lock serializes concurrent transitions of one issuance (a cancel racing the
-        // sweeper, two replicas sweeping): the second sees the first's status and skips.
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            issuance_columns!(),
-            " FROM issuances WHERE tenant_id = $1 AND id = $2 FOR UPDATE"
-        ))
-        .bind(tenant.0)
-        .bind(id.0)
-        .fetch_optional(&mut *tx)
+        // The compare-and-set: concurrent writers of one issuance serialize on its row, and
+        // only the first that planned from the current version applies.
+        let done = sqlx::query(
+            "UPDATE issuances SET status = $3, reason = $4, version = $5, updated_at = $6, \
+             payload = CASE WHEN $7 THEN payload ELSE NULL END, code_redeemed_at = $8, \
+             notification_id = $9, offer_retrieved_at = $10 \
+             WHERE tenant_id = $1 AND id = $2 AND version = $11",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(after.status.as_str())
+        .bind(after.reason.map(|r| r.as_str()))
+        .bind(after.version)
+        .bind(trunc_micros(after.updated_at))
+        .bind(after.payload.is_some())
+        .bind(after.code_redeemed_at.map(trunc_micros))
+        .bind(&after.notification_id)
+        .bind(after.offer_retrieved_at.map(trunc_micros))
+        .bind(t.expected_version)
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        let Some(row) = row else {
-            return Ok(TransitionOutcome::NotFound);
-        };
-        let current = rows::issuance(&row)?;
-        if !rows::transition_applies(&current, t) {
-            return Ok(TransitionOutcome::Skipped(current));
+        if done.rows_affected() == 0 {
+            return Ok(TransitionOutcome::Stale);
         }
-        if let Some(email) = &t.email {
-            // Only under the attempt's own lease: a result that comes after another mailer
-            // took the row over is dropped, event and all (the transaction rolls back).
-            let done = sqlx::query(
-                "UPDATE email_deliveries SET state = $3, attempts = attempts + 1, \
-                 next_attempt_at = COALESCE($4, next_attempt_at), last_error = $5, \
-                 sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, updated_at = $6 \
-                 WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending' \
-                 AND next_attempt_at = $7",
-            )
-            .bind(tenant.0)
-            .bind(id.0)
-            .bind(email.state.as_str())
-            .bind(email.next_attempt_at.map(trunc_micros))
-            .bind(&email.error)
-            .bind(trunc_micros(t.at))
-            .bind(trunc_micros(email.claimed_until))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if done.rows_affected() == 0 {
-                return Ok(TransitionOutcome::Skipped(current));
+        match &t.email {
+            Some(EmailChange::Record(email)) => {
+                // Only under the attempt's own lease: a result that comes after another mailer
+                // took the row over is dropped, event and all (the transaction rolls back).
+                let done = sqlx::query(
+                    "UPDATE email_deliveries SET state = $3, attempts = attempts + 1, \
+                     next_attempt_at = COALESCE($4, next_attempt_at), last_error = $5, \
+                     sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, updated_at = $6 \
+                     WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending' \
+                     AND next_attempt_at = $7",
+                )
+                .bind(tenant)
+                .bind(id)
+                .bind(email.state.as_str())
+                .bind(email.next_attempt_at.map(trunc_micros))
+                .bind(&email.error)
+                .bind(trunc_micros(event.occurred_at))
+                .bind(trunc_micros(email.claimed_until))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                if done.rows_affected() == 0 {
+                    return Ok(TransitionOutcome::EmailLeaseLost);
+                }
             }
+            Some(EmailChange::CancelPending) => {
+                sqlx::query(
+                    "UPDATE email_deliveries SET state = 'cancelled', updated_at = $3 \
+                     WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending'",
+                )
+                .bind(tenant)
+                .bind(id)
+                .bind(trunc_micros(event.occurred_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+            None => {}
         }
-        let (status, reason) =
-            t.to.clone()
-                .unwrap_or_else(|| (current.status, current.reason.clone()));
-        if status != IssuanceStatus::Pending && current.delivery == Delivery::Email {
-            // The offer is over: an email not yet sent must not go out.
-            sqlx::query(
-                "UPDATE email_deliveries SET state = 'cancelled', updated_at = $3 \
-                 WHERE tenant_id = $1 AND issuance_id = $2 AND state = 'pending'",
-            )
-            .bind(tenant.0)
-            .bind(id.0)
-            .bind(trunc_micros(t.at))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        }
-        let after = if rows::transition_writes_row(t) {
-            let row = sqlx::query(concat!(
-                "UPDATE issuances SET status = $3, reason = $4, \
-                 updated_at = CASE WHEN $7 THEN $5 ELSE updated_at END, \
-                 payload = CASE WHEN $6 THEN payload ELSE NULL END, \
-                 code_redeemed_at = CASE WHEN $8 THEN $5 ELSE code_redeemed_at END, \
-                 notification_id = COALESCE($9, notification_id), \
-                 offer_retrieved_at = CASE WHEN $10 THEN $5 ELSE offer_retrieved_at END \
-                 WHERE tenant_id = $1 AND id = $2 RETURNING ",
-                issuance_columns!()
-            ))
-            .bind(tenant.0)
-            .bind(id.0)
-            .bind(status.as_str())
-            .bind(&reason)
-            .bind(trunc_micros(t.at))
-            .bind(status.keeps_payload())
-            .bind(t.to.is_some())
-            .bind(t.redeem_code)
-            .bind(&t.notification_id)
-            .bind(t.retrieve_offer)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            rows::issuance(&row)?
-        } else {
-            current
-        };
-        let event_status = status;
-        let event_reason = rows::event_reason(t, reason);
-        let row = sqlx::query(concat!(
+        sqlx::query(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             SELECT $1, $2, COALESCE(MAX(sequence), 0) + 1, $3, $4, $5, $6 \
-             FROM issuance_events WHERE tenant_id = $1 AND issuance_id = $2 RETURNING ",
-            event_columns!()
-        ))
-        .bind(tenant.0)
-        .bind(id.0)
-        .bind(t.kind.as_str())
-        .bind(event_status.as_str())
-        .bind(event_reason)
-        .bind(trunc_micros(t.at))
-        .fetch_one(&mut *tx)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(event.sequence)
+        .bind(event.kind.as_str())
+        .bind(event.status.as_str())
+        .bind(&event.reason)
+        .bind(trunc_micros(event.occurred_at))
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        let event = rows::event(&row)?;
-        if let Some((kind, message_id, payload)) =
-            rows::webhook_message(&after, &event, t.to.is_some())
-        {
+        if let Some((kind, message_id, payload)) = t.webhook_message() {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
                  event_type, message_id, payload, state, attempts, next_attempt_at, traceparent, \
@@ -706,13 +670,13 @@ impl Store for PgStore {
                  FROM webhook_endpoints \
                  WHERE tenant_id = $1 AND enabled AND $4 = ANY(string_to_array(event_types, ' '))",
             )
-            .bind(tenant.0)
-            .bind(id.0)
+            .bind(tenant)
+            .bind(id)
             .bind(event.sequence)
             .bind(kind)
             .bind(message_id)
             .bind(Json(payload))
-            .bind(trunc_micros(t.at))
+            .bind(trunc_micros(event.occurred_at))
             .bind(rows::traceparent(&tracing::Span::current()))
             .execute(&mut *tx)
             .await
@@ -720,7 +684,7 @@ impl Store for PgStore {
         }
         tx.commit().await.map_err(db_error)?;
         rows::count_status_change(t);
-        Ok(TransitionOutcome::Applied(after))
+        Ok(TransitionOutcome::Applied(Box::new(rows::as_stored(after))))
     }
 
     #[tracing::instrument(name = "store.overdue_pending", skip_all, fields(db.system = "postgresql", otel.kind = "client"))]

@@ -10,9 +10,10 @@ use chrono::{DateTime, SubsecRound, Utc};
 use issuer_domain::{
     Error, ErrorCode,
     ids::{IssuanceId, TenantId},
+    lifecycle::Transition,
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, EventKind, Issuance, IssuanceEvent,
-        IssuanceStatus, RateLimit, Scope, StoreGauges, Tenant, Transition,
+        IssuanceStatus, RateLimit, Scope, StoreGauges, Tenant,
     },
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
@@ -79,12 +80,12 @@ macro_rules! issuance_insert_columns {
 pub(crate) use issuance_insert_columns;
 
 /// The columns of `issuances` that [`issuance`] reads: those a create writes, and those only
-/// later transitions set.
+/// later transitions set (a new issuance's `version` is the column default, 1).
 macro_rules! issuance_columns {
     () => {
         concat!(
             $crate::rows::issuance_insert_columns!(),
-            ", offer_retrieved_at"
+            ", offer_retrieved_at, version"
         )
     };
 }
@@ -321,7 +322,11 @@ pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
             request_fingerprint: row.text("request_fingerprint")?,
             credential_configuration_id: row.text("credential_configuration_id")?,
             status: row.parsed::<IssuanceStatus>("status")?,
-            reason: row.opt_text("reason")?,
+            reason: row
+                .opt_text("reason")?
+                .map(|r| r.parse().map_err(|e: String| decode_error("reason", e)))
+                .transpose()?,
+            version: row.int("version")?,
             payload: row.json("payload")?,
             delivery: row.parsed::<Delivery>("delivery")?,
             email: row.opt_text("email")?,
@@ -361,6 +366,12 @@ pub(crate) fn event(row: &impl RowAccess) -> Result<IssuanceEvent, Error> {
 /// Rejects a first event that does not belong to the issuance it is written with: the
 /// foreign key would only catch a wrong issuance id if that issuance happened not to exist.
 pub(crate) fn check_first_event(issuance: &Issuance, event: &IssuanceEvent) -> Result<(), Error> {
+    if issuance.version != 1 {
+        return Err(Error::internal(format!(
+            "a new issuance starts at version 1, not {}",
+            issuance.version
+        )));
+    }
     if event.tenant_id != issuance.tenant_id || event.issuance_id != issuance.id {
         return Err(Error::internal(format!(
             "first event belongs to issuance {}/{}, not {}/{}",
@@ -450,36 +461,17 @@ pub(crate) fn conflict_or_db_error(
 
 /// Whether `t` applies to `current`: its status is one of `from`, and a code redemption finds
 /// the code unredeemed.
-pub(crate) fn transition_applies(current: &Issuance, t: &Transition) -> bool {
-    t.from.contains(&current.status)
-        && !(t.redeem_code && current.code_redeemed_at.is_some())
-        && !(t.retrieve_offer && current.offer_retrieved_at.is_some())
-}
-
-/// The reason an event carries: an email attempt's error, or else the issuance's reason.
-pub(crate) fn event_reason(t: &Transition, issuance_reason: Option<String>) -> Option<String> {
-    match &t.email {
-        Some(email) => email.error.clone(),
-        None => issuance_reason,
-    }
-}
-
 /// Counts a committed status change for `issuer_issuance_status_changes_total` (the reasons are
 /// the service's own few words, so the labels stay bounded).
 pub(crate) fn count_status_change(t: &Transition) {
-    if let Some((status, reason)) = &t.to {
+    if let Some((status, reason)) = t.status_change() {
         metrics::counter!(
             "issuer_issuance_status_changes_total",
             "status" => status.as_str(),
-            "reason" => reason.clone().unwrap_or_default()
+            "reason" => reason.map(|r| r.as_str()).unwrap_or_default()
         )
         .increment(1);
     }
-}
-
-/// Whether `t` changes the issuance row, beyond appending its event.
-pub(crate) fn transition_writes_row(t: &Transition) -> bool {
-    t.to.is_some() || t.redeem_code || t.retrieve_offer || t.notification_id.is_some()
 }
 
 #[cfg(test)]

@@ -13,10 +13,10 @@ use issuer_domain::{
     Error,
     error::Result,
     ids::{IssuanceId, TenantId},
+    lifecycle::{EmailChange, Transition, TransitionOutcome, TxCodeAttempt},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
-        IssuanceStatus, ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant, Transition,
-        TransitionOutcome,
+        ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant,
     },
     ports::Store,
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
@@ -371,7 +371,7 @@ impl Store for SqliteStore {
         .bind(&issuance.request_fingerprint)
         .bind(&issuance.credential_configuration_id)
         .bind(issuance.status.as_str())
-        .bind(&issuance.reason)
+        .bind(issuance.reason.map(|r| r.as_str()))
         .bind(payload)
         .bind(issuance.delivery.as_str())
         .bind(&issuance.email)
@@ -543,22 +543,18 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(name = "store.reserve_tx_code_attempt", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
-    async fn reserve_tx_code_attempt(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        max_attempts: i64,
-    ) -> Result<Option<i64>> {
-        // One conditional statement: concurrent guesses serialize on the row, and only the
-        // first `max_attempts` of them find the counter below the cap.
+    async fn reserve_tx_code_attempt(&self, attempt: &TxCodeAttempt) -> Result<Option<i64>> {
+        // One conditional statement: concurrent guesses serialize on the write lock, and only
+        // the first `max_attempts` of them find the counter below the cap.
         sqlx::query(
             "UPDATE issuances SET tx_code_failures = tx_code_failures + 1 \
-             WHERE tenant_id = ? AND id = ? AND tx_code_failures < ? \
-             AND status = 'pending' AND code_redeemed_at IS NULL RETURNING tx_code_failures",
+             WHERE tenant_id = ? AND id = ? AND version = ? AND tx_code_failures < ? \
+             RETURNING tx_code_failures",
         )
-        .bind(id_text(tenant.0))
-        .bind(id_text(id.0))
-        .bind(max_attempts)
+        .bind(id_text(attempt.tenant_id.0))
+        .bind(id_text(attempt.id.0))
+        .bind(attempt.version)
+        .bind(attempt.max_attempts)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?
@@ -647,130 +643,100 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(name = "store.transition", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
-    async fn transition(
-        &self,
-        tenant: TenantId,
-        id: IssuanceId,
-        t: &Transition,
-    ) -> Result<TransitionOutcome> {
-        // IMMEDIATE: the write lock serializes concurrent transitions from the start.
+    async fn transition(&self, t: &Transition) -> Result<TransitionOutcome> {
+        let (after, event) = (&t.after, &t.event);
+        let (tenant, id) = (id_text(after.tenant_id.0), id_text(after.id.0));
+        // IMMEDIATE: the write lock serializes concurrent writers from the start; only the
+        // first that planned from the current version applies (compare-and-set).
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_error)?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            issuance_columns!(),
-            " FROM issuances WHERE tenant_id = ? AND id = ?"
-        ))
-        .bind(id_text(tenant.0))
-        .bind(id_text(id.0))
-        .fetch_optional(&mut *tx)
+        let done = sqlx::query(
+            "UPDATE issuances SET status = ?3, reason = ?4, version = ?5, updated_at = ?6, \
+             payload = CASE WHEN ?7 THEN payload ELSE NULL END, code_redeemed_at = ?8, \
+             notification_id = ?9, offer_retrieved_at = ?10 \
+             WHERE tenant_id = ?1 AND id = ?2 AND version = ?11",
+        )
+        .bind(&tenant)
+        .bind(&id)
+        .bind(after.status.as_str())
+        .bind(after.reason.map(|r| r.as_str()))
+        .bind(after.version)
+        .bind(time_text(after.updated_at))
+        .bind(after.payload.is_some())
+        .bind(after.code_redeemed_at.map(time_text))
+        .bind(&after.notification_id)
+        .bind(after.offer_retrieved_at.map(time_text))
+        .bind(t.expected_version)
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        let Some(row) = row else {
+        if done.rows_affected() == 0 {
             tx.rollback().await.map_err(db_error)?;
-            return Ok(TransitionOutcome::NotFound);
-        };
-        let current = rows::issuance(&row)?;
-        if !rows::transition_applies(&current, t) {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok(TransitionOutcome::Skipped(current));
+            return Ok(TransitionOutcome::Stale);
         }
-        if let Some(email) = &t.email {
-            // Only under the attempt's own lease, as on Postgres.
-            let done = sqlx::query(
-                "UPDATE email_deliveries SET state = ?3, attempts = attempts + 1, \
-                 next_attempt_at = COALESCE(?4, next_attempt_at), last_error = ?5, \
-                 sent_at = CASE WHEN ?3 = 'sent' THEN ?6 ELSE sent_at END, updated_at = ?6 \
-                 WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending' \
-                 AND next_attempt_at = ?7",
-            )
-            .bind(id_text(tenant.0))
-            .bind(id_text(id.0))
-            .bind(email.state.as_str())
-            .bind(email.next_attempt_at.map(time_text))
-            .bind(&email.error)
-            .bind(time_text(t.at))
-            .bind(time_text(email.claimed_until))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if done.rows_affected() == 0 {
-                tx.rollback().await.map_err(db_error)?;
-                return Ok(TransitionOutcome::Skipped(current));
+        match &t.email {
+            Some(EmailChange::Record(email)) => {
+                // Only under the attempt's own lease, as on Postgres.
+                let done = sqlx::query(
+                    "UPDATE email_deliveries SET state = ?3, attempts = attempts + 1, \
+                     next_attempt_at = COALESCE(?4, next_attempt_at), last_error = ?5, \
+                     sent_at = CASE WHEN ?3 = 'sent' THEN ?6 ELSE sent_at END, updated_at = ?6 \
+                     WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending' \
+                     AND next_attempt_at = ?7",
+                )
+                .bind(&tenant)
+                .bind(&id)
+                .bind(email.state.as_str())
+                .bind(email.next_attempt_at.map(time_text))
+                .bind(&email.error)
+                .bind(time_text(event.occurred_at))
+                .bind(time_text(email.claimed_until))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                if done.rows_affected() == 0 {
+                    tx.rollback().await.map_err(db_error)?;
+                    return Ok(TransitionOutcome::EmailLeaseLost);
+                }
             }
+            Some(EmailChange::CancelPending) => {
+                sqlx::query(
+                    "UPDATE email_deliveries SET state = 'cancelled', updated_at = ?3 \
+                     WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending'",
+                )
+                .bind(&tenant)
+                .bind(&id)
+                .bind(time_text(event.occurred_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+            None => {}
         }
-        let (status, reason) =
-            t.to.clone()
-                .unwrap_or_else(|| (current.status, current.reason.clone()));
-        if status != IssuanceStatus::Pending && current.delivery == Delivery::Email {
-            // The offer is over: an email not yet sent must not go out.
-            sqlx::query(
-                "UPDATE email_deliveries SET state = 'cancelled', updated_at = ?3 \
-                 WHERE tenant_id = ?1 AND issuance_id = ?2 AND state = 'pending'",
-            )
-            .bind(id_text(tenant.0))
-            .bind(id_text(id.0))
-            .bind(time_text(t.at))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        }
-        let after = if rows::transition_writes_row(t) {
-            let row = sqlx::query(concat!(
-                "UPDATE issuances SET status = ?3, reason = ?4, \
-                 updated_at = CASE WHEN ?7 THEN ?5 ELSE updated_at END, \
-                 payload = CASE WHEN ?6 THEN payload ELSE NULL END, \
-                 code_redeemed_at = CASE WHEN ?8 THEN ?5 ELSE code_redeemed_at END, \
-                 notification_id = COALESCE(?9, notification_id), \
-                 offer_retrieved_at = CASE WHEN ?10 THEN ?5 ELSE offer_retrieved_at END \
-                 WHERE tenant_id = ?1 AND id = ?2 RETURNING ",
-                issuance_columns!()
-            ))
-            .bind(id_text(tenant.0))
-            .bind(id_text(id.0))
-            .bind(status.as_str())
-            .bind(&reason)
-            .bind(time_text(t.at))
-            .bind(status.keeps_payload())
-            .bind(t.to.is_some())
-            .bind(t.redeem_code)
-            .bind(&t.notification_id)
-            .bind(t.retrieve_offer)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            rows::issuance(&row)?
-        } else {
-            current
-        };
-        let event_status = status;
-        let event_reason = rows::event_reason(t, reason);
-        let row = sqlx::query(concat!(
+        sqlx::query(
             "INSERT INTO issuance_events \
              (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
-             SELECT ?1, ?2, COALESCE(MAX(sequence), 0) + 1, ?3, ?4, ?5, ?6 \
-             FROM issuance_events WHERE tenant_id = ?1 AND issuance_id = ?2 RETURNING ",
-            event_columns!()
-        ))
-        .bind(id_text(tenant.0))
-        .bind(id_text(id.0))
-        .bind(t.kind.as_str())
-        .bind(event_status.as_str())
-        .bind(event_reason)
-        .bind(time_text(t.at))
-        .fetch_one(&mut *tx)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&tenant)
+        .bind(&id)
+        .bind(event.sequence)
+        .bind(event.kind.as_str())
+        .bind(event.status.as_str())
+        .bind(&event.reason)
+        .bind(time_text(event.occurred_at))
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        let event = rows::event(&row)?;
-        if let Some(message) = rows::webhook_message(&after, &event, t.to.is_some()) {
-            queue_deliveries(&mut tx, &after, &event, message).await?;
+        if let Some(message) = t.webhook_message() {
+            queue_deliveries(&mut tx, after, event, message).await?;
         }
         tx.commit().await.map_err(db_error)?;
         rows::count_status_change(t);
-        Ok(TransitionOutcome::Applied(after))
+        Ok(TransitionOutcome::Applied(Box::new(rows::as_stored(after))))
     }
 
     #[tracing::instrument(name = "store.overdue_pending", skip_all, fields(db.system = "sqlite", otel.kind = "client"))]
