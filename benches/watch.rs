@@ -203,7 +203,7 @@ fn main() {
                         if e.sequence == 1 {
                             let _ = opened_tx.send(()).await;
                         }
-                        if e.status != "pending" {
+                        if e.state() != issuer::grpc::pb::issuance::State::Pending {
                             let _ = done_tx.send((s % issuances, Instant::now())).await;
                         }
                     }

@@ -54,8 +54,8 @@ ensure_tools() {
   if [ ${#missing[@]} -gt 0 ]; then echo "==> installing ${missing[*]}"; apt_install "${missing[@]}"; fi
 }
 
-# buf (npm @bufbuild/buf) for the gRPC reflection test, in .tools/ of the checkout; exports
-# ISSUER_TEST_BUF with its path.
+# buf (npm @bufbuild/buf) for the proto checks and the gRPC reflection test, in .tools/ of the
+# checkout; exports ISSUER_TEST_BUF with its path.
 ensure_buf() {
   local bin="$PWD/.tools/node_modules/.bin/buf"
   if [ ! -x "$bin" ]; then

@@ -14,6 +14,7 @@ ensure_schemathesis
 
 echo "==> Helm chart"
 bash scripts/chart.sh
+bash scripts/proto.sh
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

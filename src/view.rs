@@ -4,7 +4,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use issuer_domain::{
     Error,
-    model::{Delivery, EmailDelivery, EmailState, Issuance, IssuanceEvent, Scope},
+    model::{
+        Delivery, EmailDelivery, EmailState, EventKind, Issuance, IssuanceEvent, IssuanceStatus,
+        Scope,
+    },
     service::{IssuanceService, Principal},
 };
 
@@ -60,7 +63,7 @@ pub struct IssuanceView {
     pub client_request_id: String,
     pub credential_configuration_id: String,
     #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
-    pub status: &'static str,
+    pub status: IssuanceStatus,
     /// With `rejected`: `expired`, `cancelled` or `declined`; with `error`, what failed.
     pub reason: Option<String>,
     /// The offer for the wallet (`openid-credential-offer://?credential_offer_uri=...`). Only
@@ -68,7 +71,7 @@ pub struct IssuanceView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_offer_uri: Option<String>,
     #[schema(value_type = crate::rest::apidoc::DeliveryMethod)]
-    pub delivery: &'static str,
+    pub delivery: Delivery,
     #[serde(serialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
@@ -84,7 +87,7 @@ pub struct IssuanceView {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmailDeliveryView {
     #[schema(value_type = crate::rest::apidoc::EmailState)]
-    pub state: &'static str,
+    pub state: EmailState,
     pub attempts: i64,
     pub last_error: Option<String>,
     #[serde(serialize_with = "rfc3339_opt")]
@@ -97,7 +100,7 @@ pub struct EmailDeliveryView {
 impl From<&EmailDelivery> for EmailDeliveryView {
     fn from(e: &EmailDelivery) -> Self {
         Self {
-            state: e.state.as_str(),
+            state: e.state,
             attempts: e.attempts,
             last_error: e.last_error.clone(),
             sent_at: e.sent_at,
@@ -132,13 +135,13 @@ impl IssuanceView {
             issuance_id: i.id.to_string(),
             client_request_id: i.client_request_id.clone(),
             credential_configuration_id: i.credential_configuration_id.clone(),
-            status: i.status.as_str(),
+            status: i.status,
             reason: i.reason.map(|r| r.as_str().to_owned()),
             credential_offer_uri: who
                 .scopes
                 .contains(&Scope::IssuanceWrite)
                 .then(|| service.credential_offer_uri(i)),
-            delivery: i.delivery.as_str(),
+            delivery: i.delivery,
             expires_at: i.expires_at,
             created_at: i.created_at,
             updated_at: i.updated_at,
@@ -154,9 +157,10 @@ pub struct EventView {
     pub sequence: i64,
     /// e.g. `created`, `offer_retrieved`, `issued`, `expired`, `cancelled`, `email_sent`.
     #[serde(rename = "type")]
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub kind: EventKind,
     #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
-    pub status: &'static str,
+    pub status: IssuanceStatus,
     pub reason: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     pub occurred_at: DateTime<Utc>,
@@ -167,8 +171,8 @@ impl From<&IssuanceEvent> for EventView {
         Self {
             issuance_id: e.issuance_id.to_string(),
             sequence: e.sequence,
-            kind: e.kind.as_str().to_owned(),
-            status: e.status.as_str(),
+            kind: e.kind,
+            status: e.status,
             reason: e.reason.clone(),
             occurred_at: e.occurred_at,
         }

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use super::{
-    authenticate,
+    authenticate, enums,
     pb::{self, issuance_service_server::IssuanceService},
     status,
     structs::struct_to_json,
@@ -53,21 +53,26 @@ impl IssuanceGrpc {
     }
 }
 
+// The deprecated words are filled in beside the enums for clients of before the enums.
+#[allow(deprecated)]
 fn to_message(v: IssuanceView) -> pb::Issuance {
     pb::Issuance {
         issuance_id: v.issuance_id,
         client_request_id: v.client_request_id,
         credential_configuration_id: v.credential_configuration_id,
-        status: v.status.to_owned(),
+        status: v.status.as_str().to_owned(),
+        state: enums::state(v.status).into(),
         reason: v.reason.unwrap_or_default(),
         credential_offer_uri: v.credential_offer_uri.unwrap_or_default(),
-        delivery: v.delivery.to_owned(),
+        delivery: v.delivery.as_str().to_owned(),
+        delivery_method: enums::delivery(v.delivery).into(),
         expires_at: Some(timestamp(&v.expires_at)),
         created_at: Some(timestamp(&v.created_at)),
         updated_at: Some(timestamp(&v.updated_at)),
         tx_code: String::new(),
         email_delivery: v.email_delivery.map(|e| pb::EmailDelivery {
-            state: e.state.to_owned(),
+            state: e.state.as_str().to_owned(),
+            email_state: enums::email_state(e.state).into(),
             attempts: e.attempts,
             last_error: e.last_error.unwrap_or_default(),
             sent_at: e.sent_at.as_ref().map(timestamp),
@@ -85,12 +90,21 @@ fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> Timestamp {
 
 /// The request as the JSON the domain validates; proto3 leaves unset strings empty, so empty
 /// optional strings count as absent.
-fn create_body(r: pb::CreateIssuanceRequest) -> Value {
+#[allow(deprecated)]
+fn create_body(r: pb::CreateIssuanceRequest) -> Result<Value, Status> {
+    let delivery = enums::merged_word(
+        "delivery_method",
+        r.delivery_method,
+        "delivery",
+        r.delivery,
+        enums::delivery_word,
+    )
+    .map_err(status)?;
     let mut m = Map::new();
     m.insert("client_request_id".into(), r.client_request_id.into());
     for (name, value) in [
         ("credential_configuration_id", r.credential_configuration_id),
-        ("delivery", r.delivery),
+        ("delivery", delivery),
         ("email", r.email),
         ("grant_type", r.grant_type),
     ] {
@@ -107,16 +121,19 @@ fn create_body(r: pb::CreateIssuanceRequest) -> Value {
     if let Some(t) = r.tx_code {
         m.insert("tx_code".into(), t.into());
     }
-    Value::Object(m)
+    Ok(Value::Object(m))
 }
 
+#[allow(deprecated)]
 fn event_message(e: &issuer_domain::model::IssuanceEvent) -> pb::IssuanceEvent {
     let v = EventView::from(e);
     pb::IssuanceEvent {
         issuance_id: v.issuance_id,
         sequence: v.sequence,
-        r#type: v.kind,
-        status: v.status.to_owned(),
+        r#type: v.kind.as_str().to_owned(),
+        event_type: enums::event_type(v.kind).into(),
+        status: v.status.as_str().to_owned(),
+        state: enums::state(v.status).into(),
         reason: v.reason.unwrap_or_default(),
         occurred_at: Some(timestamp(&v.occurred_at)),
     }
@@ -161,7 +178,7 @@ impl IssuanceService for IssuanceGrpc {
         req: Request<pb::CreateIssuanceRequest>,
     ) -> Result<Response<pb::Issuance>, Status> {
         let who = authenticate(&self.app, &req)?;
-        let body = create_body(req.into_inner());
+        let body = create_body(req.into_inner())?;
         let out = self
             .app
             .issuances
@@ -205,6 +222,10 @@ impl IssuanceService for IssuanceGrpc {
     ) -> Result<Response<pb::ListIssuancesResponse>, Status> {
         let who = authenticate(&self.app, &req)?;
         let r = req.into_inner();
+        #[allow(deprecated)]
+        let status_word =
+            enums::merged_word("state", r.state, "status", r.status, enums::state_word)
+                .map_err(status)?;
         let page = self
             .app
             .issuances
@@ -213,7 +234,7 @@ impl IssuanceService for IssuanceGrpc {
                 ListParams {
                     page_size: Some(i64::from(r.page_size)),
                     page_token: Some(r.page_token),
-                    status: Some(r.status),
+                    status: Some(status_word),
                     client_request_id: Some(r.client_request_id),
                 },
             )

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::app::App;
 
+mod enums;
 mod issuances;
 pub mod structs;
 
@@ -16,7 +17,8 @@ pub use issuances::IssuanceGrpc;
 
 /// Generated code of `proto/issuer/v1`.
 pub mod pb {
-    #![allow(clippy::all, missing_docs)]
+    // The deprecated string fields are still filled in for older clients.
+    #![allow(clippy::all, missing_docs, deprecated)]
     tonic::include_proto!("issuer.v1");
 
     /// Encoded descriptors, for reflection.

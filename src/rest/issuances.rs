@@ -299,7 +299,7 @@ pub async fn events(
                 let view = EventView::from(&e);
                 SseEvent::default()
                     .id(view.sequence.to_string())
-                    .event(view.kind.clone())
+                    .event(view.kind.as_str())
                     .json_data(&view)
                     .unwrap_or_else(|_| SseEvent::default().comment("unserialisable event"))
             }

@@ -3,7 +3,7 @@
 //! validation errors that write nothing.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use issuer::grpc::pb;
+use issuer::grpc::pb::{self, issuance::State};
 use percent_encoding::percent_decode_str;
 use reqwest::{Response, StatusCode, header};
 use serde_json::{Value, json};
@@ -86,13 +86,26 @@ fn assert_same_issuance(rest: &Value, grpc: &pb::Issuance) {
         str_field(rest, "credential_configuration_id"),
         grpc.credential_configuration_id
     );
-    assert_eq!(str_field(rest, "status"), grpc.status);
+    assert_eq!(
+        str_field(rest, "status"),
+        grpc.state().as_str_name()[6..].to_lowercase()
+    );
+    #[allow(deprecated)]
+    let words = (grpc.status.as_str(), grpc.delivery.as_str());
+    assert_eq!(
+        words,
+        (str_field(rest, "status"), str_field(rest, "delivery")),
+        "the deprecated words are still filled in"
+    );
     assert_eq!(rest["reason"].as_str().unwrap_or_default(), grpc.reason);
     assert_eq!(
         str_field(rest, "credential_offer_uri"),
         grpc.credential_offer_uri
     );
-    assert_eq!(str_field(rest, "delivery"), grpc.delivery);
+    assert_eq!(
+        str_field(rest, "delivery"),
+        grpc.delivery_method().as_str_name()["DELIVERY_METHOD_".len()..].to_lowercase()
+    );
     for (name, ts) in [
         ("expires_at", &grpc.expires_at),
         ("created_at", &grpc.created_at),
@@ -305,13 +318,58 @@ async fn rest_created_issuance_reads_the_same_over_grpc() {
         .await
         .expect("GetIssuance")
         .into_inner();
-    assert_eq!(got.status, "pending");
+    assert_eq!(got.state(), State::Pending);
     assert_eq!(got.client_request_id, "rest-then-grpc");
     assert_eq!(
         got.expires_at.as_ref().unwrap().seconds,
         rfc3339(str_field(&rest, "expires_at")).timestamp()
     );
     assert_same_issuance(&rest, &got);
+}
+
+/// Clients of before the enums still create with the deprecated `delivery` word; a word at
+/// odds with `delivery_method` is refused and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_create_accepts_the_deprecated_delivery_word() {
+    let (_db, app, _creds, token) = setup().await;
+    let mut grpc = app.grpc().await;
+    #[allow(deprecated)]
+    let request = |crid: &str, word: &str, method: pb::DeliveryMethod| pb::CreateIssuanceRequest {
+        delivery: word.into(),
+        delivery_method: method as i32,
+        ..create_request_pb(&create_body(crid))
+    };
+    let created = grpc
+        .create_issuance(authed(
+            &token,
+            request("word-qr", "qr", pb::DeliveryMethod::Unspecified),
+        ))
+        .await
+        .expect("create with the deprecated word")
+        .into_inner();
+    assert_eq!(created.delivery_method(), pb::DeliveryMethod::Qr);
+    let err = grpc
+        .create_issuance(authed(
+            &token,
+            request("word-clash", "qr", pb::DeliveryMethod::Link),
+        ))
+        .await
+        .expect_err("the word and the enum disagree");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let bad = err.get_details_bad_request().expect("BadRequest");
+    assert_eq!(bad.field_violations[0].field, "delivery_method");
+    let listed = grpc
+        .list_issuances(authed(
+            &token,
+            pb::ListIssuancesRequest {
+                client_request_id: "word-clash".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("ListIssuances")
+        .into_inner();
+    assert!(listed.issuances.is_empty(), "nothing was created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +390,7 @@ async fn grpc_created_issuance_reads_the_same_over_rest() {
         Some("false")
     );
     let created = res.into_inner();
-    assert_eq!(created.status, "pending");
+    assert_eq!(created.state(), State::Pending);
     assert_eq!(created.client_request_id, "grpc-then-rest");
     assert_eq!(created.credential_configuration_id, CONFIG_ID);
     assert!(created.credential_offer_uri.starts_with(OFFER_PREFIX));
@@ -431,14 +489,15 @@ async fn grpc_list_filters_by_status_and_client_request_id() {
     let id = |v: &Value| str_field(v, "issuance_id").to_owned();
     let mut grpc = app.grpc().await;
 
-    let mut list = async |status: &str, crid: &str| {
+    let mut list = async |status: State, crid: &str| {
         grpc.list_issuances(authed(
             &token,
             pb::ListIssuancesRequest {
                 page_size: 0,
                 page_token: String::new(),
-                status: status.into(),
+                state: status as i32,
                 client_request_id: crid.into(),
+                ..Default::default()
             },
         ))
         .await
@@ -452,27 +511,66 @@ async fn grpc_list_filters_by_status_and_client_request_id() {
             .collect::<Vec<_>>()
     };
 
-    let all = list("", "").await;
+    let all = list(State::Unspecified, "").await;
     assert_eq!(ids(&all), vec![id(&c), id(&b), id(&a)]);
     assert_eq!(all.next_page_token, "");
 
-    let pending = list("pending", "").await;
+    let pending = list(State::Pending, "").await;
     assert_eq!(ids(&pending), vec![id(&c), id(&a)]);
-    assert!(pending.issuances.iter().all(|i| i.status == "pending"));
+    assert!(
+        pending
+            .issuances
+            .iter()
+            .all(|i| i.state() == State::Pending)
+    );
 
-    let rejected = list("rejected", "").await;
+    let rejected = list(State::Rejected, "").await;
     assert_eq!(ids(&rejected), vec![id(&b)]);
-    assert_eq!(rejected.issuances[0].status, "rejected");
+    assert_eq!(rejected.issuances[0].state(), State::Rejected);
     assert_eq!(rejected.issuances[0].reason, "cancelled");
 
-    assert!(list("accepted", "").await.issuances.is_empty());
+    assert!(list(State::Accepted, "").await.issuances.is_empty());
 
-    let by_key = list("", "gfilter-a").await;
+    let by_key = list(State::Unspecified, "gfilter-a").await;
     assert_eq!(ids(&by_key), vec![id(&a)]);
     assert_same_issuance(&a, &by_key.issuances[0]);
 
-    assert!(list("pending", "gfilter-b").await.issuances.is_empty());
-    assert!(list("", "no-such-key").await.issuances.is_empty());
+    assert!(list(State::Pending, "gfilter-b").await.issuances.is_empty());
+    assert!(
+        list(State::Unspecified, "no-such-key")
+            .await
+            .issuances
+            .is_empty()
+    );
+
+    // Clients of before the enums filter by the deprecated word; both at odds is refused.
+    #[allow(deprecated)]
+    let by_word = |word: &str, state: State| pb::ListIssuancesRequest {
+        status: word.into(),
+        state: state as i32,
+        ..Default::default()
+    };
+    let legacy = grpc
+        .list_issuances(authed(&token, by_word("rejected", State::Unspecified)))
+        .await
+        .expect("list by the deprecated status word")
+        .into_inner();
+    assert_eq!(ids(&legacy), vec![id(&b)]);
+    let both = grpc
+        .list_issuances(authed(&token, by_word("rejected", State::Rejected)))
+        .await
+        .expect("both saying the same");
+    assert_eq!(ids(&both.into_inner()), vec![id(&b)]);
+    let err = grpc
+        .list_issuances(authed(&token, by_word("rejected", State::Pending)))
+        .await
+        .expect_err("the enum and the word disagree");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let violations = err
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations;
+    assert_eq!(violations[0].field, "state");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,8 +645,8 @@ async fn grpc_list_pages_newest_first_without_repeats() {
                 pb::ListIssuancesRequest {
                     page_size: 2,
                     page_token: page_token.clone(),
-                    status: String::new(),
                     client_request_id: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -593,8 +691,8 @@ async fn grpc_list_refuses_a_bad_page_token() {
                 pb::ListIssuancesRequest {
                     page_size: 2,
                     page_token: bad.into(),
-                    status: String::new(),
                     client_request_id: String::new(),
+                    ..Default::default()
                 },
             ))
             .await

@@ -10,7 +10,7 @@ use crate::{
     },
     wallet::client::{PRE_AUTH_GRANT, discover, expect_error, pre_authorized_code, resolve_offer},
 };
-use issuer::grpc::pb;
+use issuer::grpc::pb::{self, issuance::State};
 use issuer_domain::model::Scope;
 
 /// Runs `$check` against a fresh instance on Postgres + Redis (`$pg`) and on the embedded
@@ -135,7 +135,7 @@ async fn read_scope_sees_no_offer(app: &TestApp) {
         )
     };
     let msg = grpc.get_issuance(get(&reader)).await.unwrap().into_inner();
-    assert_eq!(msg.status, "pending");
+    assert_eq!(msg.state(), State::Pending);
     assert_eq!(msg.credential_offer_uri, "");
     let listed = grpc
         .list_issuances(authed(&reader, pb::ListIssuancesRequest::default()))

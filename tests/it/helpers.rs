@@ -324,6 +324,7 @@ pub fn create_body(client_request_id: &str) -> Value {
 /// The gRPC `CreateIssuanceRequest` for a create body in the REST JSON shape; absent strings are
 /// left empty as proto3 sends them.
 pub fn create_request_pb(body: &Value) -> issuer::grpc::pb::CreateIssuanceRequest {
+    use issuer::grpc::pb;
     let s = |k: &str| {
         body.get(k)
             .and_then(Value::as_str)
@@ -337,11 +338,19 @@ pub fn create_request_pb(body: &Value) -> issuer::grpc::pb::CreateIssuanceReques
             .get("payload")
             .and_then(Value::as_object)
             .map(issuer::grpc::structs::json_to_struct),
-        delivery: s("delivery"),
+        delivery_method: match s("delivery").as_str() {
+            "" => pb::DeliveryMethod::Unspecified,
+            "none" => pb::DeliveryMethod::None,
+            "email" => pb::DeliveryMethod::Email,
+            "link" => pb::DeliveryMethod::Link,
+            "qr" => pb::DeliveryMethod::Qr,
+            other => panic!("no delivery method `{other}`"),
+        } as i32,
         email: s("email"),
         grant_type: s("grant_type"),
         expires_in: body.get("expires_in").and_then(Value::as_i64),
         tx_code: body.get("tx_code").and_then(Value::as_bool),
+        ..Default::default()
     }
 }
 

@@ -446,8 +446,8 @@ async fn replays_return_the_same_issuance_over_rest_and_grpc() {
         rfc3339(&msg.created_at),
         first["created_at"].as_str().unwrap()
     );
-    assert_eq!(msg.status, "pending");
-    assert_eq!(msg.delivery, "none");
+    assert_eq!(msg.state(), pb::issuance::State::Pending);
+    assert_eq!(msg.delivery_method(), pb::DeliveryMethod::None);
 
     // Created over gRPC, replayed over gRPC (the same message) and over REST.
     let crid2 = key("replay-grpc");
@@ -487,7 +487,7 @@ async fn replays_return_the_same_issuance_over_rest_and_grpc() {
         .expect("gRPC create with optional fields");
     assert_eq!(grpc_replayed(&res).as_deref(), Some("false"));
     let created3 = res.into_inner();
-    assert_eq!(created3.delivery, "email");
+    assert_eq!(created3.delivery_method(), pb::DeliveryMethod::Email);
     let lifetime = created3.expires_at.unwrap().seconds - created3.created_at.unwrap().seconds;
     assert!(
         (899..=900).contains(&lifetime),

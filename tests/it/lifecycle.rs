@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use issuer::grpc::pb::CancelIssuanceRequest;
+use issuer::grpc::pb::{self, CancelIssuanceRequest};
 use issuer_domain::{
     ids::{IssuanceId, TenantId},
     model::{IssuanceStatus, Scope},
@@ -116,8 +116,8 @@ async fn cancel_over_grpc_and_its_refusals() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (msg.status.as_str(), msg.reason.as_str()),
-        ("rejected", "cancelled")
+        (msg.state(), msg.reason.as_str()),
+        (pb::issuance::State::Rejected, "cancelled")
     );
 
     // Another tenant cannot cancel it, and cannot tell it exists.

@@ -179,11 +179,13 @@ async fn drain(w: &mut Watch) -> Vec<pb::IssuanceEvent> {
     out
 }
 
+/// An event as (sequence, type, status, reason), in the REST words of the enums.
 fn pb_summary(e: &pb::IssuanceEvent) -> (i64, String, String, String) {
+    let word = |name: &str, prefix: &str| name[prefix.len()..].to_ascii_lowercase();
     (
         e.sequence,
-        e.r#type.clone(),
-        e.status.clone(),
+        word(e.event_type().as_str_name(), "EVENT_TYPE_"),
+        word(e.state().as_str_name(), "STATE_"),
         e.reason.clone(),
     )
 }
@@ -528,7 +530,7 @@ async fn idle_streams_receive_heartbeats_and_stay_live() {
     let mut w = watch(&app, &token, &id, 0).await.unwrap();
     let mut sse = Sse::open(&app, &token, &id, None).await;
     match next_item(&mut w, WAIT).await {
-        Some(Item::Event(e)) => assert_eq!(e.r#type, "created"),
+        Some(Item::Event(e)) => assert_eq!(e.event_type(), pb::EventType::Created),
         other => panic!("expected the created event, got {other:?}"),
     }
     assert_eq!(
@@ -790,7 +792,10 @@ async fn a_watcher_sees_the_sweeper_expire_the_issuance() {
 
     let opened = Instant::now();
     let mut w = watch(&app, &token, &id, 0).await.unwrap();
-    assert_eq!(next_event(&mut w, WAIT).await.unwrap().r#type, "created");
+    assert_eq!(
+        next_event(&mut w, WAIT).await.unwrap().event_type(),
+        pb::EventType::Created
+    );
     // Heartbeats are 15 s apart by default, so only a live announcement arrives in time.
     let outcome = next_event(&mut w, WAIT)
         .await
@@ -844,7 +849,7 @@ async fn resuming_past_the_end_still_delivers_the_outcome() {
         .expect("a message");
     match msg.item {
         Some(Item::Event(e)) => {
-            assert_eq!((e.sequence, e.r#type.as_str()), (2, "cancelled"))
+            assert_eq!((e.sequence, e.event_type()), (2, pb::EventType::Cancelled))
         }
         other => panic!("expected the cancelled event, got {other:?}"),
     }

@@ -354,7 +354,8 @@ pub struct IssuanceEvent {
     pub occurred_at: DateTime<Utc>,
 }
 /// What happened to an issuance: the kind of each event in its log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Created,
     OfferRetrieved,
@@ -479,7 +480,8 @@ impl IssuanceStatus {
 }
 
 /// Where an offer email stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EmailState {
     /// Not sent yet; the next attempt is due at `next_attempt_at`.
     Pending,
@@ -572,6 +574,15 @@ mod tests {
     fn event_kinds_and_reasons_round_trip_through_their_words() {
         for kind in EventKind::ALL {
             assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        for state in [
+            EmailState::Pending,
+            EmailState::Sent,
+            EmailState::Failed,
+            EmailState::Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
         assert!("tx_code_guessed".parse::<EventKind>().is_err());
         for reason in Reason::ALL {

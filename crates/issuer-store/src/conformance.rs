@@ -1202,7 +1202,10 @@ pub async fn transition_applies_purges_and_appends(store: &dyn Store) {
         after.offer_id, issuance.offer_id,
         "other columns are untouched"
     );
-    assert_eq!(get(store, tenant, issuance.id).await.as_ref(), Some(&*after));
+    assert_eq!(
+        get(store, tenant, issuance.id).await.as_ref(),
+        Some(&*after)
+    );
     let evs = events(store, tenant, issuance.id).await;
     assert_eq!(evs.len(), 2, "the transition appends one event");
     let last = &evs[1];
