@@ -17,7 +17,7 @@ use issuer_domain::{
     service::{IdempotencySettings, IssuancePorts, IssuanceService},
 };
 use issuer_oid4vci::{WalletService, WalletSettings};
-use issuer_store::{PgStore, SqliteStore};
+use issuer_store::{Metered, SqlStore};
 
 use crate::{config::Settings, watch::WatchTiming};
 
@@ -193,11 +193,11 @@ impl App {
     }
 }
 
-/// Opens the configured store; migrates it when asked.
+/// Opens the configured store, traced and counted; migrates it when asked.
 pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match &settings.database_url {
+    let store = match &settings.database_url {
         Some(url) => {
-            let store = PgStore::connect(url.expose(), settings.database_max_connections)
+            let store = SqlStore::connect_postgres(url.expose(), settings.database_max_connections)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.chain()))
                 .context("connecting to ISSUER_DATABASE_URL")?;
@@ -207,7 +207,7 @@ pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result
                     .await
                     .map_err(|e| anyhow::anyhow!(e.chain()))?;
             }
-            Arc::new(store)
+            store
         }
         None => {
             private_dir(&settings.data_dir)
@@ -221,7 +221,7 @@ pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result
                         .with_context(|| format!("protecting {}", file.display()))?;
                 }
             }
-            let store = SqliteStore::open(&path.to_string_lossy())
+            let store = SqlStore::open_sqlite(&path.to_string_lossy())
                 .await
                 .map_err(|e| anyhow::anyhow!(e.chain()))
                 .with_context(|| format!("opening {}", path.display()))?;
@@ -230,9 +230,11 @@ pub async fn connect_store(settings: &Settings, migrate: bool) -> anyhow::Result
                 .migrate()
                 .await
                 .map_err(|e| anyhow::anyhow!(e.chain()))?;
-            Arc::new(store)
+            store
         }
-    })
+    };
+    let system = store.system();
+    Ok(Arc::new(Metered::new(store, system)))
 }
 
 fn server_secret(settings: &Settings) -> anyhow::Result<ServerSecret> {

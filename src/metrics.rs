@@ -9,7 +9,7 @@
 //! - `issuances_created_total{transport}`, `idempotent_replays_total{transport}`;
 //! - `token_grants_total{grant_type, outcome}`;
 //! - `webhook_attempts_total{outcome}`, `email_attempts_total{outcome}`;
-//! - `issuance_status_changes_total{status, reason}` (counted by the store as they commit);
+//! - `issuance_status_changes_total{status, reason}` (counted by the metered store as they commit);
 //! - `idempotency_locks_total{outcome}`, `idempotency_lock_wait_seconds{outcome}`;
 //! - at scrape time: `outbox_pending{outbox}`, `outbox_overdue_seconds{outbox}` (how long the
 //!   earliest due item has been waiting), `db_pool_connections{state}`,

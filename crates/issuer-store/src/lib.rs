@@ -1,5 +1,6 @@
-//! Durable state of the issuer: the [`Store`](issuer_domain::ports::Store) port implemented on
-//! Postgres ([`PgStore`], production) and SQLite ([`SqliteStore`], single node and tests).
+//! Durable state of the issuer: the [`Store`](issuer_domain::ports::Store) port implemented
+//! once, by [`SqlStore`], on Postgres (production) and SQLite (single node, development, tests),
+//! over a small dialect layer; [`Metered`] adds tracing and metrics around any store.
 //!
 //! Both backends share one schema shape (`migrations/postgres`, `migrations/sqlite`, embedded
 //! and applied by `migrate()`): every table carries `tenant_id` and leads its keys with it, so
@@ -14,15 +15,18 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod db;
+mod metered;
 mod pg_batch;
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 
+pub use metered::Metered;
 pub use pg_batch::CreateWrites;
-pub use postgres::PgStore;
 pub use rows::{traceparent, trunc_micros};
-pub use sqlite::SqliteStore;
+pub use sql::SqlStore;
 
 #[cfg(test)]
 mod tests;

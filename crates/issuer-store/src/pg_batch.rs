@@ -75,7 +75,7 @@ pub(crate) struct InsertBatcher {
 }
 
 /// How creates were written so far: `creates` rows in `statements` statements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CreateWrites {
     pub statements: u64,
     pub creates: u64,

@@ -10,7 +10,6 @@ use chrono::{DateTime, SubsecRound, Utc};
 use issuer_domain::{
     Error, ErrorCode,
     ids::{IssuanceId, TenantId},
-    lifecycle::Transition,
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, EventKind, Issuance, IssuanceEvent,
         IssuanceStatus, RateLimit, Scope, StoreGauges, Tenant,
@@ -461,19 +460,6 @@ pub(crate) fn conflict_or_db_error(
 
 /// Whether `t` applies to `current`: its status is one of `from`, and a code redemption finds
 /// the code unredeemed.
-/// Counts a committed status change for `issuer_issuance_status_changes_total` (the reasons are
-/// the service's own few words, so the labels stay bounded).
-pub(crate) fn count_status_change(t: &Transition) {
-    if let Some((status, reason)) = t.status_change() {
-        metrics::counter!(
-            "issuer_issuance_status_changes_total",
-            "status" => status.as_str(),
-            "reason" => reason.map(|r| r.as_str()).unwrap_or_default()
-        )
-        .increment(1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

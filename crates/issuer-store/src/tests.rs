@@ -16,7 +16,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use crate::{PgStore, SqliteStore, conformance};
+use crate::{SqlStore, conformance};
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -124,7 +124,7 @@ fn admin_url() -> String {
 struct PgDb {
     admin: PgConnection,
     name: String,
-    store: PgStore,
+    store: SqlStore,
 }
 
 impl PgDb {
@@ -147,14 +147,14 @@ impl PgDb {
             .connect_with(options)
             .await
             .expect("connect to test database");
-        let store = PgStore::from_pool(pool);
+        let store = SqlStore::from_pg_pool(pool);
         store.migrate().await.expect("migrate");
         Self { admin, name, store }
     }
 
     /// Drops the database, then re-raises the checks' panic, if any.
     async fn finish(mut self, outcome: Result<(), Box<dyn Any + Send>>) {
-        self.store.pool().close().await;
+        self.store.close().await;
         self.admin
             .execute(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE {} WITH (FORCE)",
@@ -262,7 +262,7 @@ async fn postgres_groups_concurrent_creates_and_isolates_a_bad_row() {
 async fn postgres_down_is_unavailable_and_fast() {
     // Port 1 on loopback: nothing listens, so the connection is refused.
     let started = Instant::now();
-    let err = PgStore::connect("postgres://postgres@127.0.0.1:1/postgres", 2)
+    let err = SqlStore::connect_postgres("postgres://postgres@127.0.0.1:1/postgres", 2)
         .await
         .expect_err("connecting to a closed port must fail");
     assert_eq!(err.code, ErrorCode::Unavailable, "{}", err.chain());
@@ -288,7 +288,7 @@ impl Drop for TempDb {
 
 /// A migrated SQLite database in a temporary file.
 struct SqliteFile {
-    store: SqliteStore,
+    store: SqlStore,
     _file: TempDb,
 }
 
@@ -298,7 +298,7 @@ impl Backend for SqliteFile {
             std::env::temp_dir().join(format!("issuer_store_test_{}.db", Uuid::new_v4().simple())),
         );
         let path = file.0.to_str().expect("temp path is UTF-8");
-        let store = SqliteStore::open(path).await.expect("open sqlite file");
+        let store = SqlStore::open_sqlite(path).await.expect("open sqlite file");
         store.migrate().await.expect("migrate");
         store.migrate().await.expect("second migrate");
         Self { store, _file: file }
@@ -309,17 +309,17 @@ impl Backend for SqliteFile {
     }
 
     async fn close(self) {
-        self.store.pool().close().await;
+        self.store.close().await;
     }
 }
 
 /// A private in-memory SQLite database.
-struct SqliteMemory(SqliteStore);
+struct SqliteMemory(SqlStore);
 
 impl Backend for SqliteMemory {
     async fn open() -> Self {
         Self(
-            SqliteStore::in_memory()
+            SqlStore::sqlite_in_memory()
                 .await
                 .expect("open in-memory sqlite"),
         )
@@ -348,9 +348,9 @@ async fn sqlite_open_accepts_a_url_and_creates_the_file() {
         std::env::temp_dir().join(format!("issuer_store_test_{}.db", Uuid::new_v4().simple())),
     );
     let url = format!("sqlite://{}", file.0.display());
-    let store = SqliteStore::open(&url).await.expect("open sqlite url");
+    let store = SqlStore::open_sqlite(&url).await.expect("open sqlite url");
     store.migrate().await.expect("migrate");
     store.ping().await.expect("ping");
     assert!(file.0.exists(), "open must create the database file");
-    store.pool().close().await;
+    store.close().await;
 }
