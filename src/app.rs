@@ -19,7 +19,11 @@ use issuer_domain::{
 use issuer_oid4vci::{WalletService, WalletSettings};
 use issuer_store::{Metered, SqlStore};
 
-use crate::{config::Settings, watch::WatchTiming};
+use crate::{
+    config::Settings,
+    files::{private_dir, private_file},
+    watch::WatchTiming,
+};
 
 /// Everything a request handler needs, shared by REST and gRPC.
 pub struct App {
@@ -32,23 +36,24 @@ pub struct App {
     pub credential_jwks: serde_json::Value,
     pub hasher: SecretHasher,
     pub clock: Arc<dyn Clock>,
-    pub issuances: IssuanceService,
+    pub issuances: Arc<IssuanceService>,
     /// Plans and applies changes of issuances (the workers' way to change one).
     pub lifecycle: Lifecycle,
     /// Announces new events to watchers on every replica.
     pub hub: Arc<EventHub>,
     pub sealer: Arc<dyn CodeSealer>,
-    pub webhook_sender: issuer_webhooks::Sender,
-    pub webhook_schedule: issuer_webhooks::RetrySchedule,
+    /// Tenants' webhook endpoints.
+    pub webhooks: crate::webhooks::WebhookEndpoints,
+    /// Delivers the webhook outbox.
+    pub dispatcher: Arc<crate::webhooks::Dispatcher>,
     /// Wakes this replica's webhook dispatcher (manual retries, finished attempts).
     pub dispatch_wake: tokio::sync::broadcast::Sender<()>,
-    pub watch_timing: WatchTiming,
+    /// Opens `WatchIssuance` and SSE streams.
+    pub watches: crate::watch::Watches,
     /// Sends offer emails (SMTP, or `.eml` files without it).
-    pub mailer: crate::mail::Mailer,
+    pub mailer: Arc<crate::mail::MailWorker>,
     /// Turns true when shutdown begins: readiness fails, watch streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    /// Open watch streams per tenant.
-    pub watchers: Arc<crate::watch::WatchCounts>,
     /// Request budgets per API client and per client address.
     pub limits: crate::limits::Limits,
     /// Where `/metrics` is served, once [`crate::serve`] has bound it.
@@ -143,7 +148,7 @@ impl App {
         let policy = issuer_webhooks::NetworkPolicy::parse(&settings.webhook_allow_networks)
             .map_err(|e| anyhow::anyhow!("ISSUER_WEBHOOK_ALLOW_NETWORKS: {e}"))?;
         let webhook_sender = issuer_webhooks::Sender::try_new(
-            policy,
+            policy.clone(),
             Duration::from_millis(settings.webhook_timeout_ms),
         )?;
         let webhook_schedule = match &settings.webhook_retry_schedule {
@@ -151,8 +156,37 @@ impl App {
                 .map_err(|e| anyhow::anyhow!("ISSUER_WEBHOOK_RETRY_SCHEDULE: {e}"))?,
             None => issuer_webhooks::RetrySchedule::default(),
         };
-        let mailer = crate::mail::Mailer::from_settings(&settings)?;
-        let issuances = IssuanceService::new(
+        let dispatch_wake = tokio::sync::broadcast::channel(1024).0;
+        let webhooks = crate::webhooks::WebhookEndpoints {
+            store: store.clone(),
+            sealer: sealer.clone(),
+            clock: clock.clone(),
+            policy: Arc::new(policy),
+            wake: dispatch_wake.clone(),
+        };
+        let dispatcher = Arc::new(crate::webhooks::Dispatcher {
+            outbox: Arc::new(store.clone()),
+            transport: Arc::new(webhook_sender),
+            sealer: sealer.clone(),
+            clock: clock.clone(),
+            schedule: webhook_schedule,
+            concurrency: settings.webhook_concurrency,
+            disable_after: chrono::Duration::hours(settings.webhook_disable_after_hours),
+            wake: dispatch_wake.clone(),
+        });
+        let transport = crate::mail::Mailer::from_settings(&settings)?;
+        let mailer = Arc::new(crate::mail::MailWorker {
+            outbox: Arc::new(crate::mail::StoreOutbox {
+                store: store.clone(),
+                lifecycle: Lifecycle::new(store.clone(), hub.clone()),
+            }),
+            from: transport.from.clone(),
+            schedule: transport.schedule.clone(),
+            transport: Arc::new(transport),
+            clock: clock.clone(),
+            links: issuer_domain::service::OfferLinks::new(&settings.public_url),
+        });
+        let issuances = Arc::new(IssuanceService::new(
             IssuancePorts {
                 store: store.clone(),
                 lock: lock.clone(),
@@ -166,7 +200,17 @@ impl App {
                 lock_wait: Duration::from_millis(settings.idempotency_lock_wait_ms),
                 ..IdempotencySettings::default()
             },
-        );
+        ));
+        let stopping = tokio::sync::watch::channel(false).0;
+        let watches = crate::watch::Watches {
+            issuances: issuances.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            timing: watch_timing,
+            counts: Arc::default(),
+            max_per_tenant: settings.watch_max_per_tenant,
+            stopping: stopping.subscribe(),
+        };
         Ok(Self {
             lifecycle: Lifecycle::new(store.clone(), hub.clone()),
             hasher: SecretHasher::new(&secret),
@@ -179,15 +223,14 @@ impl App {
             clock,
             issuances,
             hub,
-            watch_timing,
+            watches,
             sealer,
-            webhook_sender,
-            webhook_schedule,
-            dispatch_wake: tokio::sync::broadcast::channel(1024).0,
+            webhooks,
+            dispatcher,
+            dispatch_wake,
             mailer,
-            stopping: tokio::sync::watch::channel(false).0,
+            stopping,
             metrics_addr: std::sync::OnceLock::new(),
-            watchers: Arc::default(),
             limits,
         })
     }
@@ -320,32 +363,6 @@ fn token_signing_key(settings: &Settings) -> anyhow::Result<SigningKey> {
         })?,
     };
     SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("token signing key: {e}"))
-}
-
-/// Creates `dir` readable by the service's user only (0700), or makes an existing one so: the
-/// embedded default keeps its keys, database and offer emails there.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)?;
-    #[cfg(unix)]
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    Ok(())
-}
-
-/// Creates `path` empty and readable by the service's user only (0600), or makes an existing
-/// file so.
-pub fn private_file(path: &Path) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.append(true).create(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    drop(options.open(path)?);
-    #[cfg(unix)]
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(())
 }
 
 /// Reads a file of the embedded default's data dir, creating it (mode 0600) on first start.

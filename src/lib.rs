@@ -10,8 +10,9 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod files;
 pub mod grpc;
-pub mod landing;
+pub mod html;
 pub mod limits;
 pub mod mail;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod telemetry;
 pub mod view;
 pub mod watch;
 pub mod webhooks;
+pub mod wire;
 
 pub use app::App;
 pub use config::Settings;
@@ -59,7 +61,11 @@ pub async fn serve(
     let sweeper = tokio::spawn(sweep(app.clone()));
     let upkeep = tokio::spawn(metrics::upkeep());
     let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
-    let mut dispatcher = tokio::spawn(webhooks::dispatch(app.clone(), workers_stopped.clone()));
+    let mut dispatcher = tokio::spawn(
+        app.dispatcher
+            .clone()
+            .run(app.hub.subscribe(), workers_stopped.clone()),
+    );
     let retention = tokio::spawn(
         retention::Retention::new(
             app.store.clone(),
@@ -71,7 +77,7 @@ pub async fn serve(
             workers_stopped.clone(),
         ),
     );
-    let mut mailer = tokio::spawn(mail::run(app.clone(), workers_stopped));
+    let mut mailer = tokio::spawn(app.mailer.clone().run(app.hub.subscribe(), workers_stopped));
     // Attempts under way get their own timeout and a margin to record the result.
     let drain = std::time::Duration::from_millis(
         app.settings
@@ -203,7 +209,7 @@ where
         // Inside the metrics, so that refusals are counted and timed like any answer.
         .layer(axum::middleware::from_fn_with_state(
             limited,
-            limits::enforce,
+            server::enforce_limits,
         ))
         // After routing, so that REST requests are labelled with their route template.
         .layer(axum::middleware::from_fn(metrics::track))
@@ -242,10 +248,10 @@ async fn serve_metrics(app: &Arc<App>) -> anyhow::Result<Option<tokio::task::Joi
     let addr = listener.local_addr()?;
     let _ = app.metrics_addr.set(addr);
     tracing::info!(%addr, "serving metrics");
-    let scraped = app.clone();
+    let (store, clock) = (app.store.clone(), app.clock.clone());
     let router = Router::new().route(
         "/metrics",
-        axum::routing::get(move || metrics::scrape(scraped.clone())),
+        axum::routing::get(move || metrics::scrape(store.clone(), clock.clone())),
     );
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
@@ -285,7 +291,7 @@ fn write_bootstrap(creds: &admin::ClientCredentials, settings: &Settings) -> any
         settings.public_url, creds.tenant_id, creds.client_id, creds.client_secret
     );
     let path = settings.data_dir.join("bootstrap-credentials.env");
-    app::private_file(&path)?;
+    files::private_file(&path)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)

@@ -10,29 +10,23 @@
 //!   trusted proxy sets (`ISSUER_CLIENT_IP_HEADER`); IPv6 addresses count per /64.
 //!
 //! Budgets live in Redis when it is configured (shared by every replica), else in-process
-//! (see `issuer_coordination::ratelimit`). A refusal is a 429 in the endpoint's own error format
+//! (see `issuer_coordination::ratelimit`). The middleware that spends them is in `server.rs`;
+//! each transport renders a refusal: a 429 in the endpoint's own error format
 //! (problem+json `rate_limited`, or an OAuth error body on the OAuth and OID4VCI endpoints)
 //! with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields
 //! (draft-ietf-httpapi-ratelimit-headers), or `RESOURCE_EXHAUSTED` with `RetryInfo` over
 //! gRPC. Management responses carry the fields on success too.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
-use axum::{
-    extract::{ConnectInfo, Request, State},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use issuer_coordination::ratelimit::{Decision, Quota, RateLimiter};
-use issuer_domain::{Error, ErrorCode, ids::TenantId, service::IssuanceService};
-use tonic_types::{ErrorDetails, StatusExt};
+use issuer_domain::{ids::TenantId, service::IssuanceService};
 
-use crate::{app::App, config::Settings};
+use crate::config::Settings;
 
 /// Which budget a request spends, by the endpoint it calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +42,7 @@ pub enum Class {
 impl Class {
     pub fn of(path: &str) -> Option<Self> {
         if path.starts_with("/issuer.v1.IssuanceService/")
-            || (path.starts_with("/issuer/api/v1/") && path != crate::rest::apidoc::PATH)
+            || (path.starts_with("/issuer/api/v1/") && path != crate::wire::OPENAPI_PATH)
         {
             Some(Self::Management)
         } else if path == "/issuer/oauth/token" {
@@ -83,7 +77,7 @@ impl Verdict {
         self.decision.allowed
     }
 
-    fn retry_after_secs(&self) -> u64 {
+    pub fn retry_after_secs(&self) -> u64 {
         self.decision.retry_after.as_secs_f64().ceil().max(1.0) as u64
     }
 
@@ -113,7 +107,8 @@ impl Verdict {
         }
     }
 
-    fn message(&self) -> String {
+    /// What a refusal says.
+    pub fn message(&self) -> String {
         format!(
             "too many requests: the {} budget of {}/s (burst {}) is spent; retry in {} s",
             self.policy,
@@ -121,48 +116,6 @@ impl Verdict {
             self.quota.burst,
             self.retry_after_secs()
         )
-    }
-
-    /// A 429 problem+json `rate_limited`.
-    pub fn problem(&self) -> Response {
-        let mut res = crate::rest::ApiError(Error::new(ErrorCode::RateLimited, self.message()))
-            .into_response();
-        self.write_headers(res.headers_mut());
-        res
-    }
-
-    /// A 429 with an RFC 6749 §5.2 body, for the OAuth and OID4VCI endpoints.
-    pub fn oauth(&self) -> Response {
-        let body = serde_json::json!({
-            "error": issuer_domain::OAuthCode::RateLimited.as_str(),
-            "error_description": self.message(),
-        });
-        let mut res = (
-            http::StatusCode::TOO_MANY_REQUESTS,
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(body),
-        )
-            .into_response();
-        self.write_headers(res.headers_mut());
-        res
-    }
-
-    /// `RESOURCE_EXHAUSTED` with `RetryInfo` and an `ErrorInfo` naming the budget.
-    pub fn grpc(&self) -> Response {
-        let mut details = ErrorDetails::new();
-        details
-            .set_retry_info(Some(self.decision.retry_after))
-            .set_error_info(
-                "RATE_LIMITED",
-                crate::grpc::ERROR_DOMAIN,
-                HashMap::from([
-                    ("policy".to_owned(), self.policy.to_owned()),
-                    ("per_sec".to_owned(), self.quota.per_sec.to_string()),
-                    ("burst".to_owned(), self.quota.burst.to_string()),
-                ]),
-            );
-        tonic::Status::with_error_details(tonic::Code::ResourceExhausted, self.message(), details)
-            .into_http()
     }
 }
 
@@ -254,68 +207,6 @@ impl Limits {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
-}
-
-/// Whether a refusal on `path` takes the OAuth error format (token, nonce, credential and
-/// notification endpoints) rather than problem+json.
-fn oauth_format(path: &str) -> bool {
-    path == "/issuer/oauth/token"
-        || (path.starts_with("/issuer/oid4vci/") && !path.contains("/credential-offer/"))
-}
-
-/// Spends the request's budget before it reaches its handler.
-pub async fn enforce(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let Some(class) = Class::of(path) else {
-        return next.run(req).await;
-    };
-    let grpc = is_grpc(req.headers());
-    let oauth = oauth_format(path);
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let limits = &app.limits;
-    let caller = (class == Class::Management)
-        .then(|| {
-            let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-            let token = crate::rest::bearer_token(value)?;
-            app.tokens.verify(token).ok()
-        })
-        .flatten();
-    let verdict = match &caller {
-        Some(who) => {
-            limits
-                .client(&app.issuances, &who.client_id, Some(who.tenant_id))
-                .await
-        }
-        None => limits.address(limits.client_ip(req.headers(), peer)).await,
-    };
-    let Some(verdict) = verdict else {
-        return next.run(req).await;
-    };
-    if !verdict.allowed() {
-        refused(class);
-        return if grpc {
-            verdict.grpc()
-        } else if oauth {
-            verdict.oauth()
-        } else {
-            verdict.problem()
-        };
-    }
-    let mut res = next.run(req).await;
-    if caller.is_some() && !grpc {
-        verdict.write_headers(res.headers_mut());
-    }
-    res
-}
-
 /// Counts a refusal for `issuer_rate_limited_total{class}`.
 pub fn refused(class: Class) {
     metrics::counter!("issuer_rate_limited_total", "class" => class.label()).increment(1);
@@ -351,8 +242,6 @@ mod tests {
         assert_eq!(Class::of("/issuer/oid4vci/v1/nonce"), Some(Class::Public));
         assert_eq!(Class::of("/issuer/offer/abc"), Some(Class::Public));
         assert_eq!(Class::of("/healthz"), None);
-        assert!(oauth_format("/issuer/oid4vci/v1/credential"));
-        assert!(!oauth_format("/issuer/oid4vci/v1/credential-offer/x"));
     }
 
     #[test]

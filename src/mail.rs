@@ -10,18 +10,25 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use issuer_coordination::events::News;
 use issuer_domain::{
     Error,
-    lifecycle::{Command, EmailUpdate, Executed, OfferPhase},
-    model::{Branding, EmailDelivery, EmailState, Issuance},
+    ids::{IssuanceId, TenantId},
+    lifecycle::{Command, EmailUpdate, Executed, Lifecycle, OfferPhase},
+    model::{Branding, EmailDelivery, EmailState, Issuance, Tenant},
+    ports::{Clock, Store},
+    service::OfferLinks,
 };
+use issuer_webhooks::RetrySchedule;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Attachment, Mailbox, MultiPart, SinglePart, header::ContentType},
 };
+use tokio::sync::broadcast;
 
-use crate::{app::App, landing::escape};
+use crate::html::{contact_href, escape};
 
 /// How long a claimed email stays with its mailer before another may take it; well above the
 /// SMTP timeout, so a slow send is not taken over and sent twice.
@@ -56,16 +63,17 @@ pub struct SendFailure {
     pub reason: String,
 }
 
+/// Sends messages: over SMTP, or into a directory of `.eml` files.
 #[derive(Debug)]
 pub struct Mailer {
     pub transport: Transport,
     pub from: Mailbox,
     pub timeout: Duration,
-    pub schedule: issuer_webhooks::RetrySchedule,
+    pub schedule: RetrySchedule,
 }
 
 impl Mailer {
-    pub fn from_settings(settings: &crate::Settings) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: &crate::config::Settings) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(settings.email_timeout_ms);
         let transport = match &settings.smtp_url {
             Some(url) => Transport::Smtp(
@@ -94,9 +102,19 @@ impl Mailer {
             schedule,
         })
     }
+}
 
+/// Where the mailer hands its messages.
+#[async_trait]
+pub trait MailTransport: Send + Sync + 'static {
+    /// Sends one message; `file_stem` names it where it becomes a file.
+    async fn send(&self, message: Message, file_stem: &str) -> Result<(), SendFailure>;
+}
+
+#[async_trait]
+impl MailTransport for Mailer {
     /// Sends one message, bounded by the timeout.
-    pub async fn send(&self, message: Message, file_stem: &str) -> Result<(), SendFailure> {
+    async fn send(&self, message: Message, file_stem: &str) -> Result<(), SendFailure> {
         match &self.transport {
             Transport::Smtp(smtp) => {
                 match tokio::time::timeout(self.timeout, smtp.send(message)).await {
@@ -161,7 +179,7 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendFailure {
 /// live offer link.
 async fn write_eml(dir: &std::path::Path, stem: &str, bytes: &[u8]) -> std::io::Result<()> {
     let dir_owned = dir.to_owned();
-    tokio::task::spawn_blocking(move || crate::app::private_dir(&dir_owned)).await??;
+    tokio::task::spawn_blocking(move || crate::files::private_dir(&dir_owned)).await??;
     let tmp = dir.join(format!(".{stem}.eml.tmp"));
     let mut options = tokio::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -243,7 +261,7 @@ impl OfferEmail<'_> {
             .map(|c| {
                 format!(
                     r#"<p style="color:#5b6475;font-size:14px">Questions? Contact <a href="{}">{}</a>.</p>"#,
-                    escape(&crate::landing::contact_href(c)),
+                    escape(&contact_href(c)),
                     escape(c)
                 )
             })
@@ -302,186 +320,259 @@ impl OfferEmail<'_> {
     }
 }
 
-/// Drains the email outbox until `stop` turns true, then lets the sends under way finish.
-pub async fn run(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut news = app.hub.subscribe();
-    let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    while !*stop.borrow() {
-        let free = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
-        let now = app.clock.now();
-        let claimed = if free == 0 {
-            Vec::new()
-        } else {
-            match app.store.claim_emails(now, now + LEASE, free).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e.chain(), "claiming emails failed");
-                    Vec::new()
+/// What the mailer needs of the outbox: due emails, what they are about, and a place to record
+/// each attempt.
+#[async_trait]
+pub trait EmailOutbox: Send + Sync + 'static {
+    /// Takes up to `limit` due emails, leased until `lease_until`.
+    async fn claim(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EmailDelivery>, Error>;
+    async fn issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>, Error>;
+    async fn tenant(&self, id: TenantId) -> Result<Option<Tenant>, Error>;
+    /// Records an attempt's outcome through the lifecycle (its event and the outbox row).
+    async fn record(
+        &self,
+        issuance: Issuance,
+        update: EmailUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Executed, Error>;
+}
+
+/// The outbox in the store, attempts recorded by the lifecycle.
+pub struct StoreOutbox {
+    pub store: Arc<dyn Store>,
+    pub lifecycle: Lifecycle,
+}
+
+#[async_trait]
+impl EmailOutbox for StoreOutbox {
+    async fn claim(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EmailDelivery>, Error> {
+        self.store.claim_emails(now, lease_until, limit).await
+    }
+
+    async fn issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>, Error> {
+        self.store.get_issuance(tenant, id).await
+    }
+
+    async fn tenant(&self, id: TenantId) -> Result<Option<Tenant>, Error> {
+        self.store.get_tenant(id).await
+    }
+
+    async fn record(
+        &self,
+        issuance: Issuance,
+        update: EmailUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Executed, Error> {
+        let (tenant, id) = (issuance.tenant_id, issuance.id);
+        self.lifecycle
+            .execute(
+                tenant,
+                id,
+                Some(issuance),
+                &Command::EmailOutcome(update),
+                now,
+            )
+            .await
+    }
+}
+
+/// The mailer: drains the outbox on every replica.
+pub struct MailWorker {
+    pub outbox: Arc<dyn EmailOutbox>,
+    pub transport: Arc<dyn MailTransport>,
+    pub from: Mailbox,
+    pub schedule: RetrySchedule,
+    pub clock: Arc<dyn Clock>,
+    pub links: OfferLinks,
+}
+
+impl MailWorker {
+    /// Drains the outbox until `stop` turns true, then lets the sends under way finish. `news`
+    /// announces new events (new emails among them); retries come due on the poll.
+    pub async fn run(
+        self: Arc<Self>,
+        mut news: broadcast::Receiver<News>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+        while !*stop.borrow() {
+            let free = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
+            let now = self.clock.now();
+            let claimed = if free == 0 {
+                Vec::new()
+            } else {
+                match self.outbox.claim(now, now + LEASE, free).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e.chain(), "claiming emails failed");
+                        Vec::new()
+                    }
                 }
-            }
-        };
-        let full = claimed.len() as u32 == free && free > 0;
-        for delivery in claimed {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
             };
-            let app = app.clone();
-            tokio::spawn(async move {
-                attempt(&app, delivery).await;
-                drop(permit);
-            });
-        }
-        if full {
-            continue;
-        }
-        // New creates announce themselves; retries come due on the poll.
-        let woken = tokio::select! {
-            _ = news.recv() => true,
-            _ = stop.changed() => false,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
-        };
-        if woken {
-            // Coalesce a burst of announcements (most are not emails) into one claim.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            while news.try_recv().is_ok() {}
-        }
-    }
-    let _ = permits.acquire_many(CONCURRENCY as u32).await;
-}
-
-/// One attempt of one email, recorded whatever happens.
-#[tracing::instrument(
-    name = "email.send",
-    skip_all,
-    fields(tenant_id = %delivery.tenant_id, issuance_id = %delivery.issuance_id, attempt = delivery.attempts + 1)
-)]
-async fn attempt(app: &App, delivery: EmailDelivery) {
-    let (tenant_id, issuance_id) = (delivery.tenant_id, delivery.issuance_id);
-    let issuance = match app.store.get_issuance(tenant_id, issuance_id).await {
-        Ok(Some(i)) => i,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(error = %e.chain(), %issuance_id, "loading an issuance to email failed; the lease will expire");
-            return;
-        }
-    };
-    // Over already: leaving `pending` cancels the email (an expired offer is swept soon, a
-    // redeemed one is issued soon); until then the row waits out its lease.
-    if issuance.offer_phase(app.clock.now()) != OfferPhase::Open {
-        return;
-    }
-    let outcome = match compose(app, &issuance).await {
-        Ok(message) => {
-            let stem = format!(
-                "{}-{}",
-                app.clock.now().format("%Y%m%dT%H%M%S"),
-                issuance.id
-            );
-            app.mailer.send(message, &stem).await
-        }
-        Err(e) if e.code == issuer_domain::ErrorCode::InvalidRequest => Err(SendFailure {
-            permanent: true,
-            reason: "the recipient address is not deliverable".into(),
-        }),
-        Err(e) => {
-            tracing::error!(error = %e.chain(), %issuance_id, "composing an offer email failed; the lease will expire");
-            return;
-        }
-    };
-    let now = app.clock.now();
-    let update = match outcome {
-        Ok(()) => EmailUpdate {
-            claimed_until: delivery.next_attempt_at,
-            state: EmailState::Sent,
-            next_attempt_at: None,
-            error: None,
-        },
-        Err(failure) => {
-            let attempts = u32::try_from(delivery.attempts + 1).unwrap_or(u32::MAX);
-            let next = (!failure.permanent)
-                .then(|| {
-                    app.mailer
-                        .schedule
-                        .next_delay(attempts, None, rand::random())
-                })
-                .flatten();
-            match next {
-                Some(delay) => EmailUpdate {
-                    claimed_until: delivery.next_attempt_at,
-                    state: EmailState::Pending,
-                    next_attempt_at: Some(
-                        now + chrono::Duration::from_std(delay)
-                            .unwrap_or(chrono::Duration::hours(1)),
-                    ),
-                    error: Some(failure.reason),
-                },
-                None => EmailUpdate {
-                    claimed_until: delivery.next_attempt_at,
-                    state: EmailState::Failed,
-                    next_attempt_at: None,
-                    error: Some(failure.reason),
-                },
+            let full = claimed.len() as u32 == free && free > 0;
+            for delivery in claimed {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.attempt(delivery).await;
+                    drop(permit);
+                });
+            }
+            if full {
+                continue;
+            }
+            let woken = tokio::select! {
+                _ = news.recv() => true,
+                _ = stop.changed() => false,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+            };
+            if woken {
+                // Coalesce a burst of announcements (most are not emails) into one claim.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while news.try_recv().is_ok() {}
             }
         }
-    };
-    let state = update.state;
-    crate::metrics::email_attempt(match state {
-        EmailState::Sent => "sent",
-        EmailState::Pending => "retry",
-        EmailState::Failed | EmailState::Cancelled => "failed",
-    });
-    match app
-        .lifecycle
-        .execute(
-            tenant_id,
-            issuance_id,
-            Some(issuance),
-            &Command::EmailOutcome(update),
-            now,
-        )
-        .await
-    {
-        Ok(Executed::Applied(_)) => {
-            tracing::info!(%tenant_id, %issuance_id, state = state.as_str(), attempt = delivery.attempts + 1, "offer email attempt recorded");
+        let _ = permits.acquire_many(CONCURRENCY as u32).await;
+    }
+
+    /// One attempt of one email, recorded whatever happens; returns what was recorded.
+    #[tracing::instrument(
+        name = "email.send",
+        skip_all,
+        fields(tenant_id = %delivery.tenant_id, issuance_id = %delivery.issuance_id, attempt = delivery.attempts + 1)
+    )]
+    pub async fn attempt(&self, delivery: EmailDelivery) -> Option<EmailState> {
+        let (tenant_id, issuance_id) = (delivery.tenant_id, delivery.issuance_id);
+        let issuance = match self.outbox.issuance(tenant_id, issuance_id).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), %issuance_id, "loading an issuance to email failed; the lease will expire");
+                return None;
+            }
+        };
+        // Over already: leaving `pending` cancels the email (an expired offer is swept soon, a
+        // redeemed one is issued soon); until then the row waits out its lease.
+        if issuance.offer_phase(self.clock.now()) != OfferPhase::Open {
+            return None;
         }
-        Ok(_) => {
-            tracing::info!(%tenant_id, %issuance_id, "another mailer took the email over; this attempt's outcome is dropped");
-        }
-        Err(e) => {
-            tracing::warn!(error = %e.chain(), %issuance_id, "recording an email attempt failed; the lease will expire");
+        let outcome = match self.compose(&issuance).await {
+            Ok(message) => {
+                let stem = format!(
+                    "{}-{}",
+                    self.clock.now().format("%Y%m%dT%H%M%S"),
+                    issuance.id
+                );
+                self.transport.send(message, &stem).await
+            }
+            Err(e) if e.code == issuer_domain::ErrorCode::InvalidRequest => Err(SendFailure {
+                permanent: true,
+                reason: "the recipient address is not deliverable".into(),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e.chain(), %issuance_id, "composing an offer email failed; the lease will expire");
+                return None;
+            }
+        };
+        let now = self.clock.now();
+        let update = self.outcome(&delivery, outcome, now);
+        let state = update.state;
+        crate::metrics::email_attempt(match state {
+            EmailState::Sent => "sent",
+            EmailState::Pending => "retry",
+            EmailState::Failed | EmailState::Cancelled => "failed",
+        });
+        match self.outbox.record(issuance, update, now).await {
+            Ok(Executed::Applied(_)) => {
+                tracing::info!(%tenant_id, %issuance_id, state = state.as_str(), attempt = delivery.attempts + 1, "offer email attempt recorded");
+                Some(state)
+            }
+            Ok(_) => {
+                tracing::info!(%tenant_id, %issuance_id, "another mailer took the email over; this attempt's outcome is dropped");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), %issuance_id, "recording an email attempt failed; the lease will expire");
+                None
+            }
         }
     }
-}
 
-async fn compose(app: &App, issuance: &Issuance) -> Result<Message, Error> {
-    let tenant = app
-        .store
-        .get_tenant(issuance.tenant_id)
-        .await?
-        .ok_or_else(|| Error::internal("the issuance's tenant is gone"))?;
-    let issuer_name = tenant
-        .branding
-        .display_name
-        .clone()
-        .unwrap_or_else(|| tenant.name.clone());
-    let uri = app.issuances.credential_offer_uri(issuance);
-    let landing = format!(
-        "{}/issuer/offer/{}",
-        app.settings.public_url, issuance.offer_id
-    );
-    let email = OfferEmail {
-        issuer_name: &issuer_name,
-        branding: &tenant.branding,
-        credential_offer_uri: &uri,
-        landing_url: &landing,
-        expires_at: issuance.expires_at,
-        needs_tx_code: issuance.tx_code_hash.is_some(),
-    };
-    let to = issuance
-        .email
-        .as_deref()
-        .ok_or_else(|| Error::invalid_field("email", "is missing"))?;
-    email.message(app.mailer.from.clone(), to)
+    /// What an attempt's result means for the outbox row: sent, retried later, or given up.
+    fn outcome(
+        &self,
+        delivery: &EmailDelivery,
+        sent: Result<(), SendFailure>,
+        now: DateTime<Utc>,
+    ) -> EmailUpdate {
+        let failure = match sent {
+            Ok(()) => {
+                return EmailUpdate {
+                    claimed_until: delivery.next_attempt_at,
+                    state: EmailState::Sent,
+                    next_attempt_at: None,
+                    error: None,
+                };
+            }
+            Err(failure) => failure,
+        };
+        let attempts = u32::try_from(delivery.attempts + 1).unwrap_or(u32::MAX);
+        let next = (!failure.permanent)
+            .then(|| self.schedule.next_delay(attempts, None, rand::random()))
+            .flatten();
+        EmailUpdate {
+            claimed_until: delivery.next_attempt_at,
+            state: if next.is_some() {
+                EmailState::Pending
+            } else {
+                EmailState::Failed
+            },
+            next_attempt_at: next.map(|delay| {
+                now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1))
+            }),
+            error: Some(failure.reason),
+        }
+    }
+
+    async fn compose(&self, issuance: &Issuance) -> Result<Message, Error> {
+        let tenant = self
+            .outbox
+            .tenant(issuance.tenant_id)
+            .await?
+            .ok_or_else(|| Error::internal("the issuance's tenant is gone"))?;
+        let issuer_name = tenant
+            .branding
+            .display_name
+            .clone()
+            .unwrap_or_else(|| tenant.name.clone());
+        let uri = self.links.credential_offer_uri(&issuance.offer_id);
+        let landing = self.links.landing_url(&issuance.offer_id);
+        let email = OfferEmail {
+            issuer_name: &issuer_name,
+            branding: &tenant.branding,
+            credential_offer_uri: &uri,
+            landing_url: &landing,
+            expires_at: issuance.expires_at,
+            needs_tx_code: issuance.tx_code_hash.is_some(),
+        };
+        let to = issuance
+            .email
+            .as_deref()
+            .ok_or_else(|| Error::invalid_field("email", "is missing"))?;
+        email.message(self.from.clone(), to)
+    }
 }
 
 #[cfg(test)]
@@ -537,5 +628,240 @@ mod tests {
         assert!(raw.contains("multipart/alternative"));
         assert!(raw.contains("multipart/related"));
         assert!(raw.contains("Content-ID: <offer-qr>"));
+    }
+}
+
+/// The mailer against fake ports: what it records for each way an attempt can go.
+#[cfg(test)]
+mod worker_tests {
+    use std::sync::Mutex;
+
+    use chrono::TimeZone;
+    use issuer_domain::{
+        lifecycle::Refused,
+        model::{Delivery, IssuanceStatus, PRE_AUTHORIZED_CODE_GRANT},
+    };
+
+    use super::*;
+
+    struct FixedClock(DateTime<Utc>);
+
+    impl Clock for FixedClock {
+        fn now(&self) -> DateTime<Utc> {
+            self.0
+        }
+    }
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap()
+    }
+
+    fn issuance(email: &str) -> Issuance {
+        Issuance {
+            tenant_id: TenantId::new(),
+            id: IssuanceId::new(),
+            client_request_id: "crid".into(),
+            request_fingerprint: "fp".into(),
+            credential_configuration_id: "cfg".into(),
+            status: IssuanceStatus::Pending,
+            reason: None,
+            version: 1,
+            payload: Some(serde_json::json!({})),
+            delivery: Delivery::Email,
+            email: Some(email.into()),
+            grant_type: PRE_AUTHORIZED_CODE_GRANT.into(),
+            offer_id: "offer-1".into(),
+            pre_authorized_code_hash: "h".into(),
+            pre_authorized_code_sealed: "s".into(),
+            tx_code_hash: None,
+            tx_code_failures: 0,
+            code_redeemed_at: None,
+            notification_id: None,
+            offer_retrieved_at: None,
+            expires_at: t0() + chrono::Duration::hours(1),
+            created_at: t0(),
+            updated_at: t0(),
+        }
+    }
+
+    fn delivery(i: &Issuance, attempts: i64) -> EmailDelivery {
+        EmailDelivery {
+            tenant_id: i.tenant_id,
+            issuance_id: i.id,
+            state: EmailState::Pending,
+            attempts,
+            next_attempt_at: t0() + LEASE,
+            last_error: None,
+            sent_at: None,
+            created_at: t0(),
+            updated_at: t0(),
+        }
+    }
+
+    struct FakeOutbox {
+        issuance: Issuance,
+        /// Whether the lease is still this mailer's when it records.
+        lease_held: bool,
+        recorded: Mutex<Vec<EmailUpdate>>,
+    }
+
+    #[async_trait]
+    impl EmailOutbox for FakeOutbox {
+        async fn claim(
+            &self,
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<Vec<EmailDelivery>, Error> {
+            Ok(Vec::new())
+        }
+
+        async fn issuance(&self, _: TenantId, id: IssuanceId) -> Result<Option<Issuance>, Error> {
+            Ok((id == self.issuance.id).then(|| self.issuance.clone()))
+        }
+
+        async fn tenant(&self, id: TenantId) -> Result<Option<Tenant>, Error> {
+            Ok(Some(Tenant {
+                id,
+                ..Tenant::new("Acme", t0())
+            }))
+        }
+
+        async fn record(
+            &self,
+            issuance: Issuance,
+            update: EmailUpdate,
+            _: DateTime<Utc>,
+        ) -> Result<Executed, Error> {
+            if !self.lease_held {
+                return Ok(Executed::Refused(issuance, Refused::EmailLeaseLost));
+            }
+            self.recorded.lock().unwrap().push(update);
+            Ok(Executed::Applied(issuance))
+        }
+    }
+
+    /// Answers every send with `answer` and counts the sends.
+    struct FakeTransport {
+        answer: Result<(), SendFailure>,
+        sent: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl MailTransport for FakeTransport {
+        async fn send(&self, message: Message, _: &str) -> Result<(), SendFailure> {
+            let text = String::from_utf8_lossy(&message.formatted()).into_owned();
+            self.sent.lock().unwrap().push(text);
+            self.answer.clone()
+        }
+    }
+
+    fn worker(
+        issuance: &Issuance,
+        answer: Result<(), SendFailure>,
+        lease_held: bool,
+        now: DateTime<Utc>,
+    ) -> (MailWorker, Arc<FakeOutbox>, Arc<FakeTransport>) {
+        let outbox = Arc::new(FakeOutbox {
+            issuance: issuance.clone(),
+            lease_held,
+            recorded: Mutex::new(Vec::new()),
+        });
+        let transport = Arc::new(FakeTransport {
+            answer,
+            sent: Mutex::new(Vec::new()),
+        });
+        let worker = MailWorker {
+            outbox: outbox.clone(),
+            transport: transport.clone(),
+            from: "Issuer <no-reply@i.example>".parse().unwrap(),
+            schedule: RetrySchedule::parse("30s,2m").unwrap(),
+            clock: Arc::new(FixedClock(now)),
+            links: OfferLinks::new("https://i.example"),
+        };
+        (worker, outbox, transport)
+    }
+
+    fn transient() -> Result<(), SendFailure> {
+        Err(SendFailure {
+            permanent: false,
+            reason: "smtp: temporarily refused (451)".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_sent_email_is_recorded_sent_under_its_lease() {
+        let i = issuance("ada@example.org");
+        let (w, outbox, transport) = worker(&i, Ok(()), true, t0());
+        assert_eq!(w.attempt(delivery(&i, 0)).await, Some(EmailState::Sent));
+        let sent = transport.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].contains("ada@example.org"));
+        assert!(sent[0].contains("https://i.example/issuer/offer/offer-1"));
+        let recorded = outbox.recorded.lock().unwrap();
+        assert_eq!(
+            recorded[0],
+            EmailUpdate {
+                claimed_until: t0() + LEASE,
+                state: EmailState::Sent,
+                next_attempt_at: None,
+                error: None,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_on_the_schedule_until_it_is_used_up() {
+        let i = issuance("ada@example.org");
+        let (w, outbox, _) = worker(&i, transient(), true, t0());
+        assert_eq!(w.attempt(delivery(&i, 1)).await, Some(EmailState::Pending));
+        let retry = outbox.recorded.lock().unwrap()[0].clone();
+        let due = retry.next_attempt_at.expect("a retry is scheduled") - t0();
+        // The second retry of "30s,2m", with at most 10 % jitter either way.
+        assert!(
+            (108..=132).contains(&due.num_seconds()),
+            "retried after {due}"
+        );
+        assert_eq!(
+            retry.error.as_deref(),
+            Some("smtp: temporarily refused (451)")
+        );
+        // Every retry used: given up.
+        assert_eq!(w.attempt(delivery(&i, 2)).await, Some(EmailState::Failed));
+        assert_eq!(outbox.recorded.lock().unwrap()[1].next_attempt_at, None);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_or_an_undeliverable_address_ends_it_at_once() {
+        let i = issuance("ada@example.org");
+        let refused = Err(SendFailure {
+            permanent: true,
+            reason: "smtp: refused (550)".into(),
+        });
+        let (w, _, _) = worker(&i, refused, true, t0());
+        assert_eq!(w.attempt(delivery(&i, 0)).await, Some(EmailState::Failed));
+
+        let bad = issuance("ada@example.org\r\nBcc: eve@example.org");
+        let (w, outbox, transport) = worker(&bad, Ok(()), true, t0());
+        assert_eq!(w.attempt(delivery(&bad, 0)).await, Some(EmailState::Failed));
+        assert!(transport.sent.lock().unwrap().is_empty(), "nothing sent");
+        assert_eq!(
+            outbox.recorded.lock().unwrap()[0].error.as_deref(),
+            Some("the recipient address is not deliverable")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_offer_is_not_emailed_and_a_lost_lease_records_nothing() {
+        let i = issuance("ada@example.org");
+        let (w, outbox, transport) = worker(&i, Ok(()), true, t0() + chrono::Duration::hours(2));
+        assert_eq!(w.attempt(delivery(&i, 0)).await, None, "expired");
+        assert!(transport.sent.lock().unwrap().is_empty());
+        assert!(outbox.recorded.lock().unwrap().is_empty());
+
+        let (w, outbox, transport) = worker(&i, Ok(()), false, t0());
+        assert_eq!(w.attempt(delivery(&i, 0)).await, None, "taken over");
+        assert_eq!(transport.sent.lock().unwrap().len(), 1);
+        assert!(outbox.recorded.lock().unwrap().is_empty());
     }
 }

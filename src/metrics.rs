@@ -28,11 +28,9 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use issuer_domain::ports::{IdempotencyLock, LockAttempt, LockError, LockToken};
+use issuer_domain::ports::{Clock, IdempotencyLock, LockAttempt, LockError, LockToken, Store};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
-
-use crate::app::App;
 
 /// Latency buckets, in seconds: from a cached read to a slow SMTP or webhook attempt.
 const BUCKETS: [f64; 14] = [
@@ -86,11 +84,11 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// `GET /metrics`. Store gauges (outbox backlogs, pool) are read at scrape time.
-pub async fn scrape(app: Arc<App>) -> impl IntoResponse {
+pub async fn scrape(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> impl IntoResponse {
     let recorder = handle();
-    match app.store.gauges().await {
+    match store.gauges().await {
         Ok(g) => {
-            let now = app.clock.now();
+            let now = clock.now();
             let age = |due: Option<chrono::DateTime<chrono::Utc>>| {
                 due.map_or(0.0, |d| (now - d).num_milliseconds().max(0) as f64 / 1000.0)
             };

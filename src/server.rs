@@ -32,7 +32,7 @@ use std::{
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -260,5 +260,85 @@ pub async fn request_timeout(State(app): State<Arc<App>>, req: Request, next: Ne
                 .into_response()
             }
         }
+    }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Whether a refusal on `path` takes the OAuth error format (token, nonce, credential and
+/// notification endpoints) rather than problem+json.
+fn oauth_format(path: &str) -> bool {
+    path == "/issuer/oauth/token"
+        || (path.starts_with("/issuer/oid4vci/") && !path.contains("/credential-offer/"))
+}
+
+/// Spends the request's budget (see `limits.rs`) before it reaches its handler; a refusal
+/// answers in the transport's own format.
+pub async fn enforce_limits(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let Some(class) = crate::limits::Class::of(path) else {
+        return next.run(req).await;
+    };
+    let grpc = is_grpc(req.headers());
+    let oauth = oauth_format(path);
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let limits = &app.limits;
+    let caller = (class == crate::limits::Class::Management)
+        .then(|| {
+            let value = req
+                .headers()
+                .get(http::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?;
+            let token = crate::wire::bearer_token(value)?;
+            app.tokens.verify(token).ok()
+        })
+        .flatten();
+    let verdict = match &caller {
+        Some(who) => {
+            limits
+                .client(&app.issuances, &who.client_id, Some(who.tenant_id))
+                .await
+        }
+        None => limits.address(limits.client_ip(req.headers(), peer)).await,
+    };
+    let Some(verdict) = verdict else {
+        return next.run(req).await;
+    };
+    if !verdict.allowed() {
+        crate::limits::refused(class);
+        return if grpc {
+            crate::grpc::rate_limited(&verdict)
+        } else if oauth {
+            crate::rest::oauth_rate_limited(&verdict)
+        } else {
+            crate::rest::rate_limited(&verdict)
+        };
+    }
+    let mut res = next.run(req).await;
+    if caller.is_some() && !grpc {
+        verdict.write_headers(res.headers_mut());
+    }
+    res
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_take_the_oauth_format_on_the_oauth_and_oid4vci_endpoints() {
+        assert!(oauth_format("/issuer/oauth/token"));
+        assert!(oauth_format("/issuer/oid4vci/v1/credential"));
+        assert!(!oauth_format("/issuer/oid4vci/v1/credential-offer/x"));
+        assert!(!oauth_format("/issuer/offer/x"));
     }
 }

@@ -8,15 +8,15 @@ use issuer_domain::{
         Delivery, EmailDelivery, EmailState, EventKind, Issuance, IssuanceEvent, IssuanceStatus,
         Scope,
     },
+    ports::Store,
     service::{IssuanceService, Principal},
 };
-
-use crate::app::App;
 
 /// The views of issuances of one tenant as `who` may see them, each with its offer email's
 /// state. The offer itself is a secret of `issuance:write`: whoever holds it can redeem it.
 pub async fn issuance_views(
-    app: &App,
+    service: &IssuanceService,
+    store: &dyn Store,
     who: &Principal,
     issuances: &[Issuance],
 ) -> Result<Vec<IssuanceView>, Error> {
@@ -28,8 +28,7 @@ pub async fn issuance_views(
         .filter(|i| i.delivery == Delivery::Email)
         .map(|i| i.id)
         .collect();
-    let emails = app
-        .store
+    let emails = store
         .get_email_deliveries(first.tenant_id, &emailed)
         .await?;
     Ok(issuances
@@ -38,18 +37,19 @@ pub async fn issuance_views(
             let email = emails
                 .iter()
                 .find(|e| e.issuance_id == i.id && e.tenant_id == i.tenant_id);
-            IssuanceView::with_email(&app.issuances, who, i, email)
+            IssuanceView::with_email(service, who, i, email)
         })
         .collect())
 }
 
 /// The view of one issuance with its offer email's state.
 pub async fn issuance_view(
-    app: &App,
+    service: &IssuanceService,
+    store: &dyn Store,
     who: &Principal,
     issuance: &Issuance,
 ) -> Result<IssuanceView, Error> {
-    let mut views = issuance_views(app, who, std::slice::from_ref(issuance)).await?;
+    let mut views = issuance_views(service, store, who, std::slice::from_ref(issuance)).await?;
     views
         .pop()
         .ok_or_else(|| Error::internal("no view for the issuance"))
@@ -62,7 +62,7 @@ pub struct IssuanceView {
     pub issuance_id: String,
     pub client_request_id: String,
     pub credential_configuration_id: String,
-    #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
+    #[schema(value_type = schema::IssuanceStatus)]
     pub status: IssuanceStatus,
     /// With `rejected`: `expired`, `cancelled` or `declined`; with `error`, what failed.
     pub reason: Option<String>,
@@ -70,7 +70,7 @@ pub struct IssuanceView {
     /// for a token with `issuance:write`: whoever holds the offer can redeem it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_offer_uri: Option<String>,
-    #[schema(value_type = crate::rest::apidoc::DeliveryMethod)]
+    #[schema(value_type = schema::DeliveryMethod)]
     pub delivery: Delivery,
     #[serde(serialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
@@ -86,7 +86,7 @@ pub struct IssuanceView {
 /// The public shape of an issuance's offer email.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmailDeliveryView {
-    #[schema(value_type = crate::rest::apidoc::EmailState)]
+    #[schema(value_type = schema::EmailState)]
     pub state: EmailState,
     pub attempts: i64,
     pub last_error: Option<String>,
@@ -109,7 +109,10 @@ impl From<&EmailDelivery> for EmailDeliveryView {
     }
 }
 
-fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub fn rfc3339_opt<S: serde::Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => s.serialize_str(&format_time(t)),
         None => s.serialize_none(),
@@ -159,7 +162,7 @@ pub struct EventView {
     #[serde(rename = "type")]
     #[schema(value_type = String)]
     pub kind: EventKind,
-    #[schema(value_type = crate::rest::apidoc::IssuanceStatus)]
+    #[schema(value_type = schema::IssuanceStatus)]
     pub status: IssuanceStatus,
     pub reason: Option<String>,
     #[serde(serialize_with = "rfc3339")]
@@ -184,6 +187,38 @@ pub fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(t))
+}
+
+/// How the closed sets of the views appear in the OpenAPI document: lowercase words.
+pub mod schema {
+    use utoipa::ToSchema;
+
+    #[derive(ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum IssuanceStatus {
+        Pending,
+        Accepted,
+        Rejected,
+        Error,
+    }
+
+    #[derive(ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum DeliveryMethod {
+        None,
+        Email,
+        Link,
+        Qr,
+    }
+
+    #[derive(ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum EmailState {
+        Pending,
+        Sent,
+        Failed,
+        Cancelled,
+    }
 }

@@ -15,15 +15,15 @@ use std::{
     time::Duration,
 };
 
+use issuer_coordination::events::EventHub;
 use issuer_domain::{
     Error, ErrorCode,
     ids::TenantId,
     model::{IssuanceEvent, IssuanceStatus},
-    service::Principal,
+    ports::Store,
+    service::{IssuanceService, Principal},
 };
 use tokio::sync::{broadcast, mpsc};
-
-use crate::app::App;
 
 /// One item of a watch stream.
 #[derive(Debug, Clone)]
@@ -91,105 +91,119 @@ impl Drop for WatchSlot {
     }
 }
 
-/// The events of one issuance after `after`, then live ones as they commit, ending after the
-/// event that leaves `pending` (the outcome). Heartbeats keep idle streams alive. Fails with
-/// `NotFound` for another tenant's issuance, before anything is streamed.
-pub async fn watch(
-    app: Arc<App>,
-    who: Principal,
-    issuance_id: String,
-    after: i64,
-) -> Result<mpsc::Receiver<Result<WatchItem, Error>>, Error> {
-    // Subscribe before reading history, so nothing committed in between is missed.
-    let mut news = app.hub.subscribe();
-    // The whole history (a handful of events): it also tells where the log ends, so a resume
-    // point past the end cannot hide the events still to come.
-    let (issuance, history) = app.issuances.events(&who, &issuance_id, 0).await?;
-    let slot = app
-        .watchers
-        .acquire(who.tenant_id, app.settings.watch_max_per_tenant)?;
-    let token_left = (who.expires_at - chrono::Utc::now())
-        .to_std()
-        .unwrap_or(Duration::ZERO);
-    let token_expires = tokio::time::Instant::now() + token_left;
-    let end = history.last().map_or(0, |e| e.sequence);
-    let (tx, rx) = mpsc::channel(64);
-    let timing = app.watch_timing;
-    let mut stopping = app.stopping.subscribe();
-    tokio::spawn(async move {
-        let _slot = slot;
-        let (tenant, id) = (issuance.tenant_id, issuance.id);
-        let mut last = after.clamp(0, end);
-        // `true` once the outcome has been sent (or lies before `after`).
-        let mut done = false;
-        let first = take_new(history, &mut last, &mut done);
-        if first.is_empty() && issuance.status != IssuanceStatus::Pending {
-            // Resumed after the outcome: nothing more will come.
-            done = true;
-        }
-        for e in first {
-            if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
-                return;
+/// Opens watch streams: what one needs is here, not the whole service.
+pub struct Watches {
+    pub issuances: Arc<IssuanceService>,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<EventHub>,
+    pub timing: WatchTiming,
+    /// Open streams per tenant on this replica, and the most one tenant may hold.
+    pub counts: Arc<WatchCounts>,
+    pub max_per_tenant: usize,
+    /// Turns true when the service shuts down: streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Watches {
+    /// The events of one issuance after `after`, then live ones as they commit, ending after the
+    /// event that leaves `pending` (the outcome). Heartbeats keep idle streams alive. Fails with
+    /// `NotFound` for another tenant's issuance, before anything is streamed.
+    pub async fn open(
+        &self,
+        who: Principal,
+        issuance_id: String,
+        after: i64,
+    ) -> Result<mpsc::Receiver<Result<WatchItem, Error>>, Error> {
+        // Subscribe before reading history, so nothing committed in between is missed.
+        let mut news = self.hub.subscribe();
+        // The whole history (a handful of events): it also tells where the log ends, so a resume
+        // point past the end cannot hide the events still to come.
+        let (issuance, history) = self.issuances.events(&who, &issuance_id, 0).await?;
+        let slot = self.counts.acquire(who.tenant_id, self.max_per_tenant)?;
+        let token_left = (who.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let token_expires = tokio::time::Instant::now() + token_left;
+        let end = history.last().map_or(0, |e| e.sequence);
+        let (tx, rx) = mpsc::channel(64);
+        let timing = self.timing;
+        let mut stopping = self.stopping.clone();
+        let (hub, store) = (self.hub.clone(), self.store.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (tenant, id) = (issuance.tenant_id, issuance.id);
+            let mut last = after.clamp(0, end);
+            // `true` once the outcome has been sent (or lies before `after`).
+            let mut done = false;
+            let first = take_new(history, &mut last, &mut done);
+            if first.is_empty() && issuance.status != IssuanceStatus::Pending {
+                // Resumed after the outcome: nothing more will come.
+                done = true;
             }
-        }
-        let mut heartbeat = tokio::time::interval(timing.heartbeat);
-        heartbeat.tick().await;
-        let mut since_resync = Duration::ZERO;
-        let mut generation = app.hub.generation();
-        while !done {
-            let reread = tokio::select! {
-                msg = news.recv() => match msg {
-                    Ok((t, i)) => t == tenant && i == id,
-                    Err(broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = heartbeat.tick() => {
-                    if tx.send(Ok(WatchItem::Heartbeat)).await.is_err() {
-                        return;
-                    }
-                    since_resync += timing.heartbeat;
-                    let g = app.hub.generation();
-                    let lost = g != generation;
-                    generation = g;
-                    if since_resync >= timing.resync || lost {
-                        since_resync = Duration::ZERO;
-                        true
-                    } else {
-                        false
-                    }
-                }
-                _ = tx.closed() => return,
-                () = tokio::time::sleep_until(token_expires) => {
-                    let expired = Error::new(
-                        ErrorCode::InvalidToken,
-                        "the access token expired; resume with a fresh one after the last sequence received",
-                    );
-                    let _ = tx.send(Err(expired)).await;
+            for e in first {
+                if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
                     return;
                 }
-                // Shutting down: end the stream cleanly; the client resumes elsewhere from
-                // the last sequence it received.
-                _ = async { let _ = stopping.wait_for(|s| *s).await; } => return,
-            };
-            if !reread {
-                continue;
             }
-            match app.store.list_events(tenant, id, last).await {
-                Ok(events) => {
-                    for e in take_new(events, &mut last, &mut done) {
-                        if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
+            let mut heartbeat = tokio::time::interval(timing.heartbeat);
+            heartbeat.tick().await;
+            let mut since_resync = Duration::ZERO;
+            let mut generation = hub.generation();
+            while !done {
+                let reread = tokio::select! {
+                    msg = news.recv() => match msg {
+                        Ok((t, i)) => t == tenant && i == id,
+                        Err(broadcast::error::RecvError::Lagged(_)) => true,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = heartbeat.tick() => {
+                        if tx.send(Ok(WatchItem::Heartbeat)).await.is_err() {
                             return;
                         }
+                        since_resync += timing.heartbeat;
+                        let g = hub.generation();
+                        let lost = g != generation;
+                        generation = g;
+                        if since_resync >= timing.resync || lost {
+                            since_resync = Duration::ZERO;
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ = tx.closed() => return,
+                    () = tokio::time::sleep_until(token_expires) => {
+                        let expired = Error::new(
+                            ErrorCode::InvalidToken,
+                            "the access token expired; resume with a fresh one after the last sequence received",
+                        );
+                        let _ = tx.send(Err(expired)).await;
+                        return;
+                    }
+                    // Shutting down: end the stream cleanly; the client resumes elsewhere from
+                    // the last sequence it received.
+                    _ = async { let _ = stopping.wait_for(|s| *s).await; } => return,
+                };
+                if !reread {
+                    continue;
+                }
+                match store.list_events(tenant, id, last).await {
+                    Ok(events) => {
+                        for e in take_new(events, &mut last, &mut done) {
+                            if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
                     }
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
             }
-        }
-    });
-    Ok(rx)
+        });
+        Ok(rx)
+    }
 }
 
 /// The events after `last` up to and including the outcome; advances `last`, sets `done` at

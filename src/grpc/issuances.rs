@@ -21,7 +21,7 @@ use super::{
 use crate::{
     app::App,
     view::{EventView, IssuanceView, issuance_views},
-    watch::{WatchItem, watch},
+    watch::WatchItem,
 };
 
 pub struct IssuanceGrpc {
@@ -44,12 +44,14 @@ impl IssuanceGrpc {
         who: &Principal,
         issuances: &[Issuance],
     ) -> Result<Vec<pb::Issuance>, Status> {
-        Ok(issuance_views(&self.app, who, issuances)
-            .await
-            .map_err(status)?
-            .into_iter()
-            .map(to_message)
-            .collect())
+        Ok(
+            issuance_views(&self.app.issuances, self.app.store.as_ref(), who, issuances)
+                .await
+                .map_err(status)?
+                .into_iter()
+                .map(to_message)
+                .collect(),
+        )
     }
 }
 
@@ -151,7 +153,10 @@ impl IssuanceService for IssuanceGrpc {
     ) -> Result<Response<Self::WatchIssuanceStream>, Status> {
         let who = authenticate(&self.app, &req)?;
         let r = req.into_inner();
-        let rx = watch(self.app.clone(), who, r.issuance_id, r.after_sequence)
+        let rx = self
+            .app
+            .watches
+            .open(who, r.issuance_id, r.after_sequence)
             .await
             .map_err(status)?;
         let stream = futures::stream::unfold(rx, |mut rx| async move {

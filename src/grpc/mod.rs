@@ -67,7 +67,7 @@ pub fn status(e: Error) -> Status {
     }
     if e.code == ErrorCode::Unavailable {
         details.set_retry_info(Some(std::time::Duration::from_secs(
-            crate::rest::RETRY_AFTER_SECS,
+            crate::wire::RETRY_AFTER_SECS,
         )));
     }
     Status::with_error_details(code_of(e.code), e.message, details)
@@ -80,9 +80,26 @@ pub fn authenticate<T>(app: &App, req: &Request<T>) -> Result<Principal, Status>
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| status(Error::new(ErrorCode::InvalidToken, "missing bearer token")))?;
-    let token = crate::rest::bearer_token(header)
+    let token = crate::wire::bearer_token(header)
         .ok_or_else(|| status(Error::new(ErrorCode::InvalidToken, "missing bearer token")))?;
     app.tokens
         .verify(token)
         .map_err(|e| status(Error::new(ErrorCode::InvalidToken, e.0)))
+}
+
+/// A refused budget: `RESOURCE_EXHAUSTED` with `RetryInfo` and an `ErrorInfo` naming the budget.
+pub fn rate_limited(verdict: &crate::limits::Verdict) -> axum::response::Response {
+    let mut details = ErrorDetails::new();
+    details
+        .set_retry_info(Some(verdict.decision.retry_after))
+        .set_error_info(
+            "RATE_LIMITED",
+            ERROR_DOMAIN,
+            HashMap::from([
+                ("policy".to_owned(), verdict.policy.to_owned()),
+                ("per_sec".to_owned(), verdict.quota.per_sec.to_string()),
+                ("burst".to_owned(), verdict.quota.burst.to_string()),
+            ]),
+        );
+    Status::with_error_details(Code::ResourceExhausted, verdict.message(), details).into_http()
 }

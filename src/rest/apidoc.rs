@@ -54,7 +54,7 @@ use crate::view::{EventView, IssuanceView};
         super::oid4vci::nonce,
         super::oid4vci::credential,
         super::oid4vci::notification,
-        crate::landing::page,
+        super::landing::page,
         super::healthz,
         super::readyz,
     ),
@@ -71,7 +71,7 @@ use crate::view::{EventView, IssuanceView};
 pub struct ApiDoc;
 
 /// Where the document is served.
-pub const PATH: &str = "/issuer/api/v1/openapi.json";
+pub const PATH: &str = crate::wire::OPENAPI_PATH;
 
 /// The document as served and committed (`docs/openapi.json`): pretty JSON, ending in a newline.
 pub fn json() -> &'static str {
@@ -248,32 +248,7 @@ impl utoipa::PartialSchema for ErrorCode {
 
 impl ToSchema for ErrorCode {}
 
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum IssuanceStatus {
-    Pending,
-    Accepted,
-    Rejected,
-    Error,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryMethod {
-    None,
-    Email,
-    Link,
-    Qr,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum EmailState {
-    Pending,
-    Sent,
-    Failed,
-    Cancelled,
-}
+pub use crate::view::schema::{DeliveryMethod, EmailState, IssuanceStatus};
 
 /// A create request. `payload` is validated against the credential configuration's schema
 /// (see `GET /issuer/.well-known/openid-credential-issuer`); unknown fields are refused.
@@ -332,118 +307,14 @@ pub enum QrFormat {
     Svg,
 }
 
-/// The webhook event types.
-#[derive(ToSchema)]
-pub enum WebhookEventType {
-    #[serde(rename = "issuance.created")]
-    Created,
-    #[serde(rename = "issuance.accepted")]
-    Accepted,
-    #[serde(rename = "issuance.rejected")]
-    Rejected,
-    #[serde(rename = "issuance.error")]
-    Error,
-    #[serde(rename = "issuance.offer_retrieved")]
-    OfferRetrieved,
-}
-
-/// A webhook endpoint.
-#[derive(ToSchema)]
-pub struct WebhookEndpoint {
-    id: String,
-    url: String,
-    event_types: Vec<WebhookEventType>,
-    enabled: bool,
-    /// Why the service disabled it (`gone`, `failing`); `null` otherwise.
-    disabled_reason: Option<String>,
-    /// Since when deliveries have been failing; `null` while they succeed.
-    #[schema(format = DateTime)]
-    failing_since: Option<String>,
-    #[schema(format = DateTime)]
-    created_at: String,
-    #[schema(format = DateTime)]
-    updated_at: String,
-}
-
-/// A webhook endpoint with its signing secret, shown only when created or rotated.
-#[derive(ToSchema)]
-pub struct WebhookEndpointWithSecret {
-    #[serde(flatten)]
-    endpoint: WebhookEndpoint,
-    /// `whsec_…` (Standard Webhooks).
-    secret: String,
-    /// After a rotation: until when the previous secret still signs too.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(format = DateTime)]
-    previous_secret_expires_at: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct WebhookEndpointList {
-    webhook_endpoints: Vec<WebhookEndpoint>,
-}
-
-/// Register an endpoint.
-#[derive(ToSchema)]
-pub struct CreateWebhookEndpoint {
-    /// `https` URL (at most 2048 characters).
-    url: String,
-    /// Default: every type but `issuance.created`.
-    event_types: Option<Vec<WebhookEventType>>,
-}
-
-/// Change an endpoint; absent fields stay. Enabling clears the service's disabling.
-#[derive(ToSchema)]
-pub struct UpdateWebhookEndpoint {
-    url: Option<String>,
-    event_types: Option<Vec<WebhookEventType>>,
-    enabled: Option<bool>,
-}
-
-/// Rotate the secret; the old one keeps signing beside the new for `overlap_secs`.
-#[derive(ToSchema)]
-pub struct RotateSecret {
-    /// 0 to 604800 (a week); default 86400.
-    #[schema(minimum = 0, maximum = 604800)]
-    overlap_secs: Option<i64>,
-}
-
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryState {
-    Pending,
-    Delivered,
-    Failed,
-}
-
-/// One webhook message to one endpoint, with its attempts so far.
-#[derive(ToSchema)]
-pub struct WebhookDelivery {
-    id: String,
-    issuance_id: String,
-    sequence: i64,
-    event_type: WebhookEventType,
-    /// The `webhook-id` header: the same on every attempt.
-    webhook_id: String,
-    state: DeliveryState,
-    attempts: i64,
-    /// When `pending`: the next attempt.
-    #[schema(format = DateTime)]
-    next_attempt_at: Option<String>,
-    /// HTTP status of the last attempt.
-    last_status: Option<i64>,
-    last_error: Option<String>,
-    last_latency_ms: Option<i64>,
-    #[schema(format = DateTime)]
-    created_at: String,
-    #[schema(format = DateTime)]
-    updated_at: String,
-}
-
-#[derive(ToSchema)]
-pub struct WebhookDeliveryList {
-    deliveries: Vec<WebhookDelivery>,
-}
+// The webhook bodies are the use cases' own types: the document cannot drift from them.
+pub use crate::webhooks::{
+    CreateEndpoint as CreateWebhookEndpoint, DeliveryList as WebhookDeliveryList,
+    DeliveryStateSchema as DeliveryState, DeliveryView as WebhookDelivery,
+    EndpointList as WebhookEndpointList, EndpointView as WebhookEndpoint,
+    EndpointWithSecret as WebhookEndpointWithSecret, RotateSecret,
+    UpdateEndpoint as UpdateWebhookEndpoint, WebhookEventType,
+};
 
 /// The token request (`application/x-www-form-urlencoded`).
 #[derive(ToSchema)]

@@ -34,9 +34,6 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-/// Seconds a client should wait before retrying after `Unavailable`.
-pub const RETRY_AFTER_SECS: u64 = 5;
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = self.0;
@@ -77,7 +74,7 @@ impl IntoResponse for ApiError {
                 );
             }
             ErrorCode::Unavailable => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                h.insert(header::RETRY_AFTER, HeaderValue::from(crate::wire::RETRY_AFTER_SECS));
             }
             ErrorCode::InvalidRequest
             | ErrorCode::NotFound
@@ -106,4 +103,11 @@ pub(super) fn bearer_challenge(error: &str, description: &str, scope: Option<&st
     }
     HeaderValue::from_str(&v)
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"issuer\""))
+}
+
+/// A refused budget as a 429 problem+json `rate_limited`, with the RateLimit fields.
+pub fn rate_limited(verdict: &crate::limits::Verdict) -> Response {
+    let mut res = ApiError(Error::new(ErrorCode::RateLimited, verdict.message())).into_response();
+    verdict.write_headers(res.headers_mut());
+    res
 }

@@ -27,20 +27,13 @@ impl FromRequestParts<AppState> for Auth {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Error::new(ErrorCode::InvalidToken, "missing bearer token"))?;
-        let token = bearer_token(header)
+        let token = crate::wire::bearer_token(header)
             .ok_or_else(|| Error::new(ErrorCode::InvalidToken, "missing bearer token"))?;
         app.tokens
             .verify(token)
             .map(Auth)
             .map_err(|e| ApiError(Error::new(ErrorCode::InvalidToken, e.0)))
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).
-pub fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// A JSON request body.

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     view::{EventView, issuance_view, issuance_views},
-    watch::{WatchItem, watch},
+    watch::WatchItem,
 };
 
 /// 201 + `Location` for a new issuance; 200 + `Idempotent-Replayed: true` for a replay.
@@ -52,7 +52,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let out = app.issuances.create(&who, &body).await?;
     crate::metrics::create("rest", out.replayed);
-    let view = issuance_view(&app, &who, &out.issuance).await?;
+    let view = issuance_view(&app.issuances, app.store.as_ref(), &who, &out.issuance).await?;
     let location = format!(
         "{}/issuer/api/v1/issuances/{}",
         app.settings.public_url, view.issuance_id
@@ -96,7 +96,9 @@ pub async fn get(
     Path(issuance_id): Path<String>,
 ) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.get(&who, &issuance_id).await?;
-    Ok(Json(issuance_view(&app, &who, &issuance).await?))
+    Ok(Json(
+        issuance_view(&app.issuances, app.store.as_ref(), &who, &issuance).await?,
+    ))
 }
 
 /// The offer's QR code: `format=png` (default) or `svg`, `size` in pixels (128 to 2048). The
@@ -205,7 +207,7 @@ pub async fn list(
             },
         )
         .await?;
-    let items = issuance_views(&app, &who, &page.issuances).await?;
+    let items = issuance_views(&app.issuances, app.store.as_ref(), &who, &page.issuances).await?;
     Ok(Json(
         json!({"issuances": items, "next_page_token": page.next_page_token}),
     ))
@@ -231,7 +233,9 @@ pub async fn cancel(
     Path(issuance_id): Path<String>,
 ) -> Result<Json<crate::view::IssuanceView>, ApiError> {
     let issuance = app.issuances.cancel(&who, &issuance_id).await?;
-    Ok(Json(issuance_view(&app, &who, &issuance).await?))
+    Ok(Json(
+        issuance_view(&app.issuances, app.store.as_ref(), &who, &issuance).await?,
+    ))
 }
 
 /// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with
@@ -291,7 +295,7 @@ pub async fn events(
             .collect();
         return Ok(Json(json!({ "events": events })).into_response());
     }
-    let rx = watch(app.clone(), who, issuance_id, after).await?;
+    let rx = app.watches.open(who, issuance_id, after).await?;
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let item = rx.recv().await?;
         let event = match item {

@@ -22,13 +22,14 @@ pub mod apidoc;
 mod error;
 mod extract;
 mod issuances;
+pub mod landing;
 mod oauth;
 mod offers;
 mod oid4vci;
 mod webhooks;
 
-pub use error::{ApiError, RETRY_AFTER_SECS};
-pub use extract::bearer_token;
+pub use error::{ApiError, rate_limited};
+pub use oauth::rate_limited as oauth_rate_limited;
 
 pub type AppState = Arc<App>;
 
@@ -38,7 +39,7 @@ pub fn router(app: AppState) -> Router {
         .merge(management())
         .merge(wallet_facing())
         // The recipient's page: a browser's, not an API client's.
-        .route("/issuer/offer/{offer_id}", get(crate::landing::page))
+        .route("/issuer/offer/{offer_id}", get(landing::page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(docs())

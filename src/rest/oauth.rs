@@ -69,7 +69,7 @@ impl IntoResponse for OAuthError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut().insert(
                 header::RETRY_AFTER,
-                HeaderValue::from(super::error::RETRY_AFTER_SECS),
+                HeaderValue::from(crate::wire::RETRY_AFTER_SECS),
             );
         }
         res
@@ -186,7 +186,7 @@ async fn issue(
         && !verdict.allowed()
     {
         crate::limits::refused(crate::limits::Class::Token);
-        return Ok(verdict.oauth());
+        return Ok(rate_limited(&verdict));
     }
     // Hash even for unknown clients so timing does not tell which client ids exist.
     let stored = client
@@ -355,6 +355,22 @@ pub async fn jwks(State(app): State<AppState>) -> impl IntoResponse {
         [(header::CACHE_CONTROL, "public, max-age=300")],
         Json(app.tokens.jwks().clone()),
     )
+}
+
+/// A refused budget as a 429 with an RFC 6749 §5.2 body, for the OAuth and OID4VCI endpoints.
+pub fn rate_limited(verdict: &crate::limits::Verdict) -> Response {
+    let body = serde_json::json!({
+        "error": OAuthCode::RateLimited.as_str(),
+        "error_description": verdict.message(),
+    });
+    let mut res = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response();
+    verdict.write_headers(res.headers_mut());
+    res
 }
 
 #[cfg(test)]

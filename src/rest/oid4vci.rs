@@ -16,7 +16,8 @@ use issuer_oid4vci::{
 };
 use serde_json::{Value, json};
 
-use super::{AppState, apidoc, bearer_token};
+use super::{AppState, apidoc};
+use crate::wire::bearer_token;
 
 /// Metadata changes only with a deploy; let wallets cache it briefly.
 const METADATA_CACHE: &str = "public, max-age=300";
@@ -255,7 +256,7 @@ pub fn wallet_error(e: WalletError) -> Response {
             if unavailable {
                 res.headers_mut().insert(
                     header::RETRY_AFTER,
-                    HeaderValue::from(super::RETRY_AFTER_SECS),
+                    HeaderValue::from(crate::wire::RETRY_AFTER_SECS),
                 );
             }
             res

@@ -9,6 +9,8 @@ use axum::{
 };
 use serde_json::Value;
 
+use crate::webhooks::{DeliveryList, EndpointList, EndpointView, EndpointWithSecret};
+
 use super::{
     ApiError, AppState, apidoc,
     extract::{Auth, JsonBody},
@@ -32,7 +34,7 @@ pub async fn create(
     Auth(who): Auth,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let view = app.create_webhook_endpoint(&who, &body).await?;
+    let view = app.webhooks.create(&who, &body).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -44,8 +46,11 @@ pub async fn create(
     responses((status = 200, description = "The tenant's endpoints", body = apidoc::WebhookEndpointList)),
     security(("bearer" = ["webhooks:manage"]))
 )]
-pub async fn list(State(app): State<AppState>, Auth(who): Auth) -> Result<Json<Value>, ApiError> {
-    Ok(Json(app.list_webhook_endpoints(&who).await?))
+pub async fn list(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+) -> Result<Json<EndpointList>, ApiError> {
+    Ok(Json(app.webhooks.list(&who).await?))
 }
 
 #[utoipa::path(
@@ -64,8 +69,8 @@ pub async fn get(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(app.get_webhook_endpoint(&who, &id).await?))
+) -> Result<Json<EndpointView>, ApiError> {
+    Ok(Json(app.webhooks.get(&who, &id).await?))
 }
 
 #[utoipa::path(
@@ -88,8 +93,8 @@ pub async fn update(
     Auth(who): Auth,
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(app.update_webhook_endpoint(&who, &id, &body).await?))
+) -> Result<Json<EndpointView>, ApiError> {
+    Ok(Json(app.webhooks.update(&who, &id, &body).await?))
 }
 
 #[utoipa::path(
@@ -109,7 +114,7 @@ pub async fn delete(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    app.delete_webhook_endpoint(&who, &id).await?;
+    app.webhooks.delete(&who, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -132,14 +137,14 @@ pub async fn rotate_secret(
     Auth(who): Auth,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EndpointWithSecret>, ApiError> {
     let body: Value = if body.is_empty() {
         Value::Null
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| issuer_domain::Error::invalid_field("", format!("malformed JSON: {e}")))?
     };
-    Ok(Json(app.rotate_webhook_secret(&who, &id, &body).await?))
+    Ok(Json(app.webhooks.rotate_secret(&who, &id, &body).await?))
 }
 
 #[utoipa::path(
@@ -158,8 +163,8 @@ pub async fn deliveries(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(app.list_webhook_deliveries(&who, &id).await?))
+) -> Result<Json<DeliveryList>, ApiError> {
+    Ok(Json(app.webhooks.deliveries(&who, &id).await?))
 }
 
 #[utoipa::path(
@@ -180,6 +185,6 @@ pub async fn retry(
     Auth(who): Auth,
     Path((id, delivery)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    app.retry_webhook_delivery(&who, &id, &delivery).await?;
+    app.webhooks.retry(&who, &id, &delivery).await?;
     Ok(StatusCode::ACCEPTED)
 }

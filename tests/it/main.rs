@@ -2,6 +2,7 @@
 //! Postgres, Redis and SQLite, driven by real HTTP and gRPC clients. One test binary.
 
 mod api;
+mod architecture;
 mod auth;
 mod email;
 mod hardening;

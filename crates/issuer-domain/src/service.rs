@@ -104,7 +104,7 @@ pub struct IssuanceService {
     sealer: Arc<dyn CodeSealer>,
     clock: Arc<dyn Clock>,
     catalog: Arc<Catalog>,
-    public_url: String,
+    links: OfferLinks,
     idempotency: IdempotencySettings,
     tenants: Mutex<HashMap<TenantId, (Tenant, DateTime<Utc>)>>,
     notifier: Arc<dyn EventNotifier>,
@@ -145,7 +145,7 @@ impl IssuanceService {
             sealer,
             clock,
             catalog,
-            public_url: public_url.trim_end_matches('/').to_owned(),
+            links: OfferLinks::new(public_url),
             idempotency,
             tenants: Mutex::new(HashMap::new()),
             notifier,
@@ -154,7 +154,12 @@ impl IssuanceService {
 
     /// The credential issuer identifier, `{public}/issuer`.
     pub fn credential_issuer(&self) -> String {
-        format!("{}/issuer", self.public_url)
+        self.links.credential_issuer()
+    }
+
+    /// Where this service's offers are found.
+    pub fn links(&self) -> &OfferLinks {
+        &self.links
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -163,15 +168,7 @@ impl IssuanceService {
 
     /// `openid-credential-offer://?credential_offer_uri=<percent-encoded offer URL>`.
     pub fn credential_offer_uri(&self, issuance: &Issuance) -> String {
-        let url = format!(
-            "{}/oid4vci/v1/credential-offer/{}",
-            self.credential_issuer(),
-            issuance.offer_id
-        );
-        format!(
-            "openid-credential-offer://?credential_offer_uri={}",
-            percent_encode(&url)
-        )
+        self.links.credential_offer_uri(&issuance.offer_id)
     }
 
     /// Creates an offer, or returns the existing one for a replayed `client_request_id`.
@@ -599,6 +596,43 @@ fn decode_page_token(t: &str) -> Option<IssuanceId> {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
+/// Where an offer is found, from the service's public URL: the deep link a wallet opens and the
+/// page a recipient opens in a browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferLinks {
+    public_url: String,
+}
+
+impl OfferLinks {
+    pub fn new(public_url: &str) -> Self {
+        Self {
+            public_url: public_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The credential issuer identifier, `{public}/issuer`.
+    pub fn credential_issuer(&self) -> String {
+        format!("{}/issuer", self.public_url)
+    }
+
+    /// `openid-credential-offer://?credential_offer_uri=<percent-encoded offer URL>`.
+    pub fn credential_offer_uri(&self, offer_id: &str) -> String {
+        let url = format!(
+            "{}/oid4vci/v1/credential-offer/{offer_id}",
+            self.credential_issuer()
+        );
+        format!(
+            "openid-credential-offer://?credential_offer_uri={}",
+            percent_encode(&url)
+        )
+    }
+
+    /// The recipient's landing page.
+    pub fn landing_url(&self, offer_id: &str) -> String {
+        format!("{}/issuer/offer/{offer_id}", self.public_url)
+    }
+}
+
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3 / 2);
     for b in s.bytes() {

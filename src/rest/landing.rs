@@ -13,7 +13,8 @@ use issuer_domain::{
     service::{Landing, OfferState},
 };
 
-use crate::rest::{ApiError, AppState};
+use super::{ApiError, AppState};
+use crate::html::{contact_href, escape};
 
 /// No script, no third-party requests except the tenant's logo, no framing.
 const CSP: &str = "default-src 'none'; img-src https: data:; style-src 'unsafe-inline'; \
@@ -28,8 +29,8 @@ const CSP: &str = "default-src 'none'; img-src https: data:; style-src 'unsafe-i
     responses(
         (status = 200, description = "The recipient's page: QR code and wallet link", body = String, content_type = "text/html"),
         (status = 404, description = "Unknown offer", body = String, content_type = "text/html"),
-        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = crate::rest::apidoc::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = crate::rest::apidoc::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: the client address's budget is spent (`Retry-After`)", body = super::apidoc::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = super::apidoc::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn page(
@@ -66,31 +67,6 @@ pub async fn page(
         html,
     )
         .into_response())
-}
-
-/// Escapes text for HTML content and double-quoted attributes.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// `mailto:` for an email address, the URL itself otherwise (branding allows only these two).
-pub fn contact_href(contact: &str) -> String {
-    if contact.starts_with("https://") {
-        contact.to_owned()
-    } else {
-        format!("mailto:{contact}")
-    }
 }
 
 /// The page; `qr` is the offer's QR code as an SVG document when the offer is open.
