@@ -55,7 +55,9 @@ pub struct App {
     /// Turns true when shutdown begins: readiness fails, watch streams end.
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Request budgets per API client and per client address.
-    pub limits: crate::limits::Limits,
+    pub limits: Arc<crate::limits::Limits>,
+    /// The client-credentials grant of the token endpoint.
+    pub client_credentials: crate::grant::ClientCredentials,
     /// Where `/metrics` is served, once [`crate::serve`] has bound it.
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -91,7 +93,7 @@ impl App {
                     Arc::new(LocalLimiter::new()),
                 ),
             };
-        let limits = crate::limits::Limits::new(&settings, limiter);
+        let limits = Arc::new(crate::limits::Limits::new(&settings, limiter));
         let lock: Arc<dyn IdempotencyLock> = Arc::new(crate::metrics::MeteredLock(lock));
         let secret = server_secret(&settings)?;
         let signing = token_signing_key(&settings)?;
@@ -211,7 +213,16 @@ impl App {
             max_per_tenant: settings.watch_max_per_tenant,
             stopping: stopping.subscribe(),
         };
+        let client_credentials = crate::grant::ClientCredentials {
+            store: store.clone(),
+            hasher: SecretHasher::new(&secret),
+            tokens: tokens.clone(),
+            clock: clock.clone(),
+            limits: limits.clone(),
+            issuances: issuances.clone(),
+        };
         Ok(Self {
+            client_credentials,
             lifecycle: Lifecycle::new(store.clone(), hub.clone()),
             hasher: SecretHasher::new(&secret),
             settings,

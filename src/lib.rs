@@ -11,6 +11,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod files;
+pub mod grant;
 pub mod grpc;
 pub mod html;
 pub mod limits;

@@ -10,14 +10,12 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
-use issuer_domain::{
-    ErrorCode, OAuthCode,
-    model::{PRE_AUTHORIZED_CODE_GRANT, Scope},
-};
+use issuer_domain::{ErrorCode, OAuthCode, model::PRE_AUTHORIZED_CODE_GRANT};
 use issuer_oid4vci::WalletError;
 use serde_json::json;
 
 use super::{AppState, apidoc};
+use crate::grant::GrantError;
 
 const CLIENT_CREDENTIALS: &str = "client_credentials";
 
@@ -173,64 +171,18 @@ async fn issue(
     }
 
     let (client_id, secret) = client_credentials(headers, &params)?;
-    let client = app.store.find_client(&client_id).await?;
-    // Spent before the secret is checked: guessing a client's secret is as slow as its budget.
-    if let Some(verdict) = app
-        .limits
-        .client(
-            &app.issuances,
-            &client_id,
-            client.as_ref().map(|c| c.tenant_id),
-        )
+    let issued = match app
+        .client_credentials
+        .grant(&client_id, &secret, params.get("scope").map(String::as_str))
         .await
-        && !verdict.allowed()
     {
-        crate::limits::refused(crate::limits::Class::Token);
-        return Ok(rate_limited(&verdict));
-    }
-    // Hash even for unknown clients so timing does not tell which client ids exist.
-    let stored = client
-        .as_ref()
-        .map(|c| c.secret_hash.as_str())
-        .unwrap_or("v1$");
-    let secret_ok = app.hasher.verify(&secret, stored);
-    let client = match client {
-        Some(c) if secret_ok && c.active => c,
-        _ => {
-            tracing::info!(client_id = %client_id, "client authentication failed");
-            return Err(OAuthError::new(
-                OAuthCode::InvalidClient,
-                "client authentication failed",
-            ));
+        Ok(issued) => issued,
+        Err(GrantError::RateLimited(verdict)) => return Ok(rate_limited(&verdict)),
+        Err(GrantError::Refused { code, description }) => {
+            return Err(OAuthError::new(code, description));
         }
+        Err(GrantError::Internal(e)) => return Err(e.into()),
     };
-
-    let scopes = match params
-        .get("scope")
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
-        None => client.scopes.clone(),
-        Some(requested) => {
-            let requested = Scope::parse_list(requested)
-                .map_err(|m| OAuthError::new(OAuthCode::InvalidScope, m))?;
-            if let Some(s) = requested.iter().find(|s| !client.scopes.contains(s)) {
-                return Err(OAuthError::new(
-                    OAuthCode::InvalidScope,
-                    format!("scope `{s}` is not granted to this client"),
-                ));
-            }
-            requested
-        }
-    };
-
-    let issued = app.tokens.issue(
-        client.tenant_id,
-        &client.client_id,
-        &scopes,
-        app.clock.now(),
-    );
-    tracing::info!(tenant_id = %client.tenant_id, client_id = %client.client_id, "access token issued");
     let body = json!({
         "access_token": issued.access_token,
         "token_type": "Bearer",
