@@ -20,12 +20,14 @@ tree="$(mktemp -d)/base"
 git worktree add --detach -f "$tree" "$base" >/dev/null
 trap 'git worktree remove --force "$tree" >/dev/null 2>&1 || true' EXIT
 
-# The executable of one benchmark, built in `dir` (both trees share one target directory, so
-# dependencies build once).
+# The executable of one benchmark, built in `dir` with the target directory `into`. The two
+# trees need target directories of their own: cargo's metadata of a workspace member does not
+# depend on its path, so one tree's build-script output (the generated gRPC code) would pass for
+# the other's. The base's starts as a copy of this one's, so dependencies build once.
 build() {
-  local dir="$1" bench="$2"
-  (cd "$dir" && CARGO_TARGET_DIR="$target" cargo bench --bench "$bench" --no-run \
-      --message-format=json 2>/dev/null) |
+  local dir="$1" into="$2" bench="$3"
+  (cd "$dir" && CARGO_TARGET_DIR="$into" cargo bench --bench "$bench" --no-run \
+      --message-format=json) |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -33,14 +35,18 @@ for line in sys.stdin:
         print(m["executable"])' | tail -1
 }
 
+base_target="$target/bench-base"
+if [ ! -d "$base_target/release" ] && [ -d "$target/release" ]; then
+  mkdir -p "$base_target"
+  cp -a "$target/release" "$base_target/"
+fi
+
 declare -A old new
 for b in "${benches[@]}"; do
   echo "==> building $b at $base and at HEAD"
-  exe="$(build "$tree" "$b")"
-  # Keep the old executable: building the new one overwrites the same path.
-  cp "$exe" "$target/bench-base-$b"
-  old[$b]="$target/bench-base-$b"
-  new[$b]="$(build "$PWD" "$b")"
+  old[$b]="$(build "$tree" "$base_target" "$b")"
+  new[$b]="$(build "$PWD" "$target" "$b")"
+  [ -x "${old[$b]}" ] && [ -x "${new[$b]}" ] || { echo "building $b failed" >&2; exit 1; }
 done
 
 for b in "${benches[@]}"; do
