@@ -69,7 +69,7 @@ pub async fn serve(
     );
     let retention = tokio::spawn(
         retention::Retention::new(
-            app.store.clone(),
+            Arc::new(app.store.clone()),
             app.clock.clone(),
             std::time::Duration::from_secs(app.settings.retention_secs),
         )
