@@ -22,6 +22,8 @@ pub mod rest;
 pub mod retention;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod view;
 pub mod watch;
 pub mod webhooks;

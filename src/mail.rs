@@ -643,14 +643,7 @@ mod worker_tests {
     };
 
     use super::*;
-
-    struct FixedClock(DateTime<Utc>);
-
-    impl Clock for FixedClock {
-        fn now(&self) -> DateTime<Utc> {
-            self.0
-        }
-    }
+    use crate::test_support::FixedClock;
 
     fn t0() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap()

@@ -137,14 +137,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-
-    struct FixedClock(DateTime<Utc>);
-
-    impl Clock for FixedClock {
-        fn now(&self) -> DateTime<Utc> {
-            self.0
-        }
-    }
+    use crate::test_support::FixedClock;
 
     /// Has `nonces` expired nonces and `ended` ended issuances (each with 3 events and 1
     /// delivery) to give, and keeps the cutoffs it was asked for.

@@ -279,7 +279,7 @@ fn oauth_format(path: &str) -> bool {
 
 /// Spends the request's budget (see `limits.rs`) before it reaches its handler; a refusal
 /// answers in the transport's own format.
-pub async fn enforce_limits(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+pub async fn enforce_limits(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let Some(class) = crate::limits::Class::of(path) else {
         return next.run(req).await;
@@ -302,6 +302,11 @@ pub async fn enforce_limits(State(app): State<Arc<App>>, req: Request, next: Nex
             app.tokens.verify(token).ok()
         })
         .flatten();
+    if let Some(who) = &caller {
+        // The handler takes the caller from here instead of verifying the token again.
+        req.extensions_mut()
+            .insert(crate::wire::Verified(who.clone()));
+    }
     let verdict = match &caller {
         Some(who) => {
             limits

@@ -778,14 +778,7 @@ mod dispatcher_tests {
     use issuer_domain::ids::IssuanceId;
 
     use super::*;
-
-    struct FixedClock(DateTime<Utc>);
-
-    impl Clock for FixedClock {
-        fn now(&self) -> DateTime<Utc> {
-            self.0
-        }
-    }
+    use crate::test_support::FixedClock;
 
     /// Seals nothing: the tests look at what the transport gets.
     struct PlainSealer;

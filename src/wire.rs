@@ -7,6 +7,11 @@ pub const RETRY_AFTER_SECS: u64 = 5;
 /// Where the OpenAPI document is served (public, and no management call).
 pub const OPENAPI_PATH: &str = "/issuer/api/v1/openapi.json";
 
+/// The caller whose bearer token the budget middleware already verified, in the request's
+/// extensions: the transports take it from there instead of verifying the token twice.
+#[derive(Debug, Clone)]
+pub struct Verified(pub issuer_domain::service::Principal);
+
 /// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).
 pub fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.split_once(' ')?;
