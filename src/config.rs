@@ -83,6 +83,10 @@ pub struct Settings {
     pub catalog_file: Option<PathBuf>,
     /// `ISSUER_MAX_BODY_BYTES`: request body limit (REST and gRPC messages).
     pub max_body_bytes: usize,
+    /// `ISSUER_BATCH_MAX_ITEMS`: create bodies one batch create may hold.
+    pub batch_max_items: usize,
+    /// `ISSUER_BATCH_MAX_BYTES`: body limit of a batch create.
+    pub batch_max_bytes: usize,
     /// `ISSUER_MIGRATE_ON_START`: run database migrations when serving starts.
     pub migrate_on_start: bool,
     /// `ISSUER_IDEMPOTENCY_LOCK_WAIT_MS`: how long a concurrent duplicate create waits.
@@ -181,6 +185,8 @@ impl Default for Settings {
             token_ttl_secs: 300,
             catalog_file: None,
             max_body_bytes: 64 * 1024,
+            batch_max_items: 1_000,
+            batch_max_bytes: 8 * 1024 * 1024,
             migrate_on_start: true,
             idempotency_lock_wait_ms: 10_000,
             sweep_interval_ms: 1_000,
@@ -301,6 +307,14 @@ impl Settings {
         anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.batch_max_items),
+            "ISSUER_BATCH_MAX_ITEMS must be from 1 to 10000"
+        );
+        anyhow::ensure!(
+            self.batch_max_bytes >= self.max_body_bytes,
+            "ISSUER_BATCH_MAX_BYTES must be at least ISSUER_MAX_BODY_BYTES"
         );
         anyhow::ensure!(
             self.retention_secs >= 1,

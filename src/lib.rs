@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 pub mod admin;
 pub mod app;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod files;

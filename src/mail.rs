@@ -659,6 +659,7 @@ mod worker_tests {
             status: IssuanceStatus::Pending,
             reason: None,
             version: 1,
+            batch_id: None,
             payload: Some(serde_json::json!({})),
             delivery: Delivery::Email,
             email: Some(email.into()),

@@ -81,6 +81,9 @@ pub struct IssuanceView {
     /// Where the offer email stands; only for `delivery: email`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email_delivery: Option<EmailDeliveryView>,
+    /// The batch create it came in with; absent for a single create.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 /// The public shape of an issuance's offer email.
@@ -149,6 +152,7 @@ impl IssuanceView {
             created_at: i.created_at,
             updated_at: i.updated_at,
             email_delivery: None,
+            batch_id: i.batch_id.map(|b| b.to_string()),
         }
     }
 }

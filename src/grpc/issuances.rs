@@ -68,6 +68,7 @@ fn to_message(v: IssuanceView) -> pb::Issuance {
         credential_offer_uri: v.credential_offer_uri.unwrap_or_default(),
         delivery: v.delivery.as_str().to_owned(),
         delivery_method: enums::delivery(v.delivery).into(),
+        batch_id: v.batch_id.unwrap_or_default(),
         expires_at: Some(timestamp(&v.expires_at)),
         created_at: Some(timestamp(&v.created_at)),
         updated_at: Some(timestamp(&v.updated_at)),
@@ -241,6 +242,7 @@ impl IssuanceService for IssuanceGrpc {
                     page_token: Some(r.page_token),
                     status: Some(status_word),
                     client_request_id: Some(r.client_request_id),
+                    batch_id: Some(r.batch_id),
                 },
             )
             .await

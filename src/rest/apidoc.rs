@@ -30,6 +30,7 @@ use crate::view::{EventView, IssuanceView};
     ),
     paths(
         super::issuances::create,
+        super::issuances::create_batch,
         super::issuances::list,
         super::issuances::get,
         super::issuances::cancel,
@@ -283,6 +284,35 @@ pub struct IssuanceCreated {
     issuance: IssuanceView,
     #[serde(skip_serializing_if = "Option::is_none")]
     tx_code: Option<String>,
+}
+
+/// A batch create: 1 to `ISSUER_BATCH_MAX_ITEMS` create bodies.
+#[derive(ToSchema)]
+pub struct BatchCreateRequest {
+    issuances: Vec<CreateIssuanceRequest>,
+}
+
+/// The answer to every item of a batch create, in input order.
+#[derive(ToSchema)]
+pub struct BatchCreateResponse {
+    /// Recorded on every issuance the batch created; `GET /issuer/api/v1/issuances?batch_id=`.
+    batch_id: String,
+    results: Vec<BatchItemResult>,
+}
+
+/// The answer to one item: what its own create would have answered.
+#[derive(ToSchema)]
+pub struct BatchItemResult {
+    /// The item's position in `issuances`, from 0.
+    index: usize,
+    /// The HTTP status of the item's own create: 201 created, 200 replay, 400, 422, ...
+    status: u16,
+    /// With 201 and 200: the issuance, `tx_code` only when created now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuance: Option<IssuanceCreated>,
+    /// Otherwise: the problem the item's own create would have answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
 }
 
 /// A page of issuances, newest first.

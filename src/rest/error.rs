@@ -44,16 +44,7 @@ impl IntoResponse for ApiError {
             }
             _ => tracing::debug!(code = %e.code, error = %e.message, "request refused"),
         }
-        let mut body = json!({
-            "type": format!("urn:issuer:problem:{}", e.code),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": e.message,
-            "code": e.code.as_str(),
-        });
-        if !e.violations.is_empty() {
-            body["errors"] = serde_json::to_value(&e.violations).unwrap_or_default();
-        }
+        let body = problem(&e);
         let mut res = (status, body.to_string()).into_response();
         let h = res.headers_mut();
         h.insert(
@@ -89,6 +80,22 @@ impl IntoResponse for ApiError {
         }
         res
     }
+}
+
+/// The RFC 9457 object of an error, as its response body (and as a batch item's `problem`).
+pub fn problem(e: &Error) -> serde_json::Value {
+    let status = status_of(e.code);
+    let mut body = json!({
+        "type": format!("urn:issuer:problem:{}", e.code),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": e.message,
+        "code": e.code.as_str(),
+    });
+    if !e.violations.is_empty() {
+        body["errors"] = serde_json::to_value(&e.violations).unwrap_or_default();
+    }
+    body
 }
 
 pub(super) fn bearer_challenge(error: &str, description: &str, scope: Option<&str>) -> HeaderValue {

@@ -46,6 +46,12 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // The batch create has a limit of its own.
+        let limit = if req.uri().path() == "/issuer/api/v1/issuances/batch" {
+            state.settings.batch_max_bytes
+        } else {
+            state.settings.max_body_bytes
+        };
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -67,10 +73,7 @@ impl FromRequest<AppState> for JsonBody {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Error::new(
                     ErrorCode::PayloadTooLarge,
-                    format!(
-                        "the request body exceeds {} bytes",
-                        state.settings.max_body_bytes
-                    ),
+                    format!("the request body exceeds {limit} bytes"),
                 )
             } else {
                 Error::invalid_field("", format!("unreadable request body: {rejection}"))

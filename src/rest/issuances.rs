@@ -169,6 +169,78 @@ pub async fn qr(
         .into_response())
 }
 
+/// Many creates in one call (bulk issuance): every item is answered as its own create would
+/// be, in input order; one bad item fails alone. Whole-request problems (token, scope,
+/// malformed body, too many items, too large) are one problem, as for a single create.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances/batch",
+    operation_id = "create_issuance_batch",
+    tag = "issuances",
+    request_body(content = apidoc::BatchCreateRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every item's answer", body = apidoc::BatchCreateResponse),
+        (status = 413, description = "`payload_too_large`: above `ISSUER_BATCH_MAX_BYTES`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: send `application/json`", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
+pub async fn create_batch(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(body): JsonBody,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = app.settings.batch_max_items;
+    let items = match body.get("issuances").and_then(serde_json::Value::as_array) {
+        Some(items) if (1..=max).contains(&items.len()) => items.clone(),
+        _ => {
+            return Err(Error::invalid_field(
+                "issuances",
+                format!("must be an array of 1 to {max} create bodies"),
+            )
+            .into());
+        }
+    };
+    let batch = uuid::Uuid::new_v4();
+    let outcomes = crate::batch::create_batch(&app.issuances, &who, items, batch).await?;
+    let created: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
+        .collect();
+    let mut views = issuance_views(&app.issuances, app.store.as_ref(), &who, &created)
+        .await?
+        .into_iter();
+    let results: Vec<serde_json::Value> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(index, outcome)| match outcome {
+            Ok(out) => {
+                crate::metrics::create("rest", out.replayed);
+                let mut issuance = views
+                    .next()
+                    .and_then(|v| serde_json::to_value(v).ok())
+                    .unwrap_or_default();
+                if let Some(tx_code) = out.tx_code {
+                    issuance["tx_code"] = tx_code.into();
+                }
+                json!({
+                    "index": index,
+                    "status": if out.replayed { 200 } else { 201 },
+                    "issuance": issuance,
+                })
+            }
+            Err(e) => json!({
+                "index": index,
+                "status": super::error::status_of(e.code).as_u16(),
+                "problem": super::error::problem(&e),
+            }),
+        })
+        .collect();
+    Ok(Json(
+        json!({"batch_id": batch.to_string(), "results": results}),
+    ))
+}
+
 #[utoipa::path(
     get,
     path = "/issuer/api/v1/issuances",
@@ -177,6 +249,7 @@ pub async fn qr(
     params(
         ("status" = Option<apidoc::IssuanceStatus>, Query, description = "Only issuances in this status"),
         ("client_request_id" = Option<String>, Query, description = "Only the issuance with this key"),
+        ("batch_id" = Option<String>, Query, description = "Only the issuances of this batch create"),
         ("page_size" = Option<i64>, Query, minimum = 1, maximum = 200, description = "Default 50"),
         ("page_token" = Option<String>, Query, description = "`next_page_token` of the previous page"),
     ),
@@ -204,6 +277,7 @@ pub async fn list(
                 page_token: q.get("page_token").cloned(),
                 status: q.get("status").cloned(),
                 client_request_id: q.get("client_request_id").cloned(),
+                batch_id: q.get("batch_id").cloned(),
             },
         )
         .await?;

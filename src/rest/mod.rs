@@ -36,7 +36,7 @@ pub type AppState = Arc<App>;
 pub fn router(app: AppState) -> Router {
     let limit = app.settings.max_body_bytes;
     Router::new()
-        .merge(management())
+        .merge(management(app.settings.batch_max_bytes))
         .merge(wallet_facing())
         // The recipient's page: a browser's, not an API client's.
         .route("/issuer/offer/{offer_id}", get(landing::page))
@@ -71,12 +71,16 @@ fn docs() -> Router<AppState> {
 }
 
 /// The backends' API: no CORS, since browsers have no business holding client secrets.
-fn management() -> Router<AppState> {
+fn management(batch_limit: usize) -> Router<AppState> {
     Router::new()
         .route("/issuer/oauth/jwks", get(oauth::jwks))
         .route(
             "/issuer/api/v1/issuances",
             post(issuances::create).get(issuances::list),
+        )
+        .route(
+            "/issuer/api/v1/issuances/batch",
+            post(issuances::create_batch).layer(DefaultBodyLimit::max(batch_limit)),
         )
         .route(
             "/issuer/api/v1/issuances/{issuance_id}",

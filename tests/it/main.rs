@@ -4,6 +4,7 @@
 mod api;
 mod architecture;
 mod auth;
+mod bulk;
 mod email;
 mod hardening;
 #[allow(dead_code)] // each test module uses a subset of the harness

@@ -516,6 +516,7 @@ mod tests {
             status: IssuanceStatus::Pending,
             reason: None,
             version: 1,
+            batch_id: None,
             payload: Some(json!({"mandatee": {"firstName": "Ada"}})),
             delivery,
             email: (delivery == Delivery::Email).then(|| "ada@example.com".into()),

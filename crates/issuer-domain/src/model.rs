@@ -5,6 +5,7 @@ use std::{fmt, str::FromStr};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::ids::{IssuanceId, TenantId};
 
@@ -312,6 +313,8 @@ pub struct Issuance {
     /// The sequence of its last event: every change adds one, and a store applies a change
     /// only while the version it was planned from is still current.
     pub version: i64,
+    /// The batch it came in with (a bulk create), if any.
+    pub batch_id: Option<Uuid>,
     /// The credential subject data; `None` once purged (terminal issuances).
     pub payload: Option<Value>,
     pub delivery: Delivery,
@@ -553,6 +556,7 @@ pub struct StoreGauges {
 pub struct ListFilter {
     pub status: Option<IssuanceStatus>,
     pub client_request_id: Option<String>,
+    pub batch_id: Option<Uuid>,
     /// Return issuances older than this one (the previous page's last id).
     pub before: Option<IssuanceId>,
     pub limit: u32,

@@ -67,6 +67,8 @@ pub struct ListParams {
     pub page_token: Option<String>,
     pub status: Option<String>,
     pub client_request_id: Option<String>,
+    /// Only the issuances of this batch create.
+    pub batch_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +175,17 @@ impl IssuanceService {
 
     /// Creates an offer, or returns the existing one for a replayed `client_request_id`.
     pub async fn create(&self, who: &Principal, body: &Value) -> Result<CreateOutcome> {
+        self.create_in(who, body, None).await
+    }
+
+    /// A create that came in with a batch: as [`Self::create`], recording `batch` on a new
+    /// issuance (a replay keeps the batch its issuance was created in).
+    pub async fn create_in(
+        &self,
+        who: &Principal,
+        body: &Value,
+        batch: Option<uuid::Uuid>,
+    ) -> Result<CreateOutcome> {
         who.require(Scope::IssuanceWrite)?;
         let tenant = self.tenant(who.tenant_id).await?;
         let request = ValidCreate::parse(body, &self.catalog, &tenant)?;
@@ -197,7 +210,7 @@ impl IssuanceService {
             }
         };
         let result = self
-            .insert(who, request, fingerprint, tenant.require_tx_code)
+            .insert(who, request, fingerprint, tenant.require_tx_code, batch)
             .await;
         if let Some(token) = token
             && let Err(e) = self.lock.release(&key, &token).await
@@ -252,6 +265,7 @@ impl IssuanceService {
         request: ValidCreate,
         fingerprint: String,
         tenant_requires_tx_code: bool,
+        batch_id: Option<uuid::Uuid>,
     ) -> Result<CreateOutcome> {
         let crid = request.client_request_id.as_str();
         let now = self.clock.now();
@@ -266,6 +280,7 @@ impl IssuanceService {
             status: IssuanceStatus::Pending,
             reason: None,
             version: 1,
+            batch_id,
             payload: Some(request.payload),
             delivery: request.delivery,
             email: request.email.map(|e| e.as_str().to_owned()),
@@ -379,12 +394,24 @@ impl IssuanceService {
                 .ok()
                 .map(|_| s),
         };
+        let batch_id = match params.batch_id.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => uuid::Uuid::parse_str(s)
+                .map_err(|_| {
+                    violations.push(crate::FieldViolation::new(
+                        "batch_id",
+                        "must be the batch_id of a batch create",
+                    ))
+                })
+                .ok(),
+        };
         if !violations.is_empty() {
             return Err(Error::invalid(violations));
         }
         let filter = ListFilter {
             status,
             client_request_id,
+            batch_id,
             before,
             limit: (limit + 1) as u32,
         };

@@ -24,7 +24,7 @@ use crate::rows::{self, Backend, RowAccess, trunc_micros};
 /// A value to bind, in the domain's types.
 #[derive(Debug, Clone)]
 enum Arg {
-    Id(Uuid),
+    Id(Option<Uuid>),
     Time(Option<DateTime<Utc>>),
     Text(Option<String>),
     Int(Option<i64>),
@@ -47,7 +47,11 @@ impl Sql {
         }
     }
 
-    pub fn id(mut self, id: Uuid) -> Self {
+    pub fn id(self, id: Uuid) -> Self {
+        self.opt_id(Some(id))
+    }
+
+    pub fn opt_id(mut self, id: Option<Uuid>) -> Self {
         self.args.push(Arg::Id(id));
         self
     }
@@ -119,7 +123,7 @@ impl Sql {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(self.text.as_ref()));
         for arg in &self.args {
             q = match arg {
-                Arg::Id(id) => q.bind(id_text(*id)),
+                Arg::Id(id) => q.bind(id.map(id_text)),
                 Arg::Time(t) => q.bind(t.map(time_text)),
                 Arg::Text(s) => q.bind(s.clone()),
                 Arg::Int(n) => q.bind(*n),
@@ -178,6 +182,7 @@ macro_rules! delegate_row {
 
 delegate_row! {
     uuid -> Uuid,
+    opt_uuid -> Option<Uuid>,
     time -> DateTime<Utc>,
     opt_time -> Option<DateTime<Utc>>,
     opt_int -> Option<i64>,

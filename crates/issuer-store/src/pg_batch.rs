@@ -207,7 +207,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     let inserted = sqlx::query(concat!(
         "WITH i AS (INSERT INTO issuances (",
         issuance_insert_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $31) \
          ON CONFLICT (tenant_id, client_request_id) DO NOTHING \
          RETURNING tenant_id, id), e AS (INSERT INTO issuance_events \
          (tenant_id, issuance_id, sequence, kind, status, reason, occurred_at) \
@@ -253,6 +253,7 @@ async fn insert_one(pool: &PgPool, row: &NewIssuance) -> Result<bool> {
     .bind(wh_id)
     .bind(wh_payload)
     .bind(&row.traceparent)
+    .bind(issuance.batch_id)
     .fetch_optional(pool)
     .await
     .map_err(db_error)?;
@@ -283,6 +284,7 @@ struct Columns<'a> {
     tx_code_failures: Vec<i64>,
     code_redeemed_at: Vec<Option<DateTime<Utc>>>,
     notification_id: Vec<Option<&'a str>>,
+    batch_id: Vec<Option<Uuid>>,
     ev_sequence: Vec<i64>,
     ev_kind: Vec<&'a str>,
     ev_status: Vec<&'static str>,
@@ -320,6 +322,7 @@ impl<'a> Columns<'a> {
         self.code_redeemed_at
             .push(i.code_redeemed_at.map(trunc_micros));
         self.notification_id.push(i.notification_id.as_deref());
+        self.batch_id.push(i.batch_id);
         self.ev_sequence.push(e.sequence);
         self.ev_kind.push(e.kind.as_str());
         self.ev_status.push(e.status.as_str());
@@ -344,7 +347,7 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
          $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::text[], \
          $12::text[], $13::text[], $14::text[], $15::timestamptz[], $16::timestamptz[], \
          $17::timestamptz[], $18::text[], $19::int8[], $20::timestamptz[], $21::text[], \
-         $22::int8[], $23::text[], $24::text[], $25::text[], $26::timestamptz[], $27::text[], \
+         $31::uuid[], $22::int8[], $23::text[], $24::text[], $25::text[], $26::timestamptz[], $27::text[], \
          $28::text[], $29::jsonb[], $30::text[]) WITH ORDINALITY AS v(",
         issuance_insert_columns!(),
         ", ev_sequence, ev_kind, ev_status, ev_reason, ev_occurred_at, \
@@ -405,6 +408,7 @@ async fn insert_many(pool: &PgPool, rows: &[Waiting]) -> Result<HashSet<Uuid>> {
     .bind(&c.wh_message_id)
     .bind(&c.wh_payload)
     .bind(&c.wh_traceparent)
+    .bind(&c.batch_id)
     .fetch_all(pool)
     .await
     .map_err(db_error)?;

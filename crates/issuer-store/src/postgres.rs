@@ -107,6 +107,9 @@ impl RowAccess for PgRow {
     fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error> {
         self.try_get(col)
     }
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        self.try_get(col)
+    }
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
         self.try_get(col)
     }

@@ -73,7 +73,7 @@ macro_rules! issuance_insert_columns {
         "tenant_id, id, client_request_id, request_fingerprint, credential_configuration_id, \
          status, reason, payload, delivery, email, grant_type, offer_id, \
          pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at, \
-         tx_code_hash, tx_code_failures, code_redeemed_at, notification_id"
+         tx_code_hash, tx_code_failures, code_redeemed_at, notification_id, batch_id"
     };
 }
 pub(crate) use issuance_insert_columns;
@@ -140,6 +140,7 @@ pub(crate) use delivery_columns;
 /// Typed column access over a backend's row.
 pub(crate) trait RowAccess {
     fn uuid(&self, col: &str) -> Result<Uuid, sqlx::Error>;
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>, sqlx::Error>;
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error>;
     fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error>;
@@ -326,6 +327,7 @@ pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
                 .map(|r| r.parse().map_err(|e: String| decode_error("reason", e)))
                 .transpose()?,
             version: row.int("version")?,
+            batch_id: row.opt_uuid("batch_id")?,
             payload: row.json("payload")?,
             delivery: row.parsed::<Delivery>("delivery")?,
             email: row.opt_text("email")?,

@@ -124,7 +124,7 @@ impl SqlStore {
                     "INSERT INTO issuances (",
                     issuance_insert_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17, $18, $19, $20, $21) \
+                     $16, $17, $18, $19, $20, $21, $22) \
                      ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING ",
                     issuance_columns!()
                 )),
@@ -237,6 +237,7 @@ fn issuance_values(q: Sql, i: &Issuance) -> Sql {
         .int(i.tx_code_failures)
         .opt_time(i.code_redeemed_at)
         .opt_text(i.notification_id.as_deref())
+        .opt_id(i.batch_id)
 }
 
 /// The columns of `webhook_endpoints` an insert writes: [`endpoint_columns`] with
@@ -552,6 +553,10 @@ impl Store for SqlStore {
         if let Some(crid) = &filter.client_request_id {
             let n = q.next_placeholder();
             q = q.push(&format!(" AND client_request_id = ${n}")).text(crid);
+        }
+        if let Some(batch) = filter.batch_id {
+            let n = q.next_placeholder();
+            q = q.push(&format!(" AND batch_id = ${n}")).id(batch);
         }
         if let Some(before) = filter.before {
             let n = q.next_placeholder();

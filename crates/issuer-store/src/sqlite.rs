@@ -87,6 +87,11 @@ impl RowAccess for SqliteRow {
         let raw: String = self.try_get(col)?;
         Uuid::parse_str(&raw).map_err(|e| decode_error(col, format!("`{raw}`: {e}")))
     }
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        let raw: Option<String> = self.try_get(col)?;
+        raw.map(|raw| Uuid::parse_str(&raw).map_err(|e| decode_error(col, format!("`{raw}`: {e}"))))
+            .transpose()
+    }
     fn time(&self, col: &str) -> Result<DateTime<Utc>, sqlx::Error> {
         let raw: String = self.try_get(col)?;
         DateTime::parse_from_rfc3339(&raw)
