@@ -38,8 +38,9 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// The gRPC methods served; any other path is counted as `other`.
-const GRPC_METHODS: [&str; 5] = [
+const GRPC_METHODS: [&str; 6] = [
     "CreateIssuance",
+    "BatchCreateIssuances",
     "GetIssuance",
     "ListIssuances",
     "CancelIssuance",

@@ -142,6 +142,50 @@ fn event_message(e: &issuer_domain::model::IssuanceEvent) -> pb::IssuanceEvent {
     }
 }
 
+/// A failed batch item: what its own call would have failed with.
+fn item_error(e: &issuer_domain::Error) -> pb::ItemError {
+    pb::ItemError {
+        code: super::code_of(e.code) as i32,
+        reason: e.code.as_str().to_ascii_uppercase(),
+        message: e.message.clone(),
+        field_violations: e
+            .violations
+            .iter()
+            .map(|v| pb::FieldViolation {
+                field: v.field.clone(),
+                description: v.message.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A batch item refused before it reached the use case (its fields disagree), from the status
+/// its own call would have had.
+fn item_error_of_status(s: &Status) -> pb::ItemError {
+    use tonic_types::StatusExt;
+    let details = s.get_error_details();
+    pb::ItemError {
+        code: s.code() as i32,
+        reason: details
+            .error_info()
+            .map(|i| i.reason.clone())
+            .unwrap_or_default(),
+        message: s.message().to_owned(),
+        field_violations: details
+            .bad_request()
+            .map(|b| {
+                b.field_violations
+                    .iter()
+                    .map(|v| pb::FieldViolation {
+                        field: v.field.clone(),
+                        description: v.description.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchIssuanceResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -184,7 +228,15 @@ impl IssuanceService for IssuanceGrpc {
         req: Request<pb::CreateIssuanceRequest>,
     ) -> Result<Response<pb::Issuance>, Status> {
         let who = authenticate(&self.app, &req)?;
-        let body = create_body(req.into_inner())?;
+        let request = req.into_inner();
+        let limit = self.app.settings.max_body_bytes;
+        if prost::Message::encoded_len(&request) > limit {
+            return Err(status(issuer_domain::Error::new(
+                issuer_domain::ErrorCode::PayloadTooLarge,
+                format!("the request exceeds {limit} bytes"),
+            )));
+        }
+        let body = create_body(request)?;
         let out = self
             .app
             .issuances
@@ -200,6 +252,77 @@ impl IssuanceService for IssuanceGrpc {
             MetadataValue::from_static(if out.replayed { "true" } else { "false" }),
         );
         Ok(res)
+    }
+
+    async fn batch_create_issuances(
+        &self,
+        req: Request<pb::BatchCreateIssuancesRequest>,
+    ) -> Result<Response<pb::BatchCreateIssuancesResponse>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let items = req.into_inner().issuances;
+        let max = self.app.settings.batch_max_items;
+        if !(1..=max).contains(&items.len()) {
+            return Err(status(issuer_domain::Error::invalid_field(
+                "issuances",
+                format!("must hold 1 to {max} create requests"),
+            )));
+        }
+        // Each item as the JSON its own CreateIssuance would validate; an item whose enum and
+        // word disagree fails alone, with the error its own call would have had.
+        let mut bodies = Vec::with_capacity(items.len());
+        let mut refused = Vec::new();
+        for (index, item) in items.into_iter().enumerate() {
+            match create_body(item) {
+                Ok(body) => bodies.push(body),
+                Err(s) => {
+                    refused.push((index, s));
+                    bodies.push(Value::Null);
+                }
+            }
+        }
+        let batch = uuid::Uuid::new_v4();
+        let outcomes = crate::batch::create_batch(&self.app.issuances, &who, bodies, batch)
+            .await
+            .map_err(status)?;
+        let created: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
+            .collect();
+        let mut messages = self.messages(&who, &created).await?.into_iter();
+        let results = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| {
+                let early = refused.iter().position(|(i, _)| *i == index);
+                let (outcome, replayed) = match (early, outcome) {
+                    (Some(at), _) => (
+                        pb::batch_item_result::Outcome::Error(item_error_of_status(&refused[at].1)),
+                        false,
+                    ),
+                    (None, Ok(out)) => {
+                        crate::metrics::create("grpc", out.replayed);
+                        let mut message = messages.next().unwrap_or_default();
+                        message.tx_code = out.tx_code.unwrap_or_default();
+                        (
+                            pb::batch_item_result::Outcome::Issuance(message),
+                            out.replayed,
+                        )
+                    }
+                    (None, Err(e)) => {
+                        (pb::batch_item_result::Outcome::Error(item_error(&e)), false)
+                    }
+                };
+                pb::BatchItemResult {
+                    index: i32::try_from(index).unwrap_or(i32::MAX),
+                    outcome: Some(outcome),
+                    replayed,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::BatchCreateIssuancesResponse {
+            batch_id: batch.to_string(),
+            results,
+        }))
     }
 
     async fn get_issuance(
