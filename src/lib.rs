@@ -186,8 +186,9 @@ where
         + 'static,
     H::Future: Send + 'static,
 {
-    // The batch call's limit; every other call is held to ISSUER_MAX_BODY_BYTES by its handler.
-    let limit = app.settings.batch_max_bytes;
+    // One limit for every call, checked before anything is decoded or authenticated: a batch
+    // over gRPC fits in it too (larger loads are for the streaming import).
+    let limit = app.settings.max_body_bytes;
     let issuances = grpc::pb::issuance_service_server::IssuanceServiceServer::new(
         grpc::IssuanceGrpc::new(app.clone()),
     )

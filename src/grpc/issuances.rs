@@ -228,15 +228,7 @@ impl IssuanceService for IssuanceGrpc {
         req: Request<pb::CreateIssuanceRequest>,
     ) -> Result<Response<pb::Issuance>, Status> {
         let who = authenticate(&self.app, &req)?;
-        let request = req.into_inner();
-        let limit = self.app.settings.max_body_bytes;
-        if prost::Message::encoded_len(&request) > limit {
-            return Err(status(issuer_domain::Error::new(
-                issuer_domain::ErrorCode::PayloadTooLarge,
-                format!("the request exceeds {limit} bytes"),
-            )));
-        }
-        let body = create_body(request)?;
+        let body = create_body(req.into_inner())?;
         let out = self
             .app
             .issuances
