@@ -93,7 +93,7 @@ impl App {
                     Arc::new(LocalLimiter::new()),
                 ),
             };
-        let limits = Arc::new(crate::limits::Limits::new(&settings, limiter));
+        let limits = Arc::new(crate::limits::Limits::new(&settings, limiter.clone()));
         let lock: Arc<dyn IdempotencyLock> = Arc::new(crate::metrics::MeteredLock(lock));
         let secret = server_secret(&settings)?;
         let signing = token_signing_key(&settings)?;
@@ -185,6 +185,13 @@ impl App {
             from: transport.from.clone(),
             schedule: transport.schedule.clone(),
             transport: Arc::new(transport),
+            pace: (settings.smtp_max_per_sec > 0).then(|| crate::mail::Pace {
+                limiter: limiter.clone(),
+                quota: issuer_coordination::ratelimit::Quota {
+                    per_sec: settings.smtp_max_per_sec,
+                    burst: settings.smtp_max_per_sec,
+                },
+            }),
             clock: clock.clone(),
             links: issuer_domain::service::OfferLinks::new(&settings.public_url),
         });

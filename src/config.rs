@@ -83,6 +83,9 @@ pub struct Settings {
     pub catalog_file: Option<PathBuf>,
     /// `ISSUER_MAX_BODY_BYTES`: request body limit (REST and gRPC messages).
     pub max_body_bytes: usize,
+    /// `ISSUER_SMTP_MAX_PER_SEC`: offer emails sent per second at most, by all replicas
+    /// together (through Redis when configured); 0: unpaced.
+    pub smtp_max_per_sec: u32,
     /// `ISSUER_BATCH_MAX_ITEMS`: create bodies one batch create may hold.
     pub batch_max_items: usize,
     /// `ISSUER_BATCH_MAX_BYTES`: body limit of a batch create.
@@ -185,6 +188,7 @@ impl Default for Settings {
             token_ttl_secs: 300,
             catalog_file: None,
             max_body_bytes: 64 * 1024,
+            smtp_max_per_sec: 10,
             batch_max_items: 1_000,
             batch_max_bytes: 8 * 1024 * 1024,
             migrate_on_start: true,
@@ -307,6 +311,10 @@ impl Settings {
         anyhow::ensure!(
             self.max_body_bytes >= 1024,
             "ISSUER_MAX_BODY_BYTES must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.smtp_max_per_sec <= 10_000,
+            "ISSUER_SMTP_MAX_PER_SEC must be from 0 (unpaced) to 10000"
         );
         anyhow::ensure!(
             (1..=10_000).contains(&self.batch_max_items),

@@ -12,7 +12,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use issuer_coordination::events::News;
+use issuer_coordination::{
+    events::News,
+    ratelimit::{Quota, RateLimiter},
+};
 use issuer_domain::{
     Error,
     ids::{IssuanceId, TenantId},
@@ -386,10 +389,32 @@ impl EmailOutbox for StoreOutbox {
     }
 }
 
+/// How fast emails may go out, shared by the replicas: the SMTP relay's own limits would
+/// otherwise refuse a bulk create's emails, or mark the sender as a spammer.
+pub struct Pace {
+    pub limiter: Arc<dyn RateLimiter>,
+    pub quota: Quota,
+}
+
+impl Pace {
+    /// Waits until one more email may go out.
+    async fn wait(&self) {
+        loop {
+            let decision = self.limiter.check("smtp", self.quota).await;
+            if decision.allowed {
+                return;
+            }
+            tokio::time::sleep(decision.retry_after.max(Duration::from_millis(1))).await;
+        }
+    }
+}
+
 /// The mailer: drains the outbox on every replica.
 pub struct MailWorker {
     pub outbox: Arc<dyn EmailOutbox>,
     pub transport: Arc<dyn MailTransport>,
+    /// `ISSUER_SMTP_MAX_PER_SEC`; `None`: unpaced.
+    pub pace: Option<Pace>,
     pub from: Mailbox,
     pub schedule: RetrySchedule,
     pub clock: Arc<dyn Clock>,
@@ -470,6 +495,9 @@ impl MailWorker {
         }
         let outcome = match self.compose(&issuance).await {
             Ok(message) => {
+                if let Some(pace) = &self.pace {
+                    pace.wait().await;
+                }
                 let stem = format!(
                     "{}-{}",
                     self.clock.now().format("%Y%m%dT%H%M%S"),
@@ -768,6 +796,7 @@ mod worker_tests {
         let worker = MailWorker {
             outbox: outbox.clone(),
             transport: transport.clone(),
+            pace: None,
             from: "Issuer <no-reply@i.example>".parse().unwrap(),
             schedule: RetrySchedule::parse("30s,2m").unwrap(),
             clock: Arc::new(FixedClock(now)),
@@ -843,6 +872,52 @@ mod worker_tests {
             outbox.recorded.lock().unwrap()[0].error.as_deref(),
             Some("the recipient address is not deliverable")
         );
+    }
+
+    /// Refuses the first `refusals` checks, then admits; counts the checks.
+    struct FakeLimiter {
+        refusals: u32,
+        checks: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl RateLimiter for FakeLimiter {
+        async fn check(&self, key: &str, quota: Quota) -> issuer_coordination::ratelimit::Decision {
+            assert_eq!((key, quota.per_sec), ("smtp", 10));
+            let mut checks = self.checks.lock().unwrap();
+            *checks += 1;
+            issuer_coordination::ratelimit::Decision {
+                allowed: *checks > self.refusals,
+                remaining: 0,
+                retry_after: std::time::Duration::from_millis(5),
+                reset: std::time::Duration::from_millis(5),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_email_waits_for_the_shared_pace_before_it_is_sent() {
+        let i = issuance("ada@example.org");
+        let (mut w, outbox, transport) = worker(&i, Ok(()), true, t0());
+        let limiter = Arc::new(FakeLimiter {
+            refusals: 2,
+            checks: Mutex::new(0),
+        });
+        w.pace = Some(Pace {
+            limiter: limiter.clone(),
+            quota: Quota {
+                per_sec: 10,
+                burst: 10,
+            },
+        });
+        assert_eq!(w.attempt(delivery(&i, 0)).await, Some(EmailState::Sent));
+        assert_eq!(
+            *limiter.checks.lock().unwrap(),
+            3,
+            "refused twice, then admitted"
+        );
+        assert_eq!(transport.sent.lock().unwrap().len(), 1);
+        assert_eq!(outbox.recorded.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
