@@ -262,13 +262,16 @@ impl IssuanceService for IssuanceGrpc {
         // Each item as the JSON its own CreateIssuance would validate; an item whose enum and
         // word disagree fails alone, with the error its own call would have had.
         let mut bodies = Vec::with_capacity(items.len());
-        let mut refused = Vec::new();
-        for (index, item) in items.into_iter().enumerate() {
+        let mut refused: Vec<Option<Status>> = Vec::with_capacity(items.len());
+        for item in items {
             match create_body(item) {
-                Ok(body) => bodies.push(body),
+                Ok(body) => {
+                    bodies.push(body);
+                    refused.push(None);
+                }
                 Err(s) => {
-                    refused.push((index, s));
                     bodies.push(Value::Null);
+                    refused.push(Some(s));
                 }
             }
         }
@@ -285,10 +288,9 @@ impl IssuanceService for IssuanceGrpc {
             .into_iter()
             .enumerate()
             .map(|(index, outcome)| {
-                let early = refused.iter().position(|(i, _)| *i == index);
-                let (outcome, replayed) = match (early, outcome) {
-                    (Some(at), _) => (
-                        pb::batch_item_result::Outcome::Error(item_error_of_status(&refused[at].1)),
+                let (outcome, replayed) = match (&refused[index], outcome) {
+                    (Some(early), _) => (
+                        pb::batch_item_result::Outcome::Error(item_error_of_status(early)),
                         false,
                     ),
                     (None, Ok(out)) => {

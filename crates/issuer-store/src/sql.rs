@@ -34,6 +34,109 @@ use crate::{
     },
 };
 
+// What SQL cannot share, per backend, as text for `concat!`: each statement that needs one is
+// written once and built at compile time for both backends (`per_backend!`).
+
+/// A fresh random UUID, in the backend's stored form.
+macro_rules! new_uuid {
+    (postgres) => {
+        "gen_random_uuid()"
+    };
+    (sqlite) => {
+        "lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || \
+         substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + abs(random()) % 4, 1) || \
+         substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))"
+    };
+}
+
+/// Whether `$4` (the event type) is one of the words of `event_types`.
+macro_rules! event_type_listed {
+    (postgres) => {
+        "$4 = ANY(string_to_array(event_types, ' '))"
+    };
+    (sqlite) => {
+        "instr(' ' || event_types || ' ', ' ' || $4 || ' ') > 0"
+    };
+}
+
+/// Row locking for the subquery of a claim: concurrent claimers on other replicas take other
+/// rows instead of waiting (Postgres). SQLite's one writer needs none.
+macro_rules! skip_locked {
+    (postgres) => {
+        " FOR UPDATE SKIP LOCKED"
+    };
+    (postgres, $of:literal) => {
+        concat!(" FOR UPDATE OF ", $of, " SKIP LOCKED")
+    };
+    (sqlite $(, $of:literal)?) => {
+        ""
+    };
+}
+
+/// The statement `$sql!(backend)` for the backend at hand.
+macro_rules! per_backend {
+    ($backend:expr, $sql:ident) => {
+        match $backend {
+            Backend::Postgres => $sql!(postgres),
+            Backend::Sqlite => $sql!(sqlite),
+        }
+    };
+}
+
+macro_rules! queue_deliveries_sql {
+    ($d:ident) => {
+        concat!(
+            "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
+             event_type, message_id, payload, state, attempts, next_attempt_at, traceparent, \
+             created_at, updated_at) SELECT tenant_id, ",
+            new_uuid!($d),
+            ", id, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7, $7 \
+             FROM webhook_endpoints WHERE tenant_id = $1 AND enabled AND ",
+            event_type_listed!($d)
+        )
+    };
+}
+
+macro_rules! purge_nonces_sql {
+    ($d:ident) => {
+        concat!(
+            "DELETE FROM used_nonces WHERE nonce_hash IN (SELECT nonce_hash FROM used_nonces \
+             WHERE expires_at < $1 LIMIT $2",
+            skip_locked!($d),
+            ")"
+        )
+    };
+}
+
+macro_rules! claim_deliveries_sql {
+    ($d:ident) => {
+        concat!(
+            "UPDATE webhook_deliveries SET next_attempt_at = $2, updated_at = $1 \
+             WHERE (tenant_id, id) IN (SELECT d.tenant_id, d.id FROM webhook_deliveries d \
+             JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id \
+             WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND e.enabled \
+             ORDER BY d.next_attempt_at LIMIT $3",
+            skip_locked!($d, "d"),
+            ") RETURNING ",
+            delivery_columns!()
+        )
+    };
+}
+
+macro_rules! claim_emails_sql {
+    ($d:ident) => {
+        concat!(
+            "UPDATE email_deliveries SET next_attempt_at = $2, updated_at = $1 \
+             WHERE (tenant_id, issuance_id) IN (SELECT tenant_id, issuance_id \
+             FROM email_deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at LIMIT $3",
+            skip_locked!($d),
+            ") RETURNING ",
+            email_columns!()
+        )
+    };
+}
+
 /// A [`Store`] on Postgres (production) or SQLite (single node, development, tests).
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -289,16 +392,7 @@ async fn queue_deliveries(
     event: &IssuanceEvent,
     (kind, message_id, payload): (&'static str, String, Value),
 ) -> Result<()> {
-    let backend = tx.backend();
-    let sql = format!(
-        "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence, \
-         event_type, message_id, payload, state, attempts, next_attempt_at, traceparent, \
-         created_at, updated_at) \
-         SELECT tenant_id, {}, id, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7, $7 \
-         FROM webhook_endpoints WHERE tenant_id = $1 AND enabled AND {}",
-        backend.new_uuid(),
-        backend.word_in("event_types", 4),
-    );
+    let sql = per_backend!(tx.backend(), queue_deliveries_sql);
     tx.on()
         .execute(
             &Sql::new(sql)
@@ -321,36 +415,6 @@ impl Backend {
         match self {
             Backend::Postgres => "postgresql",
             Backend::Sqlite => "sqlite",
-        }
-    }
-
-    /// A fresh random UUID, in the backend's stored form.
-    fn new_uuid(self) -> &'static str {
-        match self {
-            Backend::Postgres => "gen_random_uuid()",
-            Backend::Sqlite => {
-                "lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || \
-                 substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + abs(random()) % 4, 1) || \
-                 substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))"
-            }
-        }
-    }
-
-    /// Whether placeholder `$n` is one of the words of the space-separated `column`.
-    fn word_in(self, column: &str, n: usize) -> String {
-        match self {
-            Backend::Postgres => format!("${n} = ANY(string_to_array({column}, ' '))"),
-            Backend::Sqlite => format!("instr(' ' || {column} || ' ', ' ' || ${n} || ' ') > 0"),
-        }
-    }
-
-    /// Row locking for the subquery of a claim: concurrent claimers on other replicas take
-    /// other rows instead of waiting (Postgres). SQLite's one writer needs none.
-    fn skip_locked(self, of: &str) -> String {
-        match self {
-            Backend::Postgres if of.is_empty() => " FOR UPDATE SKIP LOCKED".to_owned(),
-            Backend::Postgres => format!(" FOR UPDATE OF {of} SKIP LOCKED"),
-            Backend::Sqlite => String::new(),
         }
     }
 }
@@ -630,13 +694,9 @@ impl Store for SqlStore {
     }
 
     async fn purge_used_nonces(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let q = Sql::new(format!(
-            "DELETE FROM used_nonces WHERE nonce_hash IN (SELECT nonce_hash FROM used_nonces \
-             WHERE expires_at < $1 LIMIT $2{})",
-            self.db.backend().skip_locked("")
-        ))
-        .time(now)
-        .int(i64::from(limit));
+        let q = Sql::new(per_backend!(self.db.backend(), purge_nonces_sql))
+            .time(now)
+            .int(i64::from(limit));
         Ok(self.db.on().execute(&q).await?)
     }
 
@@ -808,20 +868,10 @@ impl Store for SqlStore {
     ) -> Result<Vec<WebhookDelivery>> {
         // One statement: on SQLite nothing else can claim in between (one writer); on Postgres
         // dispatchers on other replicas skip the rows this one locked.
-        let q = Sql::new(format!(
-            concat!(
-                "UPDATE webhook_deliveries SET next_attempt_at = $2, updated_at = $1 \
-                 WHERE (tenant_id, id) IN (SELECT d.tenant_id, d.id FROM webhook_deliveries d \
-                 JOIN webhook_endpoints e ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id \
-                 WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND e.enabled \
-                 ORDER BY d.next_attempt_at LIMIT $3{}) RETURNING ",
-                delivery_columns!()
-            ),
-            self.db.backend().skip_locked("d")
-        ))
-        .time(now)
-        .time(lease_until)
-        .int(i64::from(limit));
+        let q = Sql::new(per_backend!(self.db.backend(), claim_deliveries_sql))
+            .time(now)
+            .time(lease_until)
+            .int(i64::from(limit));
         self.all(&q, rows::webhook_delivery).await
     }
 
@@ -924,19 +974,10 @@ impl Store for SqlStore {
         limit: u32,
     ) -> Result<Vec<EmailDelivery>> {
         // As `claim_deliveries`: one statement, skipping rows other mailers hold.
-        let q = Sql::new(format!(
-            concat!(
-                "UPDATE email_deliveries SET next_attempt_at = $2, updated_at = $1 \
-                 WHERE (tenant_id, issuance_id) IN (SELECT tenant_id, issuance_id \
-                 FROM email_deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
-                 ORDER BY next_attempt_at LIMIT $3{}) RETURNING ",
-                email_columns!()
-            ),
-            self.db.backend().skip_locked("")
-        ))
-        .time(now)
-        .time(lease_until)
-        .int(i64::from(limit));
+        let q = Sql::new(per_backend!(self.db.backend(), claim_emails_sql))
+            .time(now)
+            .time(lease_until)
+            .int(i64::from(limit));
         self.all(&q, rows::email_delivery).await
     }
 
