@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `migrate`, and tenant / client provisioning.
+//! The command line: `serve` (default), `migrate`, tenant / client provisioning, and `import`
+//! (a bulk import through a running service).
 
 use std::path::PathBuf;
 
@@ -31,6 +32,36 @@ pub enum Command {
     /// Manage API clients.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Create the offers of a JSONL or CSV file through a running service (gRPC
+    /// `ImportIssuances`), writing one result line per input line. Exit status: 0 when every
+    /// line was created or replayed, 1 when some failed (the results file says which and why),
+    /// 2 when the import could not run or was cut short. Running it again is safe.
+    Import(ImportCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportCommand {
+    /// The input: JSONL (one create body per line) or CSV (a header of dotted paths such as
+    /// `payload.mandatee.firstName`; a cell holding a JSON array or object is that JSON).
+    pub file: PathBuf,
+    /// `jsonl` or `csv`; by default from the file name (`.csv` is CSV, anything else JSONL).
+    #[arg(long, value_enum)]
+    pub format: Option<crate::import::Format>,
+    /// The service's base URL.
+    #[arg(long, env = "ISSUER_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The API client (scope `issuance:write`).
+    #[arg(long, env = "ISSUER_CLIENT_ID")]
+    pub client_id: String,
+    /// Its secret; set it in the environment rather than on the command line.
+    #[arg(long, env = "ISSUER_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: String,
+    /// Where the results go (default: `FILE.results.jsonl`).
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// `auto` (a bar on a terminal, plain lines otherwise), `bar`, `lines` or `none`.
+    #[arg(long, value_enum, default_value_t = crate::import::ProgressMode::Auto)]
+    pub progress: crate::import::ProgressMode,
 }
 
 #[derive(Debug, Subcommand)]

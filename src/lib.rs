@@ -8,13 +8,13 @@ use tokio::net::TcpListener;
 
 pub mod admin;
 pub mod app;
-pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod files;
 pub mod grant;
 pub mod grpc;
 pub mod html;
+pub mod import;
 pub mod limits;
 pub mod mail;
 pub mod metrics;

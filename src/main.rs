@@ -4,10 +4,11 @@ use anyhow::Context;
 use clap::Parser;
 use issuer::{
     App, Settings, admin,
-    cli::{Cli, ClientCommand, Command, Output, TenantCommand},
+    cli::{Cli, ClientCommand, Command, ImportCommand, Output, TenantCommand},
 };
 use issuer_domain::ids::TenantId;
 use serde_json::json;
+use std::process::ExitCode;
 
 /// mimalloc: the request path allocates many small JSON values, which glibc's allocator serves
 /// measurably slower (see the create benchmark).
@@ -15,7 +16,7 @@ use serde_json::json;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config)?;
     let command = cli.command.unwrap_or(Command::Serve);
@@ -24,9 +25,62 @@ async fn main() -> anyhow::Result<()> {
         _ => issuer::telemetry::LogTo::Stderr,
     };
     let telemetry = issuer::telemetry::init(&settings, log_to)?;
+    if let Command::Import(args) = command {
+        let code = import(args).await;
+        telemetry.shutdown().await;
+        return Ok(code);
+    }
     let result = run_command(command, settings).await;
     telemetry.shutdown().await;
-    result
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `issuer import`: the summary as JSON on stdout; the exit status tells complete (0), some
+/// lines failed (1), or not run / cut short (2).
+async fn import(args: ImportCommand) -> ExitCode {
+    let summary = issuer::import::run(issuer::import::ImportArgs {
+        file: args.file,
+        format: args.format,
+        url: args.url,
+        client_id: args.client_id,
+        client_secret: args.client_secret,
+        results: args.results,
+        progress: args.progress,
+    })
+    .await;
+    match summary {
+        Ok(s) => {
+            println!(
+                "{}",
+                json!({
+                    "lines": s.lines,
+                    "created": s.created,
+                    "replayed": s.replayed,
+                    "failed": s.failed,
+                    "results": s.results.display().to_string(),
+                    "cut": s.cut,
+                })
+            );
+            if let Some(why) = &s.cut {
+                eprintln!("import cut short: {why}; run it again: done lines come back as replays");
+                ExitCode::from(2)
+            } else if s.failed > 0 {
+                eprintln!(
+                    "{} of {} lines failed; see {}",
+                    s.failed,
+                    s.lines,
+                    s.results.display()
+                );
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("import did not run: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn run_command(command: Command, settings: Settings) -> anyhow::Result<()> {
@@ -135,6 +189,7 @@ async fn run_command(command: Command, settings: Settings) -> anyhow::Result<()>
             print(output, serde_json::to_value(creds)?);
             Ok(())
         }
+        Command::Import(_) => unreachable!("run by main"),
     }
 }
 

@@ -38,9 +38,10 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// The gRPC methods served; any other path is counted as `other`.
-const GRPC_METHODS: [&str; 6] = [
+const GRPC_METHODS: [&str; 7] = [
     "CreateIssuance",
     "BatchCreateIssuances",
+    "ImportIssuances",
     "GetIssuance",
     "ListIssuances",
     "CancelIssuance",
@@ -119,27 +120,54 @@ pub struct MeteredLock(pub Arc<dyn IdempotencyLock>);
 
 #[async_trait::async_trait]
 impl IdempotencyLock for MeteredLock {
-    async fn acquire(
+    async fn acquire_many(
         &self,
-        key: &str,
+        keys: &[String],
         ttl: std::time::Duration,
-        wait: std::time::Duration,
-    ) -> Result<LockAttempt, LockError> {
-        let started = Instant::now();
-        let attempt = self.0.acquire(key, ttl, wait).await;
-        let outcome = match &attempt {
-            Ok(LockAttempt::Acquired(_)) => "acquired",
-            Ok(LockAttempt::Busy) => "busy",
-            Err(_) => "unavailable",
+    ) -> Result<Vec<LockAttempt>, LockError> {
+        let attempts = self.0.acquire_many(keys, ttl).await;
+        let (taken, busy) = match &attempts {
+            Ok(attempts) => {
+                let taken = attempts
+                    .iter()
+                    .filter(|a| matches!(a, LockAttempt::Acquired(_)))
+                    .count();
+                (taken, attempts.len() - taken)
+            }
+            Err(_) => {
+                metrics::counter!("issuer_idempotency_locks_total", "outcome" => "unavailable")
+                    .increment(keys.len() as u64);
+                (0, 0)
+            }
         };
-        metrics::counter!("issuer_idempotency_locks_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("issuer_idempotency_lock_wait_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        attempt
+        for (outcome, n) in [("acquired", taken), ("busy", busy)] {
+            if n > 0 {
+                metrics::counter!("issuer_idempotency_locks_total", "outcome" => outcome)
+                    .increment(n as u64);
+            }
+        }
+        attempts
     }
 
-    async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError> {
-        self.0.release(key, token).await
+    async fn wait_released(
+        &self,
+        keys: &[String],
+        wait: std::time::Duration,
+    ) -> Result<bool, LockError> {
+        let started = Instant::now();
+        let released = self.0.wait_released(keys, wait).await;
+        let outcome = match &released {
+            Ok(true) => "released",
+            Ok(false) => "still_held",
+            Err(_) => "unavailable",
+        };
+        metrics::histogram!("issuer_idempotency_lock_wait_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        released
+    }
+
+    async fn release_many(&self, keys: &[String], token: &LockToken) -> Result<(), LockError> {
+        self.0.release_many(keys, token).await
     }
 
     async fn ping(&self) -> Result<(), LockError> {

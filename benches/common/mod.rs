@@ -168,6 +168,107 @@ impl BenchService {
     }
 }
 
+/// pgbench running the service's single-create statement, one create per transaction, on
+/// `conns` connections for `secs`, against the tenant `tenant` of `db_url`.
+pub fn pgbench(db_url: &str, tenant: &str, conns: usize, secs: u64) -> Stage {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("create.sql");
+    // The service's create statement: the issuance row, its first event, its webhook outbox
+    // rows (none here: the tenant has no endpoints) and its email outbox row (none: delivery
+    // `none`), atomically.
+    // The payload is a bound parameter, as the service binds it, so Postgres parses it on every
+    // execution; a literal would be parsed once when the statement is prepared.
+    // (pgbench reads `:name` as a variable, hence the grant-type URN built with chr(58).)
+    std::fs::write(
+        &script,
+        format!(
+            "WITH i AS (INSERT INTO issuances (tenant_id, id, client_request_id, request_fingerprint,
+  credential_configuration_id, status, payload, delivery, grant_type, offer_id,
+  pre_authorized_code_hash, pre_authorized_code_sealed, expires_at, created_at, updated_at)
+  VALUES ('{tenant}', gen_random_uuid(), 'pgb-' || gen_random_uuid(), md5(random()::text) || md5(random()::text),
+  'learcredential.employee.sd.1', 'pending', CAST(:payload AS jsonb), 'none',
+  replace('urn;ietf;params;oauth;grant-type;pre-authorized_code', ';', chr(58)), md5(random()::text), md5(random()::text),
+  md5(random()::text) || md5(random()::text), now() + interval '1 day', now(), now())
+  ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING tenant_id, id),
+e AS (INSERT INTO issuance_events (tenant_id, issuance_id, sequence, kind, status, occurred_at)
+  SELECT tenant_id, id, 1, 'created', 'pending', now() FROM i),
+d AS (INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, issuance_id, sequence,
+  event_type, message_id, payload, state, attempts, next_attempt_at, created_at, updated_at)
+  SELECT ep.tenant_id, gen_random_uuid(), ep.id, i.id, 1, 'issuance.created', md5(random()::text),
+  '{{}}'::jsonb, 'pending', 0, now(), now(), now() FROM i JOIN webhook_endpoints ep
+  ON ep.tenant_id = i.tenant_id WHERE ep.enabled
+  AND 'issuance.created' = ANY(string_to_array(ep.event_types, ' '))),
+m AS (INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, next_attempt_at,
+  created_at, updated_at) SELECT tenant_id, id, 'pending', 0, now(), now(), now() FROM i
+  WHERE CAST(:delivery AS text) = 'email')
+SELECT id FROM i;
+"
+        ),
+    )
+    .unwrap();
+    let prefix = dir.path().join("log");
+    let started = Instant::now();
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &conns.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-D",
+            &format!("payload={}", payload()),
+            "-D",
+            "delivery=none",
+        ])
+        .arg("-f")
+        .arg(&script)
+        .arg("-l")
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg(db_url)
+        .output()
+        .expect("pgbench is installed (postgresql-client)");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("log")
+        {
+            for line in std::fs::read_to_string(path).unwrap().lines() {
+                // client_id transaction_no time_us script_no time_epoch time_us_fraction
+                if let Some(us) = line
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    latencies.push(Duration::from_micros(us));
+                }
+            }
+        }
+    }
+    Stage {
+        name: format!("pgbench same SQL, {conns} conns"),
+        ops: latencies.len(),
+        secs: started
+            .elapsed()
+            .as_secs_f64()
+            .min(secs as f64 + 0.5)
+            .max(secs as f64),
+        latencies,
+    }
+}
+
 /// Milliseconds at quantile `p` of `samples`.
 pub fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
     let mut s = samples.to_vec();

@@ -2,15 +2,15 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use issuer_domain::{
-    model::Issuance,
+    model::{Issuance, Scope},
     service::{ListParams, Principal},
 };
 use prost_types::Timestamp;
 use serde_json::{Map, Value};
-use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use super::{
     authenticate, enums,
@@ -187,6 +187,118 @@ fn item_error_of_status(s: &Status) -> pb::ItemError {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchIssuanceResponse, Status>> + Send>>;
+type ImportStream = Pin<Box<dyn Stream<Item = Result<pb::ImportIssuancesResponse, Status>> + Send>>;
+
+/// Items of an import stream written together (one lock round trip, a few statements).
+const IMPORT_GROUP: usize = 256;
+/// Groups of one import stream in flight at once.
+const IMPORT_IN_FLIGHT: usize = 2;
+
+/// What one item of a batch or an import is answered with.
+enum Answer {
+    Issuance(Box<pb::Issuance>),
+    Error(pb::ItemError),
+}
+
+/// Creates `items` together, recording `batch` on each new issuance; each item's answer, in
+/// order, with whether it was a replay. An item whose fields disagree (an enum and its
+/// deprecated word) fails alone, with the error its own call would have had.
+async fn answer_items(
+    app: &App,
+    who: &Principal,
+    items: Vec<pb::CreateIssuanceRequest>,
+    batch: uuid::Uuid,
+) -> Result<Vec<(Answer, bool)>, Status> {
+    let mut bodies = Vec::with_capacity(items.len());
+    let mut refused: Vec<Option<Status>> = Vec::with_capacity(items.len());
+    for item in items {
+        match create_body(item) {
+            Ok(body) => {
+                bodies.push(body);
+                refused.push(None);
+            }
+            Err(s) => {
+                bodies.push(Value::Null);
+                refused.push(Some(s));
+            }
+        }
+    }
+    let outcomes = app
+        .issuances
+        .create_many(who, &bodies, Some(batch))
+        .await
+        .map_err(status)?;
+    let created: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
+        .collect();
+    let mut messages = issuance_views(&app.issuances, app.store.as_ref(), who, &created)
+        .await
+        .map_err(status)?
+        .into_iter()
+        .map(to_message);
+    Ok(outcomes
+        .into_iter()
+        .zip(refused)
+        .map(|(outcome, refused)| match (refused, outcome) {
+            (Some(early), _) => (Answer::Error(item_error_of_status(&early)), false),
+            (None, Ok(out)) => {
+                crate::metrics::create("grpc", out.replayed);
+                let mut message = messages.next().unwrap_or_default();
+                message.tx_code = out.tx_code.unwrap_or_default();
+                (Answer::Issuance(Box::new(message)), out.replayed)
+            }
+            (None, Err(e)) => (Answer::Error(item_error(&e)), false),
+        })
+        .collect())
+}
+
+/// One group of an import stream, the first of its items at stream position `first`: the
+/// answers to the items before the first broken one, then that one's error, if any.
+async fn import_group(
+    app: Arc<App>,
+    who: Principal,
+    batch: uuid::Uuid,
+    first: i64,
+    group: Vec<Result<pb::CreateIssuanceRequest, Status>>,
+) -> Vec<Result<pb::ImportIssuancesResponse, Status>> {
+    let mut items = Vec::with_capacity(group.len());
+    let mut broken = None;
+    for item in group {
+        match item {
+            Ok(item) => items.push(item),
+            Err(s) => {
+                broken = Some(s);
+                break;
+            }
+        }
+    }
+    let mut out: Vec<_> = if items.is_empty() {
+        Vec::new()
+    } else {
+        match answer_items(&app, &who, items, batch).await {
+            Ok(answers) => answers
+                .into_iter()
+                .zip(first..)
+                .map(|((answer, replayed), index)| {
+                    Ok(pb::ImportIssuancesResponse {
+                        index,
+                        outcome: Some(match answer {
+                            Answer::Issuance(m) => {
+                                pb::import_issuances_response::Outcome::Issuance(*m)
+                            }
+                            Answer::Error(e) => pb::import_issuances_response::Outcome::Error(e),
+                        }),
+                        replayed,
+                    })
+                })
+                .collect(),
+            Err(s) => vec![Err(s)],
+        }
+    };
+    out.extend(broken.map(Err));
+    out
+}
 
 #[tonic::async_trait]
 impl IssuanceService for IssuanceGrpc {
@@ -259,64 +371,75 @@ impl IssuanceService for IssuanceGrpc {
                 format!("must hold 1 to {max} create requests"),
             )));
         }
-        // Each item as the JSON its own CreateIssuance would validate; an item whose enum and
-        // word disagree fails alone, with the error its own call would have had.
-        let mut bodies = Vec::with_capacity(items.len());
-        let mut refused: Vec<Option<Status>> = Vec::with_capacity(items.len());
-        for item in items {
-            match create_body(item) {
-                Ok(body) => {
-                    bodies.push(body);
-                    refused.push(None);
-                }
-                Err(s) => {
-                    bodies.push(Value::Null);
-                    refused.push(Some(s));
-                }
-            }
-        }
         let batch = uuid::Uuid::new_v4();
-        let outcomes = crate::batch::create_batch(&self.app.issuances, &who, bodies, batch)
-            .await
-            .map_err(status)?;
-        let created: Vec<_> = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
-            .collect();
-        let mut messages = self.messages(&who, &created).await?.into_iter();
-        let results = outcomes
+        let results = answer_items(&self.app, &who, items, batch)
+            .await?
             .into_iter()
             .enumerate()
-            .map(|(index, outcome)| {
-                let (outcome, replayed) = match (&refused[index], outcome) {
-                    (Some(early), _) => (
-                        pb::batch_item_result::Outcome::Error(item_error_of_status(early)),
-                        false,
-                    ),
-                    (None, Ok(out)) => {
-                        crate::metrics::create("grpc", out.replayed);
-                        let mut message = messages.next().unwrap_or_default();
-                        message.tx_code = out.tx_code.unwrap_or_default();
-                        (
-                            pb::batch_item_result::Outcome::Issuance(message),
-                            out.replayed,
-                        )
-                    }
-                    (None, Err(e)) => {
-                        (pb::batch_item_result::Outcome::Error(item_error(&e)), false)
-                    }
-                };
-                pb::BatchItemResult {
-                    index: i32::try_from(index).unwrap_or(i32::MAX),
-                    outcome: Some(outcome),
-                    replayed,
-                }
+            .map(|(index, (answer, replayed))| pb::BatchItemResult {
+                index: i32::try_from(index).unwrap_or(i32::MAX),
+                outcome: Some(match answer {
+                    Answer::Issuance(m) => pb::batch_item_result::Outcome::Issuance(*m),
+                    Answer::Error(e) => pb::batch_item_result::Outcome::Error(e),
+                }),
+                replayed,
             })
             .collect();
         Ok(Response::new(pb::BatchCreateIssuancesResponse {
             batch_id: batch.to_string(),
             results,
         }))
+    }
+
+    type ImportIssuancesStream = ImportStream;
+
+    async fn import_issuances(
+        &self,
+        req: Request<Streaming<pb::CreateIssuanceRequest>>,
+    ) -> Result<Response<Self::ImportIssuancesStream>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        // Refused before anything is read, rather than once per item.
+        who.require(Scope::IssuanceWrite).map_err(status)?;
+        let batch = uuid::Uuid::new_v4();
+        let app = self.app.clone();
+        let results = req
+            .into_inner()
+            // The items that have arrived, up to a group: a busy stream fills its groups, a
+            // slow one is answered item by item without waiting for more.
+            .ready_chunks(IMPORT_GROUP)
+            .scan(0_i64, |next, group| {
+                let first = *next;
+                *next += group.len() as i64;
+                std::future::ready(Some((first, group)))
+            })
+            .map(move |(first, group)| {
+                let (app, who) = (app.clone(), who.clone());
+                // A task of its own: a client that hangs up does not cut a group in half
+                // (its rows written, its locks never released).
+                let task = tokio::spawn(import_group(app, who, batch, first, group));
+                async move {
+                    task.await.unwrap_or_else(|e| {
+                        vec![Err(status(issuer_domain::Error::internal(e.to_string())))]
+                    })
+                }
+            })
+            // At most this many groups in flight: the input is read no further ahead, and
+            // results wait for the client to take them (HTTP/2 flow control both ways).
+            .buffered(IMPORT_IN_FLIGHT)
+            .flat_map(futures::stream::iter)
+            // The first error (the client's stream broke) ends the call with its status.
+            .scan(false, |ended, item| {
+                if *ended {
+                    return std::future::ready(None);
+                }
+                *ended = item.is_err();
+                std::future::ready(Some(item))
+            });
+        let mut res = Response::new(Box::pin(results) as ImportStream);
+        if let Ok(value) = MetadataValue::try_from(batch.to_string()) {
+            res.metadata_mut().insert("batch-id", value);
+        }
+        Ok(res)
     }
 
     async fn get_issuance(

@@ -3,34 +3,18 @@
 //! dependency is down.
 
 use axum::{
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use issuer_domain::{Error, ErrorCode};
-use serde_json::json;
+
+pub use crate::wire::{problem, status_of};
 
 pub struct ApiError(pub Error);
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         Self(e)
-    }
-}
-
-pub fn status_of(code: ErrorCode) -> StatusCode {
-    match code {
-        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
-        ErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
-        ErrorCode::NotFound => StatusCode::NOT_FOUND,
-        ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::AlreadyExists => StatusCode::CONFLICT,
-        ErrorCode::InvalidState => StatusCode::CONFLICT,
-        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -80,22 +64,6 @@ impl IntoResponse for ApiError {
         }
         res
     }
-}
-
-/// The RFC 9457 object of an error, as its response body (and as a batch item's `problem`).
-pub fn problem(e: &Error) -> serde_json::Value {
-    let status = status_of(e.code);
-    let mut body = json!({
-        "type": format!("urn:issuer:problem:{}", e.code),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": e.message,
-        "code": e.code.as_str(),
-    });
-    if !e.violations.is_empty() {
-        body["errors"] = serde_json::to_value(&e.violations).unwrap_or_default();
-    }
-    body
 }
 
 pub(super) fn bearer_challenge(error: &str, description: &str, scope: Option<&str>) -> HeaderValue {

@@ -192,7 +192,7 @@ pub async fn create_batch(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let max = app.settings.batch_max_items;
     let items = match body.get("issuances").and_then(serde_json::Value::as_array) {
-        Some(items) if (1..=max).contains(&items.len()) => items.clone(),
+        Some(items) if (1..=max).contains(&items.len()) => items,
         _ => {
             return Err(Error::invalid_field(
                 "issuances",
@@ -202,7 +202,7 @@ pub async fn create_batch(
         }
     };
     let batch = uuid::Uuid::new_v4();
-    let outcomes = crate::batch::create_batch(&app.issuances, &who, items, batch).await?;
+    let outcomes = app.issuances.create_many(&who, items, Some(batch)).await?;
     let created: Vec<_> = outcomes
         .iter()
         .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))

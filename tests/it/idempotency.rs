@@ -284,13 +284,13 @@ fn assert_one_winner(results: Vec<Result<Outcome, String>>, n: usize) -> String 
 }
 
 /// A `redis-server` child process on a free port, killed when dropped (also on panic).
-struct RedisProcess {
+pub(crate) struct RedisProcess {
     child: Child,
     port: u16,
 }
 
 impl RedisProcess {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -321,7 +321,7 @@ impl RedisProcess {
         panic!("could not start a redis-server");
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 

@@ -214,13 +214,6 @@ async fn the_documented_series_move_with_requests() {
     );
     assert_eq!(
         delta(
-            "issuer_idempotency_lock_wait_seconds_count",
-            &[("outcome", "acquired")]
-        ),
-        4.0
-    );
-    assert_eq!(
-        delta(
             "issuer_issuance_status_changes_total",
             &[("status", "rejected"), ("reason", "cancelled")]
         ),

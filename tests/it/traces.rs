@@ -251,7 +251,7 @@ async fn rest_grpc_and_webhooks_share_the_callers_trace_in_the_otlp_export() {
             rest_trace,
             &[
                 "POST /issuer/api/v1/issuances",
-                "store.insert_issuance",
+                "store.insert_issuances",
                 "redis.lock.acquire",
                 "redis.lock.release",
                 "webhook.deliver",
@@ -269,7 +269,7 @@ async fn rest_grpc_and_webhooks_share_the_callers_trace_in_the_otlp_export() {
         attr(&server.attributes, "http.route").as_deref(),
         Some("/issuer/api/v1/issuances")
     );
-    let store = named(&trace, "store.insert_issuance");
+    let store = named(&trace, "store.insert_issuances");
     assert_eq!(
         attr(&store.attributes, "db.system").as_deref(),
         Some("postgresql")
@@ -310,7 +310,7 @@ async fn rest_grpc_and_webhooks_share_the_callers_trace_in_the_otlp_export() {
             grpc_trace,
             &[
                 "issuer.v1.IssuanceService/CreateIssuance",
-                "store.insert_issuance",
+                "store.insert_issuances",
                 "redis.lock.acquire",
             ],
         )

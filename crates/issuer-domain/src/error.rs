@@ -284,6 +284,18 @@ impl Error {
         }
     }
 
+    /// The same error for another caller (the items of a batch that share one write): code,
+    /// message, violations and metadata; the cause stays with the original, which is logged.
+    pub fn for_another(&self) -> Self {
+        Self {
+            code: self.code,
+            message: self.message.clone(),
+            violations: self.violations.clone(),
+            metadata: self.metadata.clone(),
+            source: None,
+        }
+    }
+
     /// The cause chain, for logs.
     pub fn chain(&self) -> String {
         let mut out = self.to_string();

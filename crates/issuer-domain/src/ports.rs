@@ -62,6 +62,14 @@ pub trait Store: Send + Sync + 'static {
         issuance: &Issuance,
         first_event: &IssuanceEvent,
     ) -> Result<InsertOutcome>;
+    /// Several creates at once (a batch), each written as [`Self::insert_issuance`] writes it,
+    /// in a few multi-row statements and transactions instead of one each. The
+    /// (tenant, `client_request_id`) keys are distinct. One outcome per item, in order: an item
+    /// that cannot be written fails alone.
+    async fn insert_issuances(
+        &self,
+        items: &[(Issuance, IssuanceEvent)],
+    ) -> Result<Vec<Result<InsertOutcome>>>;
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>>;
     async fn find_issuance_by_request_id(
         &self,
@@ -181,24 +189,44 @@ pub struct LockToken(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockAttempt {
     Acquired(LockToken),
-    /// Still held by someone else after waiting.
+    /// Held by someone else.
     Busy,
 }
 
 /// Short-lived mutual exclusion per idempotency key. It only spares duplicate work and lets a
 /// concurrent duplicate wait for the first request; correctness never depends on it.
+///
+/// Keys are taken in groups, so that a batch of creates costs one round trip to a shared lock,
+/// not one per item; a single key is a group of one. A request never waits while it holds
+/// keys: it takes the free ones, and for the others waits until their holders are done, then
+/// lets the store decide (the first request's row exists by then). So duplicates waiting for
+/// one key proceed together, not one after another, and two groups sharing keys never wait on
+/// each other.
 #[async_trait]
 pub trait IdempotencyLock: Send + Sync + 'static {
-    /// Takes `key` for `ttl`, waiting up to `wait` while another holder has it.
-    async fn acquire(
+    /// Takes every free key of `keys` for `ttl` under one token; a key held by another is
+    /// `Busy`. One attempt per key, in order.
+    async fn acquire_many(
         &self,
-        key: &str,
+        keys: &[String],
         ttl: Duration,
-        wait: Duration,
-    ) -> Result<LockAttempt, LockError>;
-    /// Releases `key` if `token` still holds it.
-    async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError>;
+    ) -> Result<Vec<LockAttempt>, LockError>;
+    /// Waits until no one holds any of `keys`, for up to `wait`; `false` when some still are.
+    async fn wait_released(&self, keys: &[String], wait: Duration) -> Result<bool, LockError>;
+    /// Releases each of `keys` that `token` still holds.
+    async fn release_many(&self, keys: &[String], token: &LockToken) -> Result<(), LockError>;
     async fn ping(&self) -> Result<(), LockError>;
+
+    /// Takes `key` for `ttl` if it is free.
+    async fn acquire(&self, key: &str, ttl: Duration) -> Result<LockAttempt, LockError> {
+        let mut attempts = self.acquire_many(&[key.to_owned()], ttl).await?;
+        Ok(attempts.pop().unwrap_or(LockAttempt::Busy))
+    }
+
+    /// Releases `key` if `token` still holds it.
+    async fn release(&self, key: &str, token: &LockToken) -> Result<(), LockError> {
+        self.release_many(&[key.to_owned()], token).await
+    }
 }
 
 /// Encrypts secrets that must be shown again later (the pre-authorized code in a repeatedly

@@ -6,7 +6,7 @@
 //! doing the work again; when the lock is unavailable the store still decides.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -186,38 +186,168 @@ impl IssuanceService {
         body: &Value,
         batch: Option<uuid::Uuid>,
     ) -> Result<CreateOutcome> {
+        self.create_many(who, std::slice::from_ref(body), batch)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("a create got no outcome")))
+    }
+
+    /// Many creates at once (a batch, or a group of an import stream). Each item is answered
+    /// exactly as its own create would be, in order, and fails alone. A key repeated among the
+    /// items replays its first valid occurrence, or is `idempotency_key_reused` when the
+    /// requests differ. The items' idempotency locks are taken together (one round trip to a
+    /// shared lock) and their rows written together (a few statements, not one each).
+    pub async fn create_many(
+        &self,
+        who: &Principal,
+        bodies: &[Value],
+        batch: Option<uuid::Uuid>,
+    ) -> Result<Vec<Result<CreateOutcome>>> {
         who.require(Scope::IssuanceWrite)?;
         let tenant = self.tenant(who.tenant_id).await?;
-        let request = ValidCreate::parse(body, &self.catalog, &tenant)?;
-        let fingerprint = request.fingerprint();
+        let mut out: Vec<Option<Result<CreateOutcome>>> = bodies.iter().map(|_| None).collect();
+        // The first valid occurrence of each key is written; the others follow it.
+        let mut leads: Vec<Lead> = Vec::new();
+        let mut lead_of: HashMap<String, usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize, String)> = Vec::new();
+        for (index, body) in bodies.iter().enumerate() {
+            let request = match ValidCreate::parse(body, &self.catalog, &tenant) {
+                Ok(request) => request,
+                Err(e) => {
+                    out[index] = Some(Err(e));
+                    continue;
+                }
+            };
+            let fingerprint = request.fingerprint();
+            match lead_of.entry(request.client_request_id.as_str().to_owned()) {
+                Entry::Occupied(lead) => repeats.push((index, *lead.get(), fingerprint)),
+                Entry::Vacant(slot) => {
+                    slot.insert(leads.len());
+                    leads.push(Lead {
+                        index,
+                        request,
+                        fingerprint,
+                    });
+                }
+            }
+        }
+        let indices: Vec<usize> = leads.iter().map(|l| l.index).collect();
+        let fingerprints: Vec<String> = leads.iter().map(|l| l.fingerprint.clone()).collect();
+        let written = self.write_locked(who, &tenant, leads, batch).await;
+        for (index, lead, fingerprint) in &repeats {
+            out[*index] = Some(match &written[*lead] {
+                Ok((InsertOutcome::Inserted(i) | InsertOutcome::Duplicate(i), _)) => {
+                    replay(i.clone(), fingerprint)
+                }
+                Err(e) => Err(e.for_another()),
+            });
+        }
+        for ((written, index), fingerprint) in written.into_iter().zip(indices).zip(fingerprints) {
+            out[index] = Some(written.and_then(|(outcome, tx_code)| match outcome {
+                InsertOutcome::Inserted(issuance) => Ok(CreateOutcome {
+                    issuance,
+                    replayed: false,
+                    tx_code,
+                }),
+                InsertOutcome::Duplicate(existing) => replay(existing, &fingerprint),
+            }));
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::internal("a create got no outcome"))))
+            .collect())
+    }
 
+    /// Writes the leads under their idempotency locks, taken together: first those whose key
+    /// nobody holds; then, holding nothing, the others once their holders are done (or the
+    /// wait ran out), when the store finds the rows their holders wrote. The lock only spares
+    /// racing duplicates the work: when it cannot be reached, the store decides alone. One
+    /// outcome per lead, in order, with the transaction code of a new issuance.
+    async fn write_locked(
+        &self,
+        who: &Principal,
+        tenant: &Tenant,
+        leads: Vec<Lead>,
+        batch: Option<uuid::Uuid>,
+    ) -> Vec<Written> {
         // Hash tag `{tenant}` keeps a tenant's keys on one Redis Cluster slot.
-        let key = format!(
-            "issuer:{{{}}}:idem:{}",
-            tenant.id,
-            URL_SAFE_NO_PAD.encode(request.client_request_id.as_str())
-        );
-        let token = match self
+        let keys: Vec<String> = leads
+            .iter()
+            .map(|l| {
+                format!(
+                    "issuer:{{{}}}:idem:{}",
+                    tenant.id,
+                    URL_SAFE_NO_PAD.encode(l.request.client_request_id.as_str())
+                )
+            })
+            .collect();
+        let attempts = match self
             .lock
-            .acquire(&key, self.idempotency.lock_ttl, self.idempotency.lock_wait)
+            .acquire_many(&keys, self.idempotency.lock_ttl)
             .await
         {
-            Ok(LockAttempt::Acquired(token)) => Some(token),
-            Ok(LockAttempt::Busy) => None,
+            Ok(attempts) => attempts,
             Err(e) => {
                 tracing::warn!(error = %e, "idempotency lock unavailable; the database decides alone");
-                None
+                Vec::new()
             }
         };
-        let result = self
-            .insert(who, request, fingerprint, tenant.require_tx_code, batch)
+        let mut token = None;
+        let (mut held, mut busy) = (Vec::new(), Vec::new());
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        for (((n, lead), key), attempt) in leads.into_iter().enumerate().zip(keys).zip(
+            attempts
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        ) {
+            match attempt {
+                Some(LockAttempt::Acquired(t)) => {
+                    token = Some(t);
+                    held.push(key);
+                    now.push((n, lead));
+                }
+                Some(LockAttempt::Busy) => {
+                    busy.push(key);
+                    later.push((n, lead));
+                }
+                None => now.push((n, lead)),
+            }
+        }
+        let mut out: Vec<Option<Written>> = (0..now.len() + later.len()).map(|_| None).collect();
+        let first = self
+            .insert_group(who, tenant.require_tx_code, now, batch)
             .await;
         if let Some(token) = token
-            && let Err(e) = self.lock.release(&key, &token).await
+            && let Err(e) = self.lock.release_many(&held, &token).await
         {
-            tracing::warn!(error = %e, "idempotency lock not released; it lapses by itself");
+            tracing::warn!(error = %e, "idempotency locks not released; they lapse by themselves");
         }
-        result
+        if !busy.is_empty() {
+            match self
+                .lock
+                .wait_released(&busy, self.idempotency.lock_wait)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(
+                    keys = busy.len(),
+                    "idempotency locks still held after the wait; the database decides"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency lock unavailable; the database decides alone")
+                }
+            }
+        }
+        let second = self
+            .insert_group(who, tenant.require_tx_code, later, batch)
+            .await;
+        for (n, result) in first.into_iter().chain(second) {
+            out[n] = Some(result);
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::internal("a create was not written"))))
+            .collect()
     }
 
     /// The tenant's settings, cached briefly: they bound offer lifetimes and rate limits,
@@ -256,69 +386,94 @@ impl IssuanceService {
             .remove(&id);
     }
 
-    /// Inserts a new issuance. The store's unique (tenant, client_request_id) constraint turns
+    /// Inserts new issuances. The store's unique (tenant, client_request_id) constraint turns
     /// a duplicate, whether it raced this request or came long before, into a replay or a
-    /// reuse error; the lock above only made racing duplicates wait their turn.
-    async fn insert(
+    /// reuse error; the locks only made racing duplicates wait their turn.
+    async fn insert_group(
         &self,
         who: &Principal,
-        request: ValidCreate,
-        fingerprint: String,
         tenant_requires_tx_code: bool,
+        leads: Vec<(usize, Lead)>,
         batch_id: Option<uuid::Uuid>,
-    ) -> Result<CreateOutcome> {
-        let crid = request.client_request_id.as_str();
-        let now = self.clock.now();
-        let code = new_pre_authorized_code();
-        let tx_code = (request.tx_code || tenant_requires_tx_code).then(new_tx_code);
-        let issuance = Issuance {
-            tenant_id: who.tenant_id,
-            id: IssuanceId::new(),
-            client_request_id: crid.to_owned(),
-            request_fingerprint: fingerprint.clone(),
-            credential_configuration_id: request.credential_configuration_id,
-            status: IssuanceStatus::Pending,
-            reason: None,
-            version: 1,
-            batch_id,
-            payload: Some(request.payload),
-            delivery: request.delivery,
-            email: request.email.map(|e| e.as_str().to_owned()),
-            grant_type: request.grant_type,
-            offer_id: new_offer_id(),
-            pre_authorized_code_hash: hash_code(&code),
-            pre_authorized_code_sealed: self.sealer.seal(&code),
-            tx_code_hash: tx_code.as_deref().map(|c| self.sealer.digest(c)),
-            tx_code_failures: 0,
-            code_redeemed_at: None,
-            offer_retrieved_at: None,
-            notification_id: None,
-            expires_at: now + chrono::Duration::seconds(request.expires_in),
-            created_at: now,
-            updated_at: now,
-        };
-        match self
-            .store
-            .insert_issuance(&issuance, &issuance.created_event())
-            .await?
-        {
-            InsertOutcome::Inserted(stored) => {
-                self.notifier.notify(stored.tenant_id, stored.id);
-                tracing::info!(
-                    tenant_id = %stored.tenant_id,
-                    issuance_id = %stored.id,
-                    client_id = %who.client_id,
-                    delivery = stored.delivery.as_str(),
-                    "issuance created"
-                );
-                Ok(CreateOutcome {
-                    issuance: stored,
-                    replayed: false,
-                    tx_code,
-                })
-            }
-            InsertOutcome::Duplicate(existing) => replay(existing, &fingerprint),
+    ) -> Vec<(usize, Written)> {
+        if leads.is_empty() {
+            return Vec::new();
         }
+        let positions: Vec<usize> = leads.iter().map(|(n, _)| *n).collect();
+        let now = self.clock.now();
+        let mut tx_codes = Vec::with_capacity(leads.len());
+        let items: Vec<(Issuance, IssuanceEvent)> = leads
+            .into_iter()
+            .map(|(_, lead)| {
+                let request = lead.request;
+                let code = new_pre_authorized_code();
+                let tx_code = (request.tx_code || tenant_requires_tx_code).then(new_tx_code);
+                let issuance = Issuance {
+                    tenant_id: who.tenant_id,
+                    id: IssuanceId::new(),
+                    client_request_id: request.client_request_id.as_str().to_owned(),
+                    request_fingerprint: lead.fingerprint,
+                    credential_configuration_id: request.credential_configuration_id,
+                    status: IssuanceStatus::Pending,
+                    reason: None,
+                    version: 1,
+                    batch_id,
+                    payload: Some(request.payload),
+                    delivery: request.delivery,
+                    email: request.email.map(|e| e.as_str().to_owned()),
+                    grant_type: request.grant_type,
+                    offer_id: new_offer_id(),
+                    pre_authorized_code_hash: hash_code(&code),
+                    pre_authorized_code_sealed: self.sealer.seal(&code),
+                    tx_code_hash: tx_code.as_deref().map(|c| self.sealer.digest(c)),
+                    tx_code_failures: 0,
+                    code_redeemed_at: None,
+                    offer_retrieved_at: None,
+                    notification_id: None,
+                    expires_at: now + chrono::Duration::seconds(request.expires_in),
+                    created_at: now,
+                    updated_at: now,
+                };
+                let event = issuance.created_event();
+                tx_codes.push(tx_code);
+                (issuance, event)
+            })
+            .collect();
+        let outcomes = match self.store.insert_issuances(&items).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let mut failed: Vec<_> = positions
+                    .iter()
+                    .skip(1)
+                    .map(|n| (*n, Err(e.for_another())))
+                    .collect();
+                failed.insert(0, (positions[0], Err(e)));
+                return failed;
+            }
+        };
+        outcomes
+            .into_iter()
+            .zip(tx_codes)
+            .zip(positions)
+            .map(|((outcome, tx_code), n)| (n, outcome.map(|o| (o, tx_code))))
+            .map(|(n, written)| {
+                let Ok((outcome, tx_code)) = written else {
+                    return (n, written);
+                };
+                if let InsertOutcome::Inserted(stored) = &outcome {
+                    self.notifier.notify(stored.tenant_id, stored.id);
+                    tracing::info!(
+                        tenant_id = %stored.tenant_id,
+                        issuance_id = %stored.id,
+                        client_id = %who.client_id,
+                        delivery = stored.delivery.as_str(),
+                        batch_id = stored.batch_id.map(tracing::field::display),
+                        "issuance created"
+                    );
+                }
+                (n, Ok((outcome, tx_code)))
+            })
+            .collect()
     }
 
     /// One issuance of the caller's tenant; another tenant's is `NotFound` like a missing one.
@@ -595,6 +750,18 @@ impl IssuanceService {
             offer,
         })
     }
+}
+
+/// What writing one create came to: the store's outcome, with the transaction code of a new
+/// issuance.
+type Written = Result<(InsertOutcome, Option<String>)>;
+
+/// A create to write: the first valid occurrence of its key among the items of one call.
+struct Lead {
+    /// Its position among the items.
+    index: usize,
+    request: ValidCreate,
+    fingerprint: String,
 }
 
 fn replay(existing: Issuance, fingerprint: &str) -> Result<CreateOutcome> {

@@ -2003,3 +2003,155 @@ pub async fn retention_purges_ended_issuances_and_everything_of_theirs(store: &d
         InsertOutcome::Inserted(_)
     ));
 }
+
+async fn insert_group(
+    store: &dyn Store,
+    items: &[(Issuance, IssuanceEvent)],
+) -> Vec<Result<InsertOutcome, issuer_domain::Error>> {
+    let outcomes = store
+        .insert_issuances(items)
+        .await
+        .unwrap_or_else(|e| panic!("insert_issuances failed: {}", e.chain()));
+    assert_eq!(outcomes.len(), items.len(), "one outcome per item");
+    outcomes
+}
+
+/// A batch written at once: more rows than one statement takes, across two tenants, with a key
+/// written before. Each item is answered as its own insert would be, in order, and writes
+/// what its own insert writes (event, email row).
+pub async fn grouped_insert_answers_each_item(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let other = new_tenant(store).await;
+    let (earlier, earlier_ev) = sample_issuance(tenant, &new_request_id());
+    let earlier = insert_new(store, &earlier, &earlier_ev).await;
+
+    let mut items: Vec<(Issuance, IssuanceEvent)> = (0..150)
+        .map(|n| {
+            let (issuance, _) = sample_issuance(tenant, &new_request_id());
+            let issuance = Issuance {
+                delivery: if n % 3 == 0 {
+                    Delivery::Email
+                } else {
+                    Delivery::None
+                },
+                email: (n % 3 == 0).then(|| "ada@example.org".to_owned()),
+                batch_id: Some(uuid::Uuid::from_u128(7)),
+                ..issuance
+            };
+            let event = first_event(&issuance);
+            (issuance, event)
+        })
+        .collect();
+    // The key taken before, in the middle; the same key in another tenant is its own.
+    items.insert(70, sample_issuance(tenant, &earlier.client_request_id));
+    items.push(sample_issuance(other, &earlier.client_request_id));
+
+    let outcomes = insert_group(store, &items).await;
+    for (n, ((issuance, _), outcome)) in items.iter().zip(outcomes).enumerate() {
+        match outcome {
+            Ok(InsertOutcome::Duplicate(existing)) => {
+                assert_eq!(n, 70, "only the taken key is a duplicate");
+                assert_eq!(
+                    existing, earlier,
+                    "a duplicate carries the issuance written before"
+                );
+                assert_eq!(get(store, tenant, issuance.id).await, None);
+            }
+            Ok(InsertOutcome::Inserted(stored)) => {
+                assert_ne!(n, 70, "the taken key must not be written again");
+                assert_eq!(stored, normalized(issuance), "item {n} is stored as given");
+                assert_eq!(
+                    get(store, issuance.tenant_id, issuance.id).await.as_ref(),
+                    Some(&stored)
+                );
+                assert_eq!(
+                    events(store, issuance.tenant_id, issuance.id).await.len(),
+                    1,
+                    "item {n} has its created event"
+                );
+                assert_eq!(
+                    email_rows(store, issuance.tenant_id, issuance.id)
+                        .await
+                        .is_some(),
+                    issuance.delivery == Delivery::Email,
+                    "item {n} has an email row exactly when it is delivered by email"
+                );
+            }
+            Err(e) => panic!("item {n} failed: {}", e.chain()),
+        }
+    }
+    let listed = list(
+        store,
+        tenant,
+        &ListFilter {
+            limit: 1000,
+            batch_id: Some(uuid::Uuid::from_u128(7)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        listed.len(),
+        150,
+        "the batch's issuances are listed by its id"
+    );
+}
+
+/// Groups racing over the same keys, in different orders: each key is written once, and every
+/// other group gets that issuance as a duplicate.
+pub async fn concurrent_grouped_inserts(store: Arc<dyn Store>, groups: usize) {
+    const KEYS: usize = 80;
+    let tenant = new_tenant(store.as_ref()).await;
+    let keys: Vec<String> = (0..KEYS).map(|_| new_request_id()).collect();
+    let tasks: Vec<_> = (0..groups)
+        .map(|g| {
+            let store = Arc::clone(&store);
+            let mut items: Vec<_> = keys.iter().map(|k| sample_issuance(tenant, k)).collect();
+            items.rotate_left(g * 7 % KEYS);
+            if g % 2 == 1 {
+                items.reverse();
+            }
+            tokio::spawn(async move {
+                let outcomes = store.insert_issuances(&items).await;
+                (items, outcomes)
+            })
+        })
+        .collect();
+    let mut written: std::collections::HashMap<String, Issuance> = Default::default();
+    let mut answers = Vec::new();
+    for task in tasks {
+        let (items, outcomes) = task.await.expect("group task panicked");
+        let outcomes = outcomes.unwrap_or_else(|e| panic!("a group failed: {}", e.chain()));
+        for ((issuance, _), outcome) in items.into_iter().zip(outcomes) {
+            match outcome.unwrap_or_else(|e| panic!("an item failed: {}", e.chain())) {
+                InsertOutcome::Inserted(stored) => {
+                    let key = issuance.client_request_id.clone();
+                    assert!(
+                        written.insert(key, stored).is_none(),
+                        "a key was written twice"
+                    );
+                }
+                InsertOutcome::Duplicate(existing) => answers.push(existing),
+            }
+        }
+    }
+    assert_eq!(written.len(), KEYS, "every key is written once");
+    assert_eq!(answers.len(), KEYS * (groups - 1));
+    for existing in answers {
+        assert_eq!(
+            written.get(&existing.client_request_id),
+            Some(&existing),
+            "a duplicate carries the issuance that was written"
+        );
+    }
+    let listed = list(
+        store.as_ref(),
+        tenant,
+        &ListFilter {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(listed.len(), KEYS, "the tenant holds one issuance per key");
+}

@@ -87,6 +87,7 @@ metered! {
     fn find_client(&self, client_id: &str) -> Result<Option<ApiClient>>;
     fn update_client_secret(&self, tenant: TenantId, client_id: &str, secret_hash: &str) -> Result<bool>;
     fn insert_issuance(&self, issuance: &Issuance, first_event: &IssuanceEvent) -> Result<InsertOutcome>;
+    fn insert_issuances(&self, items: &[(Issuance, IssuanceEvent)]) -> Result<Vec<Result<InsertOutcome>>>;
     fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>>;
     fn find_issuance_by_request_id(&self, tenant: TenantId, client_request_id: &str) -> Result<Option<Issuance>>;
     fn list_issuances(&self, tenant: TenantId, filter: &ListFilter) -> Result<Vec<Issuance>>;

@@ -106,25 +106,44 @@ impl InsertBatcher {
 
     /// Writes `row` unless its (tenant, client_request_id) exists; `Ok(true)` when written.
     pub async fn insert(self: &Arc<Self>, row: NewIssuance) -> Result<bool> {
-        let (reply, answer) = oneshot::channel();
-        let start_runner = {
+        let answer = self.enqueue(vec![row]).pop();
+        match answer {
+            Some(answer) => answered(answer).await,
+            None => Err(Error::internal("an enqueued create got no answer")),
+        }
+    }
+
+    /// Writes the rows of a batch, as [`Self::insert`] writes each: queued together, so that
+    /// they fill statements of their own (run side by side, up to [`MAX_RUNNING`]) and share
+    /// them with concurrent single creates. One answer per row, in order.
+    pub async fn insert_group(self: &Arc<Self>, rows: Vec<NewIssuance>) -> Vec<Result<bool>> {
+        let answers = self.enqueue(rows);
+        futures::future::join_all(answers.into_iter().map(answered)).await
+    }
+
+    /// Queues `rows` and starts the runners they need (one per statement's worth, within
+    /// [`MAX_RUNNING`]).
+    fn enqueue(self: &Arc<Self>, rows: Vec<NewIssuance>) -> Vec<oneshot::Receiver<Result<bool>>> {
+        let wanted = rows.len().div_ceil(MAX_BATCH).max(1);
+        let mut answers = Vec::with_capacity(rows.len());
+        let start = {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.waiting.push_back(Waiting { row, reply });
-            let start = queue.running < MAX_RUNNING;
-            if start {
-                queue.running += 1;
+            for row in rows {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push_back(Waiting { row, reply });
+                answers.push(answer);
             }
+            let start = wanted.min(MAX_RUNNING.saturating_sub(queue.running));
+            queue.running += start;
             start
         };
-        if start_runner {
+        for _ in 0..start {
             // A task of its own, so that a caller that goes away (a client hanging up) cannot
             // abandon the statement of the creates it carries.
             let me = self.clone();
             tokio::spawn(async move { me.run().await });
         }
-        answer
-            .await
-            .map_err(|_| Error::unavailable("the insert was abandoned: the service is stopping"))?
+        answers
     }
 
     /// Writes queued creates until none are left.
@@ -183,6 +202,12 @@ impl InsertBatcher {
             let _ = reply.send(Ok(false));
         }
     }
+}
+
+async fn answered(answer: oneshot::Receiver<Result<bool>>) -> Result<bool> {
+    answer
+        .await
+        .map_err(|_| Error::unavailable("the insert was abandoned: the service is stopping"))?
 }
 
 fn db_error(e: sqlx::Error) -> Error {

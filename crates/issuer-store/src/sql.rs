@@ -5,7 +5,7 @@
 //!
 //! Tracing and metrics are not here: [`crate::Metered`] wraps a store with them.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -220,65 +220,88 @@ impl SqlStore {
         first_event: &IssuanceEvent,
     ) -> Result<InsertOutcome> {
         let mut tx = self.db.begin_write().await?;
-        let inserted = tx
+        if let Some(stored) = write_create(&mut tx, issuance, first_event).await? {
+            tx.commit().await?;
+            return Ok(InsertOutcome::Inserted(stored));
+        }
+        // Read in the transaction: the pool of an in-memory SQLite store has only this one
+        // connection, and the conflicting row is committed (SQLite's write lock; Postgres
+        // waited for the conflicting transaction before `DO NOTHING`).
+        let existing = tx
             .on()
-            .fetch_optional(&issuance_values(
-                Sql::new(concat!(
-                    "INSERT INTO issuances (",
-                    issuance_insert_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17, $18, $19, $20, $21, $22) \
-                     ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING ",
-                    issuance_columns!()
-                )),
-                issuance,
-            ))
+            .fetch_optional(
+                &Sql::new(concat!(
+                    "SELECT ",
+                    issuance_columns!(),
+                    " FROM issuances WHERE tenant_id = $1 AND client_request_id = $2"
+                ))
+                .id(issuance.tenant_id.0)
+                .text(&issuance.client_request_id),
+            )
             .await?;
-        let Some(row) = inserted else {
-            // Read in the transaction: the pool of an in-memory SQLite store has only this one
-            // connection, and the conflicting row is committed (SQLite's write lock; Postgres
-            // waited for the conflicting transaction before `DO NOTHING`).
-            let existing = tx
-                .on()
-                .fetch_optional(
-                    &Sql::new(concat!(
-                        "SELECT ",
-                        issuance_columns!(),
-                        " FROM issuances WHERE tenant_id = $1 AND client_request_id = $2"
-                    ))
-                    .id(issuance.tenant_id.0)
-                    .text(&issuance.client_request_id),
-                )
-                .await?;
-            tx.rollback().await?;
-            let existing = existing.ok_or_else(|| {
-                Error::internal("insert conflicted on client_request_id but no row holds it")
-            })?;
-            return Ok(InsertOutcome::Duplicate(rows::issuance(&existing)?));
+        tx.rollback().await?;
+        let existing = existing.ok_or_else(conflict_without_row)?;
+        Ok(InsertOutcome::Duplicate(rows::issuance(&existing)?))
+    }
+
+    /// The creates of a batch in one transaction (SQLite: one commit, one sync, for all);
+    /// `true` for each row written, `false` where the key existed. Should the transaction fail,
+    /// each create runs alone, so that one bad row cannot fail its neighbours.
+    async fn insert_together(&self, items: &[(Issuance, IssuanceEvent)]) -> Vec<Result<bool>> {
+        let together = async {
+            let mut tx = self.db.begin_write().await?;
+            let mut written = Vec::with_capacity(items.len());
+            for (issuance, event) in items {
+                written.push(write_create(&mut tx, issuance, event).await?.is_some());
+            }
+            tx.commit().await?;
+            Ok::<_, Error>(written)
         };
-        append_event(&mut tx, first_event).await?;
-        // Mapped before committing: a decode failure must not leave a committed row behind a
-        // reported error.
-        let stored = rows::issuance(&row)?;
-        if let Some(message) = rows::webhook_message(&stored, first_event, false) {
-            queue_deliveries(&mut tx, &stored, first_event, message).await?;
+        match together.await {
+            Ok(written) => written.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e.chain(), rows = items.len(), "batched insert failed; writing its rows one by one");
+                let mut written = Vec::with_capacity(items.len());
+                for (issuance, event) in items {
+                    written.push(
+                        self.insert_alone(issuance, event)
+                            .await
+                            .map(|o| matches!(o, InsertOutcome::Inserted(_))),
+                    );
+                }
+                written
+            }
         }
-        if stored.delivery == Delivery::Email {
-            tx.on()
-                .execute(
-                    &Sql::new(
-                        "INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
-                         next_attempt_at, created_at, updated_at) \
-                         VALUES ($1, $2, 'pending', 0, $3, $3, $3)",
-                    )
-                    .id(stored.tenant_id.0)
-                    .id(stored.id.0)
-                    .time(stored.created_at),
-                )
-                .await?;
+    }
+
+    /// The tenant's issuances holding any of `keys`, by key; in statements of a few hundred
+    /// keys each.
+    async fn find_by_request_ids(
+        &self,
+        tenant: TenantId,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Issuance>> {
+        let mut found = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let mut q = Sql::new(concat!(
+                "SELECT ",
+                issuance_columns!(),
+                " FROM issuances WHERE tenant_id = $1 AND client_request_id IN ("
+            ))
+            .id(tenant.0);
+            for (i, key) in chunk.iter().enumerate() {
+                let placeholder = format!(
+                    "{}${}",
+                    if i == 0 { "" } else { ", " },
+                    q.next_placeholder()
+                );
+                q = q.push(&placeholder).text(*key);
+            }
+            for issuance in self.all(&q.push(")"), rows::issuance).await? {
+                found.insert(issuance.client_request_id.clone(), issuance);
+            }
         }
-        tx.commit().await?;
-        Ok(InsertOutcome::Inserted(stored))
+        Ok(found)
     }
 
     /// A create through the group commit (Postgres).
@@ -310,11 +333,61 @@ impl SqlStore {
         let existing = self
             .find_issuance_by_request_id(issuance.tenant_id, &issuance.client_request_id)
             .await?
-            .ok_or_else(|| {
-                Error::internal("insert conflicted on client_request_id but no row holds it")
-            })?;
+            .ok_or_else(conflict_without_row)?;
         Ok(InsertOutcome::Duplicate(existing))
     }
+}
+
+fn conflict_without_row() -> Error {
+    Error::internal("insert conflicted on client_request_id but no row holds it")
+}
+
+/// Writes a create inside `tx`: the issuance, and when its key was free its first event,
+/// webhook deliveries and email row. The stored issuance, or `None` when the key was taken.
+async fn write_create(
+    tx: &mut Tx,
+    issuance: &Issuance,
+    first_event: &IssuanceEvent,
+) -> Result<Option<Issuance>> {
+    let inserted = tx
+        .on()
+        .fetch_optional(&issuance_values(
+            Sql::new(concat!(
+                "INSERT INTO issuances (",
+                issuance_insert_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                 $16, $17, $18, $19, $20, $21, $22) \
+                 ON CONFLICT (tenant_id, client_request_id) DO NOTHING RETURNING ",
+                issuance_columns!()
+            )),
+            issuance,
+        ))
+        .await?;
+    let Some(row) = inserted else {
+        return Ok(None);
+    };
+    append_event(tx, first_event).await?;
+    // Mapped before committing: a decode failure must not leave a committed row behind a
+    // reported error.
+    let stored = rows::issuance(&row)?;
+    if let Some(message) = rows::webhook_message(&stored, first_event, false) {
+        queue_deliveries(tx, &stored, first_event, message).await?;
+    }
+    if stored.delivery == Delivery::Email {
+        tx.on()
+            .execute(
+                &Sql::new(
+                    "INSERT INTO email_deliveries (tenant_id, issuance_id, state, attempts, \
+                     next_attempt_at, created_at, updated_at) \
+                     VALUES ($1, $2, 'pending', 0, $3, $3, $3)",
+                )
+                .id(stored.tenant_id.0)
+                .id(stored.id.0)
+                .time(stored.created_at),
+            )
+            .await?;
+    }
+    Ok(Some(stored))
 }
 
 /// Binds the columns of [`issuance_insert_columns`] in their order.
@@ -571,6 +644,60 @@ impl Store for SqlStore {
             Some(batcher) => self.insert_grouped(batcher, issuance, first_event).await,
             None => self.insert_alone(issuance, first_event).await,
         }
+    }
+
+    async fn insert_issuances(
+        &self,
+        items: &[(Issuance, IssuanceEvent)],
+    ) -> Result<Vec<Result<InsertOutcome>>> {
+        for (issuance, event) in items {
+            rows::check_first_event(issuance, event)?;
+        }
+        let written = match &self.batcher {
+            Some(batcher) => {
+                let traceparent = rows::traceparent(&tracing::Span::current());
+                let rows = items
+                    .iter()
+                    .map(|(issuance, event)| {
+                        let webhook = rows::webhook_message(issuance, event, false);
+                        NewIssuance {
+                            issuance: issuance.clone(),
+                            event: event.clone(),
+                            traceparent: webhook.as_ref().and(traceparent.clone()),
+                            webhook,
+                        }
+                    })
+                    .collect();
+                batcher.insert_group(rows).await
+            }
+            None => self.insert_together(items).await,
+        };
+        // The existing issuances of the keys that were taken, a few statements per tenant.
+        let mut taken: HashMap<TenantId, Vec<&str>> = HashMap::new();
+        for ((issuance, _), written) in items.iter().zip(&written) {
+            if let Ok(false) = written {
+                taken
+                    .entry(issuance.tenant_id)
+                    .or_default()
+                    .push(&issuance.client_request_id);
+            }
+        }
+        let mut existing = HashMap::new();
+        for (tenant, keys) in taken {
+            existing.insert(tenant, self.find_by_request_ids(tenant, &keys).await?);
+        }
+        Ok(items
+            .iter()
+            .zip(written)
+            .map(|((issuance, _), written)| match written? {
+                true => Ok(InsertOutcome::Inserted(rows::as_stored(issuance))),
+                false => existing
+                    .get_mut(&issuance.tenant_id)
+                    .and_then(|found| found.remove(&issuance.client_request_id))
+                    .map(InsertOutcome::Duplicate)
+                    .ok_or_else(conflict_without_row),
+            })
+            .collect())
     }
 
     async fn get_issuance(&self, tenant: TenantId, id: IssuanceId) -> Result<Option<Issuance>> {

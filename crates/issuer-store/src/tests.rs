@@ -112,6 +112,8 @@ macro_rules! conformance_suite {
             concurrent_tx_code_attempts(50, 5),
             concurrent_claims_are_disjoint(),
             concurrent_mixed_creates(),
+            grouped_insert_answers_each_item,
+            concurrent_grouped_inserts(8),
         );
     };
 }
@@ -188,6 +190,57 @@ impl Backend for PgDb {
 mod postgres {
     use super::*;
     conformance_suite!(PgDb, 100);
+}
+
+/// A batch is written in a few multi-row statements, not one per row; a row that cannot be
+/// written (the schema refuses its event) fails alone, its neighbours written as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_writes_a_batch_in_few_statements_and_isolates_a_bad_row() {
+    let db = PgDb::create().await;
+    let store = db.store.clone();
+    let outcome = tokio::spawn(async move {
+        let tenant = conformance::new_tenant(&store).await;
+        let batch = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|_| conformance::sample_issuance(tenant, &conformance::new_request_id()))
+                .collect()
+        };
+        let items = batch(300);
+        let before = store.create_writes();
+        let outcomes = store.insert_issuances(&items).await.unwrap();
+        let after = store.create_writes();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Ok(InsertOutcome::Inserted(_))))
+        );
+        let statements = after.statements - before.statements;
+        assert_eq!(after.creates - before.creates, 300);
+        assert!(
+            statements <= 300_u64.div_ceil(64),
+            "300 rows took {statements} statements"
+        );
+
+        let mut items = batch(100);
+        items[40].1.sequence = 0;
+        let outcomes = store.insert_issuances(&items).await.unwrap();
+        for (n, ((issuance, _), outcome)) in items.iter().zip(outcomes).enumerate() {
+            match outcome {
+                Ok(InsertOutcome::Inserted(i)) => {
+                    assert_ne!(n, 40);
+                    assert_eq!(i, conformance::normalized(issuance));
+                }
+                Err(_) => {
+                    assert_eq!(n, 40, "only the bad row fails");
+                    assert_eq!(store.get_issuance(tenant, issuance.id).await.unwrap(), None);
+                }
+                Ok(other) => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.into_panic());
+    db.finish(outcome).await;
 }
 
 /// Concurrent creates share statements, and a row that cannot be written (the schema refuses
