@@ -14,29 +14,37 @@ use issuer_domain::{
 
 /// The views of issuances of one tenant as `who` may see them, each with its offer email's
 /// state. The offer itself is a secret of `issuance:write`: whoever holds it can redeem it.
-pub async fn issuance_views(
+pub async fn issuance_views<I: std::borrow::Borrow<Issuance>>(
     service: &IssuanceService,
     store: &dyn Store,
     who: &Principal,
-    issuances: &[Issuance],
+    issuances: &[I],
 ) -> Result<Vec<IssuanceView>, Error> {
-    let Some(first) = issuances.first() else {
+    let Some(first) = issuances.first().map(Borrow::borrow) else {
         return Ok(Vec::new());
     };
     let emailed: Vec<_> = issuances
         .iter()
+        .map(Borrow::borrow)
         .filter(|i| i.delivery == Delivery::Email)
         .map(|i| i.id)
         .collect();
-    let emails = store
-        .get_email_deliveries(first.tenant_id, &emailed)
-        .await?;
+    let emails = if emailed.is_empty() {
+        Vec::new()
+    } else {
+        store
+            .get_email_deliveries(first.tenant_id, &emailed)
+            .await?
+    };
+    let emails: std::collections::HashMap<_, _> = emails
+        .iter()
+        .map(|e| ((e.tenant_id, e.issuance_id), e))
+        .collect();
     Ok(issuances
         .iter()
         .map(|i| {
-            let email = emails
-                .iter()
-                .find(|e| e.issuance_id == i.id && e.tenant_id == i.tenant_id);
+            let i = i.borrow();
+            let email = emails.get(&(i.tenant_id, i.id)).copied();
             IssuanceView::with_email(service, who, i, email)
         })
         .collect())
@@ -54,6 +62,8 @@ pub async fn issuance_view(
         .pop()
         .ok_or_else(|| Error::internal("no view for the issuance"))
 }
+use std::borrow::Borrow;
+
 use serde::Serialize;
 
 /// An issuance.

@@ -1,8 +1,15 @@
 //! `IssuanceService` over gRPC: the same use cases as the REST shim.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    collections::{HashSet, VecDeque},
+    pin::Pin,
+    sync::Arc,
+};
 
-use futures::{Stream, StreamExt};
+use futures::{
+    FutureExt, Stream, StreamExt,
+    future::{BoxFuture, Shared},
+};
 
 use issuer_domain::{
     model::{Issuance, Scope},
@@ -190,9 +197,9 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchIssuanceResponse, S
 type ImportStream = Pin<Box<dyn Stream<Item = Result<pb::ImportIssuancesResponse, Status>> + Send>>;
 
 /// Items of an import stream written together (one lock round trip, a few statements).
-const IMPORT_GROUP: usize = 256;
+const IMPORT_GROUP: usize = 500;
 /// Groups of one import stream in flight at once.
-const IMPORT_IN_FLIGHT: usize = 2;
+const IMPORT_IN_FLIGHT: usize = 4;
 
 /// What one item of a batch or an import is answered with.
 enum Answer {
@@ -230,7 +237,7 @@ async fn answer_items(
         .map_err(status)?;
     let created: Vec<_> = outcomes
         .iter()
-        .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
+        .filter_map(|o| o.as_ref().ok().map(|o| &o.issuance))
         .collect();
     let mut messages = issuance_views(&app.issuances, app.store.as_ref(), who, &created)
         .await
@@ -402,6 +409,10 @@ impl IssuanceService for IssuanceGrpc {
         who.require(Scope::IssuanceWrite).map_err(status)?;
         let batch = uuid::Uuid::new_v4();
         let app = self.app.clone();
+        // The keys of the latest groups (all that can still be in flight), each with a future
+        // that completes when its group is done.
+        let mut recent: VecDeque<(HashSet<String>, Shared<BoxFuture<'static, ()>>)> =
+            VecDeque::with_capacity(IMPORT_IN_FLIGHT + 1);
         let results = req
             .into_inner()
             // The items that have arrived, up to a group: a busy stream fills its groups, a
@@ -414,9 +425,31 @@ impl IssuanceService for IssuanceGrpc {
             })
             .map(move |(first, group)| {
                 let (app, who) = (app.clone(), who.clone());
+                // A key also in a group still in flight waits for that group, so that the
+                // first occurrence of a key in the stream is the one that creates it.
+                let keys: HashSet<String> = group
+                    .iter()
+                    .filter_map(|item| item.as_ref().ok())
+                    .map(|item| item.client_request_id.clone())
+                    .collect();
+                let before: Vec<_> = recent
+                    .iter()
+                    .filter(|(other, _)| !keys.is_disjoint(other))
+                    .map(|(_, done)| Shared::clone(done))
+                    .collect();
+                let (finished, done) = tokio::sync::oneshot::channel::<()>();
+                recent.push_back((keys, done.map(|_| ()).boxed().shared()));
+                if recent.len() > IMPORT_IN_FLIGHT {
+                    recent.pop_front();
+                }
                 // A task of its own: a client that hangs up does not cut a group in half
                 // (its rows written, its locks never released).
-                let task = tokio::spawn(import_group(app, who, batch, first, group));
+                let task = tokio::spawn(async move {
+                    futures::future::join_all(before).await;
+                    let answers = import_group(app, who, batch, first, group).await;
+                    let _ = finished.send(());
+                    answers
+                });
                 async move {
                     task.await.unwrap_or_else(|e| {
                         vec![Err(status(issuer_domain::Error::internal(e.to_string())))]

@@ -205,7 +205,7 @@ pub async fn create_batch(
     let outcomes = app.issuances.create_many(&who, items, Some(batch)).await?;
     let created: Vec<_> = outcomes
         .iter()
-        .filter_map(|o| o.as_ref().ok().map(|o| o.issuance.clone()))
+        .filter_map(|o| o.as_ref().ok().map(|o| &o.issuance))
         .collect();
     let mut views = issuance_views(&app.issuances, app.store.as_ref(), &who, &created)
         .await?

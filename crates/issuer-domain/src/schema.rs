@@ -43,7 +43,9 @@ impl Schema {
     pub fn validate(&self, value: &Value, root: &str) -> Vec<FieldViolation> {
         let mut out = Vec::new();
         // No store keeps U+0000 in text (Postgres refuses it), and no credential needs it.
-        nul_strings(value, root, &mut out);
+        if has_nul(value) {
+            nul_strings(value, root, &mut out);
+        }
         for e in self.0.iter_errors(value) {
             violations(&e, value, root, &mut out);
         }
@@ -137,6 +139,17 @@ fn describe(names: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" or ")
+}
+
+/// Whether any string or field name in `value` holds a NUL: the common answer, no, without
+/// building the path of every node.
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(obj) => obj.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn nul_strings(value: &Value, path: &str, out: &mut Vec<FieldViolation>) {

@@ -38,7 +38,7 @@ use crate::rows::{self, Backend, issuance_insert_columns, trunc_micros};
 /// Statements in flight at once; further creates queue and share the next statement.
 const MAX_RUNNING: usize = 4;
 /// Creates written by one statement at most.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 128;
 
 /// One create: the issuance, its first event and the webhook it announces, if any.
 pub(crate) struct NewIssuance {
