@@ -198,8 +198,42 @@ type ImportStream = Pin<Box<dyn Stream<Item = Result<pb::ImportIssuancesResponse
 
 /// Items of an import stream written together (one lock round trip, a few statements).
 const IMPORT_GROUP: usize = 500;
+/// Encoded bytes of one group at most (a group closes at the item that reaches it), so that a
+/// stream of large items holds no more in memory than one of typical ones.
+const IMPORT_GROUP_BYTES: usize = 2 << 20;
 /// Groups of one import stream in flight at once.
 const IMPORT_IN_FLIGHT: usize = 4;
+
+/// The items of `inbound` that have arrived, in groups of up to [`IMPORT_GROUP`] items and
+/// [`IMPORT_GROUP_BYTES`]: a busy stream fills its groups, a slow one is answered item by item
+/// without waiting for more.
+fn import_groups<S>(
+    inbound: S,
+) -> impl Stream<Item = Vec<Result<pb::CreateIssuanceRequest, Status>>>
+where
+    S: Stream<Item = Result<pb::CreateIssuanceRequest, Status>> + Unpin,
+{
+    use prost::Message;
+    let size = |item: &Result<pb::CreateIssuanceRequest, Status>| {
+        item.as_ref().map_or(0, |r| r.encoded_len())
+    };
+    futures::stream::unfold(inbound.fuse(), move |mut inbound| async move {
+        let first = inbound.next().await?;
+        let mut bytes = size(&first);
+        let mut group = vec![first];
+        while group.len() < IMPORT_GROUP && bytes < IMPORT_GROUP_BYTES {
+            match inbound.next().now_or_never() {
+                Some(Some(item)) => {
+                    bytes += size(&item);
+                    group.push(item);
+                }
+                // Nothing more has arrived yet, or the input ended.
+                Some(None) | None => break,
+            }
+        }
+        Some((group, inbound))
+    })
+}
 
 /// What one item of a batch or an import is answered with.
 enum Answer {
@@ -413,11 +447,7 @@ impl IssuanceService for IssuanceGrpc {
         // that completes when its group is done.
         let mut recent: VecDeque<(HashSet<String>, Shared<BoxFuture<'static, ()>>)> =
             VecDeque::with_capacity(IMPORT_IN_FLIGHT + 1);
-        let results = req
-            .into_inner()
-            // The items that have arrived, up to a group: a busy stream fills its groups, a
-            // slow one is answered item by item without waiting for more.
-            .ready_chunks(IMPORT_GROUP)
+        let results = import_groups(req.into_inner())
             .scan(0_i64, |next, group| {
                 let first = *next;
                 *next += group.len() as i64;
@@ -524,5 +554,46 @@ impl IssuanceService for IssuanceGrpc {
             issuances: self.messages(&who, &page.issuances).await?,
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(key: usize, note_bytes: usize) -> Result<pb::CreateIssuanceRequest, Status> {
+        Ok(pb::CreateIssuanceRequest {
+            client_request_id: format!("k-{key}"),
+            email: "x".repeat(note_bytes),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn import_groups_are_bounded_by_items_and_by_bytes() {
+        // Everything has arrived: full groups of IMPORT_GROUP, then the rest.
+        let sizes: Vec<usize> = import_groups(futures::stream::iter(
+            (0..IMPORT_GROUP * 2 + 7).map(|k| item(k, 10)),
+        ))
+        .map(|g| g.len())
+        .collect()
+        .await;
+        assert_eq!(sizes, [IMPORT_GROUP, IMPORT_GROUP, 7]);
+
+        // Large items close a group at the byte bound, whatever its count.
+        let big = 300 * 1024;
+        let groups: Vec<_> = import_groups(futures::stream::iter((0..20).map(|k| item(k, big))))
+            .collect()
+            .await;
+        let per_group = IMPORT_GROUP_BYTES.div_ceil(big + 16);
+        assert_eq!(groups[0].len(), per_group);
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 20);
+        // The keys stay in input order.
+        let keys: Vec<String> = groups
+            .into_iter()
+            .flatten()
+            .map(|i| i.unwrap().client_request_id)
+            .collect();
+        assert_eq!(keys, (0..20).map(|k| format!("k-{k}")).collect::<Vec<_>>());
     }
 }
