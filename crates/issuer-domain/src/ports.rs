@@ -53,15 +53,20 @@ pub trait Store: Send + Sync + 'static {
         secret_hash: &str,
     ) -> Result<bool>;
 
-    /// Inserts the issuance and its first event in one transaction, with its email outbox row
-    /// when its delivery is `email`. When the tenant already has
-    /// an issuance with the same `client_request_id`, nothing is written and that one is
-    /// returned: the database, not a lock, decides idempotency.
+    /// Inserts the issuance and its first event in one transaction, with its webhook and email
+    /// outbox rows. When the tenant already has an issuance with the same
+    /// `client_request_id`, nothing is written and that one is returned: the database, not a
+    /// lock, decides idempotency. A group of one of [`Self::insert_issuances`].
     async fn insert_issuance(
         &self,
         issuance: &Issuance,
         first_event: &IssuanceEvent,
-    ) -> Result<InsertOutcome>;
+    ) -> Result<InsertOutcome> {
+        self.insert_issuances(&[(issuance.clone(), first_event.clone())])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(crate::Error::internal("an insert got no outcome")))
+    }
     /// Several creates at once (a batch), each written as [`Self::insert_issuance`] writes it,
     /// in a few multi-row statements and transactions instead of one each. The
     /// (tenant, `client_request_id`) keys are distinct. One outcome per item, in order: an item

@@ -104,17 +104,8 @@ impl InsertBatcher {
         }
     }
 
-    /// Writes `row` unless its (tenant, client_request_id) exists; `Ok(true)` when written.
-    pub async fn insert(self: &Arc<Self>, row: NewIssuance) -> Result<bool> {
-        let answer = self.enqueue(vec![row]).pop();
-        match answer {
-            Some(answer) => answered(answer).await,
-            None => Err(Error::internal("an enqueued create got no answer")),
-        }
-    }
-
-    /// Writes the rows of a batch, as [`Self::insert`] writes each: queued together, so that
-    /// they fill statements of their own (run side by side, up to [`MAX_RUNNING`]) and share
+    /// Writes each row unless its (tenant, client_request_id) exists (`Ok(true)` when written),
+    /// the rows of a batch queued together, so that they fill statements of their own (run side by side, up to [`MAX_RUNNING`]) and share
     /// them with concurrent single creates. One answer per row, in order.
     pub async fn insert_group(self: &Arc<Self>, rows: Vec<NewIssuance>) -> Vec<Result<bool>> {
         let answers = self.enqueue(rows);

@@ -303,39 +303,6 @@ impl SqlStore {
         }
         Ok(found)
     }
-
-    /// A create through the group commit (Postgres).
-    async fn insert_grouped(
-        &self,
-        batcher: &Arc<InsertBatcher>,
-        issuance: &Issuance,
-        first_event: &IssuanceEvent,
-    ) -> Result<InsertOutcome> {
-        // `issuance.created` is opt-in; the statement queues it for the endpoints that asked.
-        let webhook = rows::webhook_message(issuance, first_event, false);
-        let written = batcher
-            .insert(NewIssuance {
-                issuance: issuance.clone(),
-                event: first_event.clone(),
-                traceparent: webhook
-                    .as_ref()
-                    .and_then(|_| rows::traceparent(&tracing::Span::current())),
-                webhook,
-            })
-            .await?;
-        if written {
-            // The row holds exactly what was bound; reading it back would only cost the
-            // payload's round trip through jsonb text.
-            return Ok(InsertOutcome::Inserted(rows::as_stored(issuance)));
-        }
-        // A new statement gets a fresh snapshot (READ COMMITTED): the conflicting row is
-        // committed by now.
-        let existing = self
-            .find_issuance_by_request_id(issuance.tenant_id, &issuance.client_request_id)
-            .await?
-            .ok_or_else(conflict_without_row)?;
-        Ok(InsertOutcome::Duplicate(existing))
-    }
 }
 
 fn conflict_without_row() -> Error {
@@ -632,18 +599,6 @@ impl Store for SqlStore {
         .text(secret_hash)
         .time(Utc::now());
         Ok(self.db.on().execute(&q).await? > 0)
-    }
-
-    async fn insert_issuance(
-        &self,
-        issuance: &Issuance,
-        first_event: &IssuanceEvent,
-    ) -> Result<InsertOutcome> {
-        rows::check_first_event(issuance, first_event)?;
-        match &self.batcher {
-            Some(batcher) => self.insert_grouped(batcher, issuance, first_event).await,
-            None => self.insert_alone(issuance, first_event).await,
-        }
     }
 
     async fn insert_issuances(
