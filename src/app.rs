@@ -50,6 +50,8 @@ pub struct App {
     pub dispatch_wake: tokio::sync::broadcast::Sender<()>,
     /// Opens `WatchIssuance` and SSE streams.
     pub watches: crate::watch::Watches,
+    /// The status lists verifiers fetch, cached per change.
+    pub status_lists: Arc<crate::status_lists::StatusLists>,
     /// Sends offer emails (SMTP, or `.eml` files without it).
     pub mailer: Arc<crate::mail::MailWorker>,
     /// Turns true when shutdown begins: readiness fails, watch streams end.
@@ -131,6 +133,13 @@ impl App {
         };
         let sealer: Arc<dyn CodeSealer> = Arc::new(AesSealer::new(&secret));
         let catalog = Arc::new(catalog);
+        let status_lists = crate::status_lists::StatusLists::new(
+            store.clone(),
+            credential_key.clone(),
+            &issuer,
+            Duration::from_secs(settings.status_list_ttl_secs),
+            hub.clone(),
+        );
         let wallet = WalletService::new(
             store.clone(),
             clock.clone(),
@@ -143,6 +152,8 @@ impl App {
             WalletSettings {
                 tx_code_max_attempts: settings.tx_code_max_attempts,
                 credential_ttl: chrono::Duration::days(settings.credential_ttl_days),
+                batch_size: settings.batch_credential_size,
+                status_list_size: settings.status_list_size,
                 ..WalletSettings::default()
             },
             hub.clone(),
@@ -242,6 +253,7 @@ impl App {
             issuances,
             hub,
             watches,
+            status_lists,
             sealer,
             webhooks,
             dispatcher,

@@ -75,6 +75,15 @@ pub struct Settings {
     pub credential_previous_keys_file: Option<PathBuf>,
     /// `ISSUER_CREDENTIAL_TTL_DAYS`: validity of issued credentials.
     pub credential_ttl_days: i64,
+    /// `ISSUER_BATCH_CREDENTIAL_SIZE`: the most key proofs (credential copies) one credential
+    /// request may carry (OID4VCI `batch_credential_issuance.batch_size`; 1 turns batches off).
+    pub batch_credential_size: usize,
+    /// `ISSUER_STATUS_LIST_SIZE`: entries of each status list, shared by every tenant; a new
+    /// list opens when one fills. Larger lists hide a credential in a bigger crowd.
+    pub status_list_size: i64,
+    /// `ISSUER_STATUS_LIST_TTL_SECS`: how long verifiers may cache a status list (its `ttl`
+    /// and `Cache-Control: max-age`); a replica never serves a list older than this.
+    pub status_list_ttl_secs: u64,
     /// `ISSUER_TX_CODE_MAX_ATTEMPTS`: wrong transaction codes before an offer's code is dead.
     pub tx_code_max_attempts: i64,
     /// `ISSUER_TOKEN_TTL_SECS`: access-token lifetime, 300..=900.
@@ -184,6 +193,9 @@ impl Default for Settings {
             credential_signing_key_file: None,
             credential_previous_keys_file: None,
             credential_ttl_days: 365,
+            batch_credential_size: 10,
+            status_list_size: 131_072,
+            status_list_ttl_secs: 300,
             tx_code_max_attempts: 5,
             token_ttl_secs: 300,
             catalog_file: None,
@@ -303,6 +315,19 @@ impl Settings {
         anyhow::ensure!(
             (1..=3650).contains(&self.credential_ttl_days),
             "ISSUER_CREDENTIAL_TTL_DAYS must be from 1 to 3650"
+        );
+        anyhow::ensure!(
+            (1..=issuer_oid4vci::MAX_PROOFS).contains(&self.batch_credential_size),
+            "ISSUER_BATCH_CREDENTIAL_SIZE must be from 1 to {}",
+            issuer_oid4vci::MAX_PROOFS
+        );
+        anyhow::ensure!(
+            (16..=1 << 24).contains(&self.status_list_size),
+            "ISSUER_STATUS_LIST_SIZE must be from 16 to 16777216"
+        );
+        anyhow::ensure!(
+            (1..=86_400).contains(&self.status_list_ttl_secs),
+            "ISSUER_STATUS_LIST_TTL_SECS must be from 1 to 86400"
         );
         anyhow::ensure!(
             (1..=20).contains(&self.tx_code_max_attempts),

@@ -22,6 +22,7 @@ pub mod qr;
 pub mod rest;
 pub mod retention;
 pub mod server;
+pub mod status_lists;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;

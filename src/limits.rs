@@ -47,7 +47,10 @@ impl Class {
             Some(Self::Management)
         } else if path == "/issuer/oauth/token" {
             Some(Self::Token)
-        } else if path.starts_with("/issuer/oid4vci/") || path.starts_with("/issuer/offer/") {
+        } else if path.starts_with("/issuer/oid4vci/")
+            || path.starts_with("/issuer/offer/")
+            || path.starts_with("/issuer/status-lists/")
+        {
             Some(Self::Public)
         } else {
             None
@@ -241,6 +244,7 @@ mod tests {
         assert_eq!(Class::of("/issuer/oauth/token"), Some(Class::Token));
         assert_eq!(Class::of("/issuer/oid4vci/v1/nonce"), Some(Class::Public));
         assert_eq!(Class::of("/issuer/offer/abc"), Some(Class::Public));
+        assert_eq!(Class::of("/issuer/status-lists/l"), Some(Class::Public));
         assert_eq!(Class::of("/healthz"), None);
     }
 

@@ -700,6 +700,7 @@ mod worker_tests {
             code_redeemed_at: None,
             notification_id: None,
             offer_retrieved_at: None,
+            credential: None,
             expires_at: t0() + chrono::Duration::hours(1),
             created_at: t0(),
             updated_at: t0(),

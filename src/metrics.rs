@@ -38,13 +38,16 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// The gRPC methods served; any other path is counted as `other`.
-const GRPC_METHODS: [&str; 7] = [
+const GRPC_METHODS: [&str; 10] = [
     "CreateIssuance",
     "BatchCreateIssuances",
     "ImportIssuances",
     "GetIssuance",
     "ListIssuances",
     "CancelIssuance",
+    "RevokeCredential",
+    "SuspendCredential",
+    "ReinstateCredential",
     "WatchIssuance",
 ];
 const GRPC_SERVICE: &str = "/issuer.v1.IssuanceService/";

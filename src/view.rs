@@ -10,6 +10,7 @@ use issuer_domain::{
     },
     ports::Store,
     service::{IssuanceService, Principal},
+    status::CredentialStatus,
 };
 
 /// The views of issuances of one tenant as `who` may see them, each with its offer email's
@@ -94,6 +95,13 @@ pub struct IssuanceView {
     /// The batch create it came in with; absent for a single create.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// Where the issued credentials stand, as the status lists publish them: `valid`,
+    /// `suspended` or `revoked`; absent until a wallet takes them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::CredentialStatus>)]
+    pub credential_status: Option<CredentialStatus>,
+    /// How many credential copies the wallet received (one per key of its request).
+    pub credentials_issued: i64,
 }
 
 /// The public shape of an issuance's offer email.
@@ -163,6 +171,8 @@ impl IssuanceView {
             updated_at: i.updated_at,
             email_delivery: None,
             batch_id: i.batch_id.map(|b| b.to_string()),
+            credential_status: i.credential.map(|c| c.status),
+            credentials_issued: i.credential.map_or(0, |c| c.count),
         }
     }
 }
@@ -225,6 +235,14 @@ pub mod schema {
         Email,
         Link,
         Qr,
+    }
+
+    #[derive(ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum CredentialStatus {
+        Valid,
+        Suspended,
+        Revoked,
     }
 
     #[derive(ToSchema)]

@@ -19,9 +19,10 @@ use issuer_coordination::events::EventHub;
 use issuer_domain::{
     Error, ErrorCode,
     ids::TenantId,
-    model::{IssuanceEvent, IssuanceStatus},
+    model::{EventKind, IssuanceEvent, IssuanceStatus},
     ports::Store,
     service::{IssuanceService, Principal},
+    status::CredentialStatus,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -106,8 +107,9 @@ pub struct Watches {
 
 impl Watches {
     /// The events of one issuance after `after`, then live ones as they commit, ending after the
-    /// event that leaves `pending` (the outcome). Heartbeats keep idle streams alive. Fails with
-    /// `NotFound` for another tenant's issuance, before anything is streamed.
+    /// event that leaves `pending` (the outcome); resumed after the outcome, a stream of an
+    /// issuance with credentials goes on until they are revoked. Heartbeats keep idle streams
+    /// alive. Fails with `NotFound` for another tenant's issuance, before anything is streamed.
     pub async fn open(
         &self,
         who: Principal,
@@ -133,11 +135,29 @@ impl Watches {
             let _slot = slot;
             let (tenant, id) = (issuance.tenant_id, issuance.id);
             let mut last = after.clamp(0, end);
-            // `true` once the outcome has been sent (or lies before `after`).
+            // A stream ends at the outcome; resumed after it, a stream of an issuance with
+            // credentials follows them until they are revoked.
+            let outcome = history
+                .iter()
+                .find(|e| e.status != IssuanceStatus::Pending)
+                .map(|e| e.sequence);
+            let until = match outcome {
+                Some(seq) if last >= seq && issuance.credential.is_some() => Until::Revocation,
+                _ => Until::Outcome,
+            };
+            // `true` once the last event to send has been sent (or lies before `after`).
             let mut done = false;
-            let first = take_new(history, &mut last, &mut done);
-            if first.is_empty() && issuance.status != IssuanceStatus::Pending {
-                // Resumed after the outcome: nothing more will come.
+            let first = take_new(history, &mut last, &mut done, until);
+            let revoked = issuance
+                .credential
+                .is_some_and(|c| c.status == CredentialStatus::Revoked);
+            if first.is_empty()
+                && match until {
+                    Until::Outcome => issuance.status != IssuanceStatus::Pending,
+                    Until::Revocation => revoked,
+                }
+            {
+                // Resumed after the last event there will be: nothing more will come.
                 done = true;
             }
             for e in first {
@@ -189,7 +209,7 @@ impl Watches {
                 }
                 match store.list_events(tenant, id, last).await {
                     Ok(events) => {
-                        for e in take_new(events, &mut last, &mut done) {
+                        for e in take_new(events, &mut last, &mut done, until) {
                             if tx.send(Ok(WatchItem::Event(e))).await.is_err() {
                                 return;
                             }
@@ -206,18 +226,35 @@ impl Watches {
     }
 }
 
-/// The events after `last` up to and including the outcome; advances `last`, sets `done` at
-/// the outcome. Drops anything already sent, so re-reads never repeat an event.
-fn take_new(events: Vec<IssuanceEvent>, last: &mut i64, done: &mut bool) -> Vec<IssuanceEvent> {
+/// The last event a stream sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The one that leaves `pending`.
+    Outcome,
+    /// The revocation of the issued credentials (a stream resumed after the outcome).
+    Revocation,
+}
+
+/// The events after `last` up to and including the last one to send; advances `last`, sets
+/// `done` at that one. Drops anything already sent, so re-reads never repeat an event.
+fn take_new(
+    events: Vec<IssuanceEvent>,
+    last: &mut i64,
+    done: &mut bool,
+    until: Until,
+) -> Vec<IssuanceEvent> {
     let mut out = Vec::new();
     for e in events {
         if e.sequence <= *last {
             continue;
         }
         *last = e.sequence;
-        let outcome = e.status != IssuanceStatus::Pending;
+        let end = match until {
+            Until::Outcome => e.status != IssuanceStatus::Pending,
+            Until::Revocation => e.kind == EventKind::CredentialRevoked,
+        };
         out.push(e);
-        if outcome {
+        if end {
             *done = true;
             break;
         }

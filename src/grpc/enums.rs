@@ -4,6 +4,7 @@
 use issuer_domain::{
     Error, FieldViolation,
     model::{Delivery, EmailState, EventKind, IssuanceStatus},
+    status::CredentialStatus,
 };
 
 use super::pb::{self, email_delivery, issuance};
@@ -39,6 +40,17 @@ pub fn event_type(k: EventKind) -> pb::EventType {
         EventKind::CredentialFailure => pb::EventType::CredentialFailure,
         EventKind::EmailSent => pb::EventType::EmailSent,
         EventKind::EmailFailed => pb::EventType::EmailFailed,
+        EventKind::CredentialRevoked => pb::EventType::CredentialRevoked,
+        EventKind::CredentialSuspended => pb::EventType::CredentialSuspended,
+        EventKind::CredentialReinstated => pb::EventType::CredentialReinstated,
+    }
+}
+
+pub fn credential_status(s: CredentialStatus) -> issuance::CredentialStatus {
+    match s {
+        CredentialStatus::Valid => issuance::CredentialStatus::Valid,
+        CredentialStatus::Suspended => issuance::CredentialStatus::Suspended,
+        CredentialStatus::Revoked => issuance::CredentialStatus::Revoked,
     }
 }
 

@@ -14,6 +14,7 @@ use futures::{
 use issuer_domain::{
     model::{Issuance, Scope},
     service::{ListParams, Principal},
+    status::CredentialStatus,
 };
 use prost_types::Timestamp;
 use serde_json::{Map, Value};
@@ -46,6 +47,23 @@ impl IssuanceGrpc {
             .ok_or_else(|| status(issuer_domain::Error::internal("no message")))
     }
 
+    /// Revoke, suspend or reinstate: the issuance after the change.
+    async fn set_credential_status(
+        &self,
+        who: &Principal,
+        id: &str,
+        to: CredentialStatus,
+        reason: &str,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let issuance = self
+            .app
+            .issuances
+            .set_credential_status(who, id, to, Some(reason))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.message(who, &issuance).await?))
+    }
+
     async fn messages(
         &self,
         who: &Principal,
@@ -76,6 +94,10 @@ fn to_message(v: IssuanceView) -> pb::Issuance {
         delivery: v.delivery.as_str().to_owned(),
         delivery_method: enums::delivery(v.delivery).into(),
         batch_id: v.batch_id.unwrap_or_default(),
+        credential_status: v
+            .credential_status
+            .map_or(0, |s| enums::credential_status(s).into()),
+        credentials_issued: i32::try_from(v.credentials_issued).unwrap_or(i32::MAX),
         expires_at: Some(timestamp(&v.expires_at)),
         created_at: Some(timestamp(&v.created_at)),
         updated_at: Some(timestamp(&v.updated_at)),
@@ -523,6 +545,36 @@ impl IssuanceService for IssuanceGrpc {
         let id = req.into_inner().issuance_id;
         let issuance = self.app.issuances.cancel(&who, &id).await.map_err(status)?;
         Ok(Response::new(self.message(&who, &issuance).await?))
+    }
+
+    async fn revoke_credential(
+        &self,
+        req: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let r = req.into_inner();
+        self.set_credential_status(&who, &r.issuance_id, CredentialStatus::Revoked, &r.reason)
+            .await
+    }
+
+    async fn suspend_credential(
+        &self,
+        req: Request<pb::SuspendCredentialRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let r = req.into_inner();
+        self.set_credential_status(&who, &r.issuance_id, CredentialStatus::Suspended, &r.reason)
+            .await
+    }
+
+    async fn reinstate_credential(
+        &self,
+        req: Request<pb::ReinstateCredentialRequest>,
+    ) -> Result<Response<pb::Issuance>, Status> {
+        let who = authenticate(&self.app, &req)?;
+        let r = req.into_inner();
+        self.set_credential_status(&who, &r.issuance_id, CredentialStatus::Valid, &r.reason)
+            .await
     }
 
     async fn list_issuances(

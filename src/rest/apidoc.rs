@@ -34,6 +34,9 @@ use crate::view::{EventView, IssuanceView};
         super::issuances::list,
         super::issuances::get,
         super::issuances::cancel,
+        super::issuances::revoke,
+        super::issuances::suspend,
+        super::issuances::reinstate,
         super::issuances::events,
         super::issuances::qr,
         super::webhooks::create,
@@ -55,6 +58,7 @@ use crate::view::{EventView, IssuanceView};
         super::oid4vci::nonce,
         super::oid4vci::credential,
         super::oid4vci::notification,
+        super::oid4vci::status_list,
         super::landing::page,
         super::healthz,
         super::readyz,
@@ -204,6 +208,14 @@ impl Modify for CommonResponses {
             }
         }
     }
+}
+
+/// The optional body of a revoke, suspend or reinstate call.
+#[derive(ToSchema)]
+pub struct StatusChange {
+    /// Why, in the caller's words (at most 200 characters); recorded with the event and sent
+    /// with the webhook.
+    reason: Option<String>,
 }
 
 /// An error (RFC 9457 problem details).

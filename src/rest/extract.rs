@@ -84,3 +84,31 @@ impl FromRequest<AppState> for JsonBody {
             .map_err(|e| ApiError(Error::invalid_field("", format!("malformed JSON: {e}"))))
     }
 }
+
+/// An optional JSON request body: none at all (no `Content-Type`, nothing sent), or one as
+/// [`JsonBody`] takes it.
+pub struct OptionalJsonBody(pub Option<Value>);
+
+impl FromRequest<AppState> for OptionalJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        if req.headers().contains_key(header::CONTENT_TYPE) {
+            return JsonBody::from_request(req, state)
+                .await
+                .map(|JsonBody(v)| Self(Some(v)));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| Error::invalid_field("", format!("{rejection}")))?;
+        if bytes.is_empty() {
+            Ok(Self(None))
+        } else {
+            Err(Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "send the body as Content-Type: application/json",
+            )
+            .into())
+        }
+    }
+}

@@ -11,12 +11,12 @@ use axum::{
         sse::{Event as SseEvent, Sse},
     },
 };
-use issuer_domain::{Error, FieldViolation, service::ListParams};
+use issuer_domain::{Error, FieldViolation, service::ListParams, status::CredentialStatus};
 use serde_json::json;
 
 use super::{
     ApiError, AppState, apidoc,
-    extract::{Auth, JsonBody},
+    extract::{Auth, JsonBody, OptionalJsonBody},
 };
 use crate::{
     view::{EventView, issuance_view, issuance_views},
@@ -310,6 +310,115 @@ pub async fn cancel(
     Ok(Json(
         issuance_view(&app.issuances, app.store.as_ref(), &who, &issuance).await?,
     ))
+}
+
+/// The optional body of a credential status change: `{"reason": "..."}`.
+fn status_reason(body: Option<&serde_json::Value>) -> Result<Option<&str>, Error> {
+    let Some(body) = body else { return Ok(None) };
+    let Some(obj) = body.as_object() else {
+        return Err(Error::invalid_field("", "the body must be a JSON object"));
+    };
+    if let Some(name) = obj.keys().find(|k| *k != "reason") {
+        return Err(Error::invalid_field(name, "unknown field"));
+    }
+    match obj.get("reason") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(r)) => Ok(Some(r)),
+        Some(_) => Err(Error::invalid_field("reason", "must be a string")),
+    }
+}
+
+/// Revoke, suspend or reinstate: the same handler with another target status.
+async fn set_credential_status(
+    app: AppState,
+    who: issuer_domain::service::Principal,
+    issuance_id: String,
+    body: Option<serde_json::Value>,
+    to: CredentialStatus,
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
+    let reason = status_reason(body.as_ref())?;
+    let issuance = app
+        .issuances
+        .set_credential_status(&who, &issuance_id, to, reason)
+        .await?;
+    Ok(Json(
+        issuance_view(&app.issuances, app.store.as_ref(), &who, &issuance).await?,
+    ))
+}
+
+/// `POST /issuer/api/v1/issuances/{id}/revoke`.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances/{issuance_id}/revoke",
+    operation_id = "revoke_credential",
+    tag = "issuances",
+    params(("issuance_id" = String, Path, description = "The issuance's id")),
+    request_body(content = Option<apidoc::StatusChange>, description = "Optional: why", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The issuance, its credentials now `revoked` (or already so): every copy's status-list entry is INVALID, for good", body = crate::view::IssuanceView),
+        (status = 400, description = "`invalid_request`: a bad `reason`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: no credential was issued (a pending issuance: cancel it instead)", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
+pub async fn revoke(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody,
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
+    set_credential_status(app, who, issuance_id, body, CredentialStatus::Revoked).await
+}
+
+/// `POST /issuer/api/v1/issuances/{id}/suspend`.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances/{issuance_id}/suspend",
+    operation_id = "suspend_credential",
+    tag = "issuances",
+    params(("issuance_id" = String, Path, description = "The issuance's id")),
+    request_body(content = Option<apidoc::StatusChange>, description = "Optional: why", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The issuance, its credentials now `suspended` (or already so)", body = crate::view::IssuanceView),
+        (status = 400, description = "`invalid_request`: a bad `reason`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: no credential was issued, or it is revoked", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
+pub async fn suspend(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody,
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
+    set_credential_status(app, who, issuance_id, body, CredentialStatus::Suspended).await
+}
+
+/// `POST /issuer/api/v1/issuances/{id}/reinstate`.
+#[utoipa::path(
+    post,
+    path = "/issuer/api/v1/issuances/{issuance_id}/reinstate",
+    operation_id = "reinstate_credential",
+    tag = "issuances",
+    params(("issuance_id" = String, Path, description = "The issuance's id")),
+    request_body(content = Option<apidoc::StatusChange>, description = "Optional: why", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The issuance, its credentials `valid` again (or already so)", body = crate::view::IssuanceView),
+        (status = 400, description = "`invalid_request`: a bad `reason`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`", body = apidoc::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: no credential was issued, or it is revoked", body = apidoc::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["issuance:write"]))
+)]
+pub async fn reinstate(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(issuance_id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody,
+) -> Result<Json<crate::view::IssuanceView>, ApiError> {
+    set_credential_status(app, who, issuance_id, body, CredentialStatus::Valid).await
 }
 
 /// `GET /issuer/api/v1/issuances/{id}/events`: the history as JSON, or with

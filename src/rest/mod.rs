@@ -91,6 +91,18 @@ fn management(batch_limit: usize) -> Router<AppState> {
             post(issuances::cancel),
         )
         .route(
+            "/issuer/api/v1/issuances/{issuance_id}/revoke",
+            post(issuances::revoke),
+        )
+        .route(
+            "/issuer/api/v1/issuances/{issuance_id}/suspend",
+            post(issuances::suspend),
+        )
+        .route(
+            "/issuer/api/v1/issuances/{issuance_id}/reinstate",
+            post(issuances::reinstate),
+        )
+        .route(
             "/issuer/api/v1/issuances/{issuance_id}/events",
             get(issuances::events),
         )
@@ -163,6 +175,7 @@ fn wallet_facing() -> Router<AppState> {
             "/issuer/oid4vci/v1/notification",
             post(oid4vci::notification),
         )
+        .route("/issuer/status-lists/{list_id}", get(oid4vci::status_list))
         .layer(cors)
 }
 

@@ -44,7 +44,12 @@ pub async fn credential_issuer(State(app): State<AppState>) -> impl IntoResponse
         })
         .collect();
     let display = json!([{"name": "Issuer", "locale": "en"}]);
-    let body = credential_issuer_metadata_with_display(&issuer, Some(&display), &configs);
+    let body = credential_issuer_metadata_with_display(
+        &issuer,
+        Some(&display),
+        app.settings.batch_credential_size,
+        &configs,
+    );
     ([(header::CACHE_CONTROL, METADATA_CACHE)], Json(body))
 }
 
@@ -262,4 +267,66 @@ pub fn wallet_error(e: WalletError) -> Response {
             res
         }
     }
+}
+
+/// `GET /issuer/status-lists/{list_id}`: a Status List Token (draft-ietf-oauth-status-list),
+/// for verifiers checking the `status.status_list` of our credentials. Unauthenticated; lists
+/// are shared by every tenant, so a list says nothing about whose credentials it holds.
+#[utoipa::path(
+    get,
+    path = "/issuer/status-lists/{list_id}",
+    operation_id = "status_list",
+    tag = "oid4vci",
+    params(
+        ("list_id" = String, Path, description = "The list's id, as credentials name it in `status.status_list.uri`"),
+        ("If-None-Match" = Option<String>, Header, description = "An entity tag of a token the client holds"),
+    ),
+    responses(
+        (status = 200, description = "The list as a signed JWT (`typ: statuslist+jwt`, `status_list: {bits: 2, lst}`), with `ETag` and `Cache-Control: max-age` = its `ttl`", body = String, content_type = "application/statuslist+jwt"),
+        (status = 304, description = "The token the client holds (by `If-None-Match`) still says the same"),
+        (status = 404, description = "`not_found`: no such list", body = apidoc::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn status_list(
+    State(app): State<AppState>,
+    axum::extract::Path(list_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, super::ApiError> {
+    let not_found = || issuer_domain::Error::not_found("status list");
+    let list_id: uuid::Uuid = list_id.parse().map_err(|_| not_found())?;
+    let token = app
+        .status_lists
+        .token(list_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let cache_control = format!("public, max-age={}", app.status_lists.ttl().as_secs());
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || weak_eq(tag, &token.etag));
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "application/statuslist+jwt")],
+            token.jwt.clone(),
+        )
+            .into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&token.etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&cache_control) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    Ok(response)
+}
+
+/// The weak comparison of RFC 9110 §8.8.3.2: equal opaque tags, `W/` or not.
+fn weak_eq(a: &str, b: &str) -> bool {
+    a.trim_start_matches("W/") == b.trim_start_matches("W/")
 }

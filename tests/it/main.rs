@@ -17,6 +17,7 @@ mod openapi;
 mod ops;
 mod outage;
 mod privacy;
+mod status;
 mod traces;
 mod walkthrough;
 mod wallet;

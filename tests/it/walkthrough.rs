@@ -198,6 +198,10 @@ fn command_one_and_the_readme_walkthrough_work_as_written() {
         stdout.contains(r#""pre-authorized_code""#),
         "the offer JSON is shown: {stdout}"
     );
+    assert!(
+        stdout.contains(r#""code": "invalid_state""#),
+        "revoking before a wallet took the credential is refused as the README says: {stdout}"
+    );
 
     // CLI provisioning against the same data directory while the service runs.
     let tenant = json_of(

@@ -702,6 +702,58 @@ async fn every_outcome_is_delivered_signed_and_only_to_subscribers() {
     }
 }
 
+/// Revoke, suspend and reinstate are announced to the endpoints that ask for them, signed,
+/// with the caller's reason and the credential status after the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_status_changes_are_delivered_signed() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(hook_settings(&db)).await;
+    let (creds, token) = app.tenant_token().await;
+    let receiver = Receiver::ok().await;
+    let ep = register(
+        &app,
+        &token,
+        &json!({"url": receiver.url(), "event_types": [
+            "credential.revoked", "credential.suspended", "credential.reinstated"
+        ]}),
+    )
+    .await;
+    let secret = ep["secret"].as_str().unwrap().to_owned();
+    let (id, _, _, _) = wallet_accepts(&app, &token, "wh-status").await;
+    for (action, reason) in [("suspend", "audit"), ("reinstate", ""), ("revoke", "left")] {
+        let res = app
+            .http
+            .post(app.url(&format!("/issuer/api/v1/issuances/{id}/{action}")))
+            .bearer_auth(&token)
+            .json(&json!({"reason": reason}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{action}");
+    }
+    let hits = receiver.wait_for(3, Duration::from_secs(20)).await;
+    for (kind, status, reason) in [
+        ("credential.suspended", "suspended", Some("audit")),
+        ("credential.reinstated", "valid", None),
+        ("credential.revoked", "revoked", Some("left")),
+    ] {
+        let h = find(&hits, kind, &id);
+        h.assert_signed(&secret);
+        let data = &h.json()["data"];
+        assert_eq!(data["status"], "accepted", "{data}");
+        assert_eq!(data["reason"].as_str(), reason, "{data}");
+        assert_payload_matches(&app, &creds, h, "wh-status").await;
+        // The credential status right after the change it announces.
+        assert_eq!(data["credential_status"], status, "{data}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.hits().len(),
+        3,
+        "no outcome webhooks to this endpoint"
+    );
+}
+
 async fn rotate(app: &TestApp, token: &str, ep_id: &str, body: Value) -> Value {
     let req = app
         .http

@@ -21,6 +21,7 @@ use issuer_domain::{
     ports::EventNotifier,
 };
 use tokio::sync::{broadcast, mpsc};
+use uuid::Uuid;
 
 /// Channel on which replicas announce news to each other.
 const REDIS_CHANNEL: &str = "issuer:events";
@@ -28,9 +29,10 @@ const REDIS_CHANNEL: &str = "issuer:events";
 /// An announcement: this issuance of this tenant has new events.
 pub type News = (TenantId, IssuanceId);
 
-/// Announces and distributes "this issuance has new events".
+/// Announces and distributes "this issuance has new events" and "these status lists changed".
 pub struct EventHub {
     local: broadcast::Sender<News>,
+    lists: broadcast::Sender<Uuid>,
     to_redis: Option<mpsc::Sender<String>>,
     instance: String,
     /// Bumped whenever announcements may have been lost (Redis bridge reconnected).
@@ -41,6 +43,7 @@ impl EventHub {
     fn new(to_redis: Option<mpsc::Sender<String>>) -> Self {
         Self {
             local: broadcast::channel(4096).0,
+            lists: broadcast::channel(1024).0,
             to_redis,
             instance: random_token(9),
             generation: Arc::new(AtomicU64::new(0)),
@@ -67,6 +70,19 @@ impl EventHub {
         self.local.subscribe()
     }
 
+    /// Status lists whose entries changed, announced on any replica.
+    pub fn subscribe_status_lists(&self) -> broadcast::Receiver<Uuid> {
+        self.lists.subscribe()
+    }
+
+    fn publish(&self, line: String) {
+        if let Some(tx) = &self.to_redis
+            && tx.try_send(line).is_err()
+        {
+            tracing::warn!("event announcement queue full; remote replicas catch up on resync");
+        }
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
     }
@@ -76,10 +92,13 @@ impl EventNotifier for EventHub {
     fn notify(&self, tenant: TenantId, issuance: IssuanceId) {
         // No receivers is not an error: nobody watches.
         let _ = self.local.send((tenant, issuance));
-        if let Some(tx) = &self.to_redis
-            && tx.try_send(format!("{tenant}|{issuance}")).is_err()
-        {
-            tracing::warn!("event announcement queue full; remote watchers catch up on resync");
+        self.publish(format!("{tenant}|{issuance}"));
+    }
+
+    fn status_lists_changed(&self, lists: &[Uuid]) {
+        for list in lists {
+            let _ = self.lists.send(*list);
+            self.publish(format!("{LIST_PREFIX}{list}"));
         }
     }
 }
@@ -119,6 +138,10 @@ async fn publish_loop(client: redis::Client, instance: String, mut outbox: mpsc:
     }
 }
 
+/// A status-list announcement's line: `list|<list id>` (an issuance's line is
+/// `<tenant>|<issuance>`, which never starts with this).
+const LIST_PREFIX: &str = "list|";
+
 /// Announcements per PUBLISH at most.
 const MAX_BATCH: usize = 512;
 
@@ -141,13 +164,18 @@ async fn bridge_loop(client: redis::Client, hub: std::sync::Weak<EventHub>) {
                         let Ok(payload) = msg.get_payload::<String>() else {
                             continue;
                         };
-                        // `<instance>` then one `<tenant>|<issuance>` per line.
+                        // `<instance>` then one `<tenant>|<issuance>` or `list|<list>` per
+                        // line.
                         let mut lines = payload.lines();
                         if lines.next() == Some(instance.as_str()) {
                             continue;
                         }
                         for line in lines {
-                            if let Some((t, i)) = line.split_once('|')
+                            if let Some(list) = line.strip_prefix(LIST_PREFIX) {
+                                if let Ok(list) = list.parse() {
+                                    let _ = me.lists.send(list);
+                                }
+                            } else if let Some((t, i)) = line.split_once('|')
                                 && let (Ok(t), Ok(i)) = (t.parse(), i.parse())
                             {
                                 let _ = me.local.send((t, i));

@@ -14,6 +14,7 @@ pub mod model;
 pub mod ports;
 pub mod schema;
 pub mod service;
+pub mod status;
 pub mod webhook;
 
 pub use error::{Error, ErrorCode, FieldViolation, OAuthCode};

@@ -31,6 +31,7 @@ use crate::{
         WalletEvent,
     },
     ports::{EventNotifier, Store},
+    status::{CredentialStatus, IssuedCredentials, StatusRef},
     webhook,
 };
 
@@ -66,8 +67,19 @@ pub enum Command {
     RetrieveOffer,
     /// A wallet redeems the pre-authorized code for an access token.
     RedeemCode,
-    /// The credential was signed for the wallet, which gets this notification id with it.
-    IssueCredential { notification_id: String },
+    /// The credentials were signed for the wallet, which gets this notification id with them:
+    /// one copy per status entry, valid until `expires_at`.
+    IssueCredential {
+        notification_id: String,
+        copies: Vec<StatusRef>,
+        expires_at: DateTime<Utc>,
+    },
+    /// The issuer's backend revokes (final), suspends or reinstates the issued credentials;
+    /// `reason` is its own words for the history.
+    SetCredentialStatus {
+        to: CredentialStatus,
+        reason: Option<String>,
+    },
     /// The wallet's notification about the credential it holds.
     Notify(WalletEvent),
     /// The issuer's backend withdraws the offer.
@@ -94,6 +106,19 @@ pub enum Refused {
     TxCodeAttemptsSpent,
     /// Another mailer took the email over; this attempt's outcome is dropped.
     EmailLeaseLost,
+    /// No credential was issued (yet): there is no status to change.
+    NoCredential { status: IssuanceStatus },
+    /// The credentials are revoked, which is final.
+    CredentialRevoked,
+}
+
+/// What a transition does to the status-list entries of the issuance's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusEntries {
+    /// New entries, one per credential copy, all valid.
+    Add(Vec<StatusRef>),
+    /// Every entry of the issuance takes this status.
+    Set(CredentialStatus),
 }
 
 /// The outcome of one email attempt.
@@ -127,6 +152,8 @@ pub struct Transition {
     /// The event that records the change; its `sequence` is the new version.
     pub event: IssuanceEvent,
     pub email: Option<EmailChange>,
+    /// The change of its status-list entries, if any.
+    pub status_entries: Option<StatusEntries>,
     /// The webhook type the event announces, if any.
     pub webhook: Option<&'static str>,
 }
@@ -214,6 +241,8 @@ impl Issuance {
         use IssuanceStatus::{Accepted, Error as Failed, Pending, Rejected};
         let phase = self.offer_phase(now);
         let mut after = self.clone();
+        let mut status_entries = None;
+        let mut reason = None;
         let (kind, email) = match command {
             Command::RetrieveOffer => {
                 if phase != OfferPhase::Open {
@@ -232,13 +261,49 @@ impl Issuance {
                 after.code_redeemed_at = Some(now);
                 (EventKind::TokenIssued, None)
             }
-            Command::IssueCredential { notification_id } => {
-                if self.status != Pending || self.code_redeemed_at.is_none() {
+            Command::IssueCredential {
+                notification_id,
+                copies,
+                expires_at,
+            } => {
+                if self.status != Pending || self.code_redeemed_at.is_none() || copies.is_empty() {
                     return Err(Refused::NotIssuable);
                 }
                 after.status = Accepted;
                 after.notification_id = Some(notification_id.clone());
+                after.credential = Some(IssuedCredentials {
+                    status: CredentialStatus::Valid,
+                    count: copies.len() as i64,
+                    expires_at: *expires_at,
+                });
+                status_entries = Some(StatusEntries::Add(copies.clone()));
                 (EventKind::CredentialIssued, None)
+            }
+            Command::SetCredentialStatus { to, reason: why } => {
+                let Some(mut credential) = self.credential else {
+                    return Err(Refused::NoCredential {
+                        status: self.status,
+                    });
+                };
+                // Already so (revoking a revoked credential, reinstating a valid one): as
+                // asked, nothing to change.
+                if credential.status == *to {
+                    return Ok(None);
+                }
+                if credential.status == CredentialStatus::Revoked {
+                    return Err(Refused::CredentialRevoked);
+                }
+                credential.status = *to;
+                after.credential = Some(credential);
+                after.updated_at = now;
+                status_entries = Some(StatusEntries::Set(*to));
+                reason = why.clone();
+                let kind = match to {
+                    CredentialStatus::Revoked => EventKind::CredentialRevoked,
+                    CredentialStatus::Suspended => EventKind::CredentialSuspended,
+                    CredentialStatus::Valid => EventKind::CredentialReinstated,
+                };
+                (kind, None)
             }
             Command::Notify(event) => {
                 // A notification after the status moved on changes nothing and is no error:
@@ -309,10 +374,11 @@ impl Issuance {
             global_sequence: 0,
             kind,
             status: after.status,
-            // An email attempt's event carries its error; every other event the issuance's
-            // reason.
+            // An email attempt's event carries its error, a credential status change the
+            // caller's reason; every other event the issuance's reason.
             reason: match &email {
                 Some(EmailChange::Record(update)) => update.error.clone(),
+                _ if kind.changes_credential_status() => reason,
                 _ => after.reason.map(|r| r.as_str().to_owned()),
             },
             occurred_at: now,
@@ -323,6 +389,7 @@ impl Issuance {
             after,
             event,
             email,
+            status_entries,
         }))
     }
 
@@ -346,6 +413,16 @@ impl Issuance {
 }
 
 impl EventKind {
+    /// Whether events of this kind change the status of issued credentials.
+    pub const fn changes_credential_status(self) -> bool {
+        matches!(
+            self,
+            EventKind::CredentialRevoked
+                | EventKind::CredentialSuspended
+                | EventKind::CredentialReinstated
+        )
+    }
+
     /// Whether events of this kind move the issuance to another status.
     pub const fn changes_status(self) -> bool {
         matches!(
@@ -421,6 +498,9 @@ impl Lifecycle {
             match self.store.transition(&transition).await? {
                 TransitionOutcome::Applied(after) => {
                     self.notifier.notify(tenant, id);
+                    if let Some(StatusEntries::Set(_)) = transition.status_entries {
+                        self.announce_status_lists(tenant, id).await;
+                    }
                     return Ok(Executed::Applied(*after));
                 }
                 TransitionOutcome::EmailLeaseLost => {
@@ -432,6 +512,21 @@ impl Lifecycle {
         Err(Error::unavailable(
             "the issuance kept changing while this request tried to change it; retry",
         ))
+    }
+
+    /// Tells every replica that the issuance's status lists changed. The change is committed
+    /// whatever happens here: a failure only leaves replicas to notice at their next
+    /// revalidation.
+    async fn announce_status_lists(&self, tenant: TenantId, id: IssuanceId) {
+        match self.store.status_lists_of(tenant, id).await {
+            Ok(lists) => self.notifier.status_lists_changed(&lists),
+            Err(e) => tracing::warn!(
+                tenant_id = %tenant,
+                issuance_id = %id,
+                error = %e,
+                "status lists of a changed credential not announced"
+            ),
+        }
     }
 
     /// Reserves a transaction-code attempt before the code is compared; returns the attempts
@@ -529,6 +624,7 @@ mod tests {
             code_redeemed_at: None,
             notification_id: None,
             offer_retrieved_at: None,
+            credential: None,
             expires_at: t0() + Duration::seconds(100),
             created_at: t0(),
             updated_at: t0(),
@@ -608,7 +704,11 @@ mod tests {
         prop_oneof![
             Just(Command::RetrieveOffer),
             Just(Command::RedeemCode),
-            "[a-z]{4}".prop_map(|notification_id| Command::IssueCredential { notification_id }),
+            ("[a-z]{4}", 0..3usize).prop_map(|(notification_id, n)| issue(&notification_id, n)),
+            (0..3usize, any::<bool>()).prop_map(|(to, reason)| Command::SetCredentialStatus {
+                to: CredentialStatus::ALL[to],
+                reason: reason.then(|| "left the company".into()),
+            }),
             Just(Command::Notify(WalletEvent::Accepted)),
             Just(Command::Notify(WalletEvent::Deleted)),
             Just(Command::Notify(WalletEvent::Failure)),
@@ -616,6 +716,20 @@ mod tests {
             Just(Command::Expire),
             email,
         ]
+    }
+
+    /// Issuing `copies` credentials.
+    fn issue(notification_id: &str, copies: usize) -> Command {
+        Command::IssueCredential {
+            notification_id: notification_id.into(),
+            copies: (0..copies as i64)
+                .map(|idx| StatusRef {
+                    list_id: uuid::Uuid::nil(),
+                    idx,
+                })
+                .collect(),
+            expires_at: t0() + Duration::days(365),
+        }
     }
 
     fn is_terminal(status: IssuanceStatus) -> bool {
@@ -648,6 +762,35 @@ mod tests {
             .count();
         assert!(issued <= 1);
         assert_eq!(issued == 1, i.notification_id.is_some());
+        assert_eq!(issued == 1, i.credential.is_some());
+        // Credential status changes come after the credential, one event each, and nothing
+        // follows a revocation but wallet and email news.
+        let mut credential = None;
+        for e in &m.events {
+            match e.kind {
+                EventKind::CredentialIssued => credential = Some(CredentialStatus::Valid),
+                EventKind::CredentialRevoked => {
+                    assert!(matches!(credential, Some(s) if s != CredentialStatus::Revoked));
+                    credential = Some(CredentialStatus::Revoked);
+                }
+                EventKind::CredentialSuspended => {
+                    assert_eq!(credential, Some(CredentialStatus::Valid));
+                    credential = Some(CredentialStatus::Suspended);
+                }
+                EventKind::CredentialReinstated => {
+                    assert_eq!(credential, Some(CredentialStatus::Suspended));
+                    credential = Some(CredentialStatus::Valid);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(credential, i.credential.map(|c| c.status));
+        let credential_hooks = m.webhooks.iter().filter(|w| w.starts_with("credential."));
+        let credential_events = m
+            .events
+            .iter()
+            .filter(|e| e.kind.changes_credential_status());
+        assert_eq!(credential_hooks.count(), credential_events.count());
         // A code is redeemed at most once, an offer's first fetch recorded at most once.
         for kind in [EventKind::TokenIssued, EventKind::OfferRetrieved] {
             assert!(m.events.iter().filter(|e| e.kind == kind).count() <= 1);
@@ -758,9 +901,7 @@ mod tests {
     #[test]
     fn a_credential_needs_a_redeemed_code_and_is_issued_once() {
         let open = new_issuance(Delivery::Qr);
-        let issue = Command::IssueCredential {
-            notification_id: "n".into(),
-        };
+        let issue = issue("n", 2);
         assert_eq!(open.plan(&issue, t0()), Err(Refused::NotIssuable));
         let redeemed = open
             .plan(&Command::RedeemCode, t0())
@@ -778,6 +919,80 @@ mod tests {
             Some((IssuanceStatus::Accepted, None))
         );
         assert_eq!(accepted.after.plan(&issue, t0()), Err(Refused::NotIssuable));
+        assert_eq!(accepted.after.credential.map(|c| c.count), Some(2));
+        assert!(matches!(
+            &accepted.status_entries,
+            Some(StatusEntries::Add(copies)) if copies.len() == 2
+        ));
+        assert_eq!(
+            redeemed.plan(
+                &super::Command::IssueCredential {
+                    notification_id: "n".into(),
+                    copies: Vec::new(),
+                    expires_at: t0(),
+                },
+                t0()
+            ),
+            Err(Refused::NotIssuable)
+        );
+    }
+
+    fn set(to: CredentialStatus) -> Command {
+        Command::SetCredentialStatus {
+            to,
+            reason: Some("left the company".into()),
+        }
+    }
+
+    #[test]
+    fn credential_status_changes_follow_the_rules_and_are_idempotent() {
+        use CredentialStatus::{Revoked, Suspended, Valid};
+        let open = new_issuance(Delivery::Qr);
+        assert_eq!(
+            open.plan(&set(Revoked), t0()),
+            Err(Refused::NoCredential {
+                status: IssuanceStatus::Pending
+            })
+        );
+        let redeemed = open
+            .plan(&Command::RedeemCode, t0())
+            .unwrap()
+            .unwrap()
+            .after;
+        let valid = redeemed.plan(&issue("n", 1), t0()).unwrap().unwrap().after;
+        // Reinstating a valid credential changes nothing.
+        assert_eq!(valid.plan(&set(Valid), t0()), Ok(None));
+        let t = valid.plan(&set(Suspended), t0()).unwrap().unwrap();
+        assert_eq!(t.event.kind, EventKind::CredentialSuspended);
+        assert_eq!(t.event.status, IssuanceStatus::Accepted);
+        assert_eq!(t.event.reason.as_deref(), Some("left the company"));
+        assert_eq!(t.webhook, Some(webhook::CREDENTIAL_SUSPENDED));
+        assert_eq!(t.status_entries, Some(StatusEntries::Set(Suspended)));
+        assert_eq!(t.status_change(), None);
+        let suspended = t.after;
+        assert_eq!(suspended.plan(&set(Suspended), t0()), Ok(None));
+        let reinstated = suspended.plan(&set(Valid), t0()).unwrap().unwrap();
+        assert_eq!(reinstated.webhook, Some(webhook::CREDENTIAL_REINSTATED));
+        let revoked = suspended.plan(&set(Revoked), t0()).unwrap().unwrap();
+        assert_eq!(revoked.webhook, Some(webhook::CREDENTIAL_REVOKED));
+        let revoked = revoked.after;
+        assert_eq!(revoked.plan(&set(Revoked), t0()), Ok(None));
+        for to in [Valid, Suspended] {
+            assert_eq!(
+                revoked.plan(&set(to), t0()),
+                Err(Refused::CredentialRevoked)
+            );
+        }
+        // The wallet deleting its copy ends the issuance, but the credential can still be
+        // revoked: a copy may survive elsewhere.
+        let declined = valid
+            .plan(&Command::Notify(WalletEvent::Deleted), t0())
+            .unwrap()
+            .unwrap()
+            .after;
+        let t = declined.plan(&set(Revoked), t0()).unwrap().unwrap();
+        assert_eq!(t.after.status, IssuanceStatus::Rejected);
+        assert_eq!(t.after.credential.map(|c| c.status), Some(Revoked));
     }
 
     #[test]

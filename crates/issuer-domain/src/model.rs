@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::ids::{IssuanceId, TenantId};
+use crate::{
+    ids::{IssuanceId, TenantId},
+    status::IssuedCredentials,
+};
 
 /// An organisation. Its offer lifetimes bound what its backends may ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,6 +340,8 @@ pub struct Issuance {
     pub notification_id: Option<String>,
     /// When the offer was first fetched; later fetches record nothing.
     pub offer_retrieved_at: Option<DateTime<Utc>>,
+    /// The credentials the wallet received; `None` until it takes them.
+    pub credential: Option<IssuedCredentials>,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -371,10 +376,13 @@ pub enum EventKind {
     CredentialFailure,
     EmailSent,
     EmailFailed,
+    CredentialRevoked,
+    CredentialSuspended,
+    CredentialReinstated,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 14] = [
         EventKind::Created,
         EventKind::OfferRetrieved,
         EventKind::Cancelled,
@@ -386,6 +394,9 @@ impl EventKind {
         EventKind::CredentialFailure,
         EventKind::EmailSent,
         EventKind::EmailFailed,
+        EventKind::CredentialRevoked,
+        EventKind::CredentialSuspended,
+        EventKind::CredentialReinstated,
     ];
 
     /// The word stored and shown (`type` of an event in the API).
@@ -402,6 +413,9 @@ impl EventKind {
             EventKind::CredentialFailure => "credential_failure",
             EventKind::EmailSent => "email_sent",
             EventKind::EmailFailed => "email_failed",
+            EventKind::CredentialRevoked => "credential_revoked",
+            EventKind::CredentialSuspended => "credential_suspended",
+            EventKind::CredentialReinstated => "credential_reinstated",
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
         Purged, RateLimit, StoreGauges, Tenant,
     },
+    status::StatusBlock,
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
 
@@ -105,7 +106,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `limit` issuances that ended (left `pending`) and last changed before
     /// `ended_before`, with their events, email rows, webhook deliveries and attempts, all in
     /// one transaction; returns what it deleted. Concurrent callers (replicas) take disjoint
-    /// issuances, and an issuance changing at that moment is left for the next pass.
+    /// issuances, and an issuance changing at that moment is left for the next pass. An
+    /// issuance whose credentials are valid or suspended stays until they expired before
+    /// `ended_before` (its backend may still revoke them); status-list entries always stay.
     async fn purge_ended(&self, ended_before: DateTime<Utc>, limit: u32) -> Result<Purged>;
     /// Applies a transition planned by the lifecycle (`Issuance::plan`), all or nothing, in one
     /// transaction: writes the issuance as `transition.after`, appends `transition.event`,
@@ -180,6 +183,26 @@ pub trait Store: Send + Sync + 'static {
         issuance: IssuanceId,
         after: i64,
     ) -> Result<Vec<IssuanceEvent>>;
+
+    /// Reserves `count` status-list allocations: from the oldest list with room, opening new
+    /// lists of `list_size` entries (with a fresh random id and permutation key) as lists
+    /// fill. Each allocation is handed out once, across replicas; an allocation whose
+    /// credential is never issued is simply never used (nothing is reused). The blocks map
+    /// allocations to indices ([`StatusBlock::refs`]).
+    async fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>>;
+    /// A status list's size and every entry whose status is not valid (0); `None` when there
+    /// is no such list.
+    async fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>>;
+    /// The lists holding entries of the issuance's credentials.
+    async fn status_lists_of(&self, tenant: TenantId, issuance: IssuanceId) -> Result<Vec<Uuid>>;
+}
+
+/// What a status list holds, as a store reads it to publish it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusListContent {
+    pub size: i64,
+    /// `(idx, status value)` of the entries that are not valid, in no particular order.
+    pub entries: Vec<(i64, u8)>,
 }
 
 /// A lock failed to answer (Redis down, timeout). Callers fall back to the database.
@@ -248,6 +271,9 @@ pub trait CodeSealer: Send + Sync + 'static {
 /// lost announcement only delays watchers until they re-read the store, never loses an event.
 pub trait EventNotifier: Send + Sync + 'static {
     fn notify(&self, tenant: TenantId, issuance: IssuanceId);
+    /// Announces that entries of these status lists changed, so that every replica publishes
+    /// them afresh. Lost announcements are caught up when a list's token is revalidated.
+    fn status_lists_changed(&self, _lists: &[Uuid]) {}
 }
 
 /// A notifier for contexts nobody watches (provisioning, tests of other parts).

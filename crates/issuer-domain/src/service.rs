@@ -20,14 +20,15 @@ use sha2::{Digest, Sha256};
 use crate::{
     catalog::Catalog,
     create::ValidCreate,
-    error::{Error, ErrorCode, Result},
+    error::{Error, ErrorCode, FieldViolation, Result},
     ids::{IssuanceId, TenantId, new_offer_id, new_pre_authorized_code, new_tx_code},
-    lifecycle::{Command, Executed, Lifecycle, OfferPhase},
+    lifecycle::{Command, Executed, Lifecycle, OfferPhase, Refused},
     model::{
         InsertOutcome, Issuance, IssuanceEvent, IssuanceStatus, ListFilter,
         PRE_AUTHORIZED_CODE_GRANT, Scope, Tenant,
     },
     ports::{Clock, CodeSealer, EventNotifier, IdempotencyLock, LockAttempt, Store},
+    status::CredentialStatus,
 };
 
 /// Who is calling: taken only from a verified access token.
@@ -429,6 +430,7 @@ impl IssuanceService {
                     tx_code_failures: 0,
                     code_redeemed_at: None,
                     offer_retrieved_at: None,
+                    credential: None,
                     notification_id: None,
                     expires_at: now + chrono::Duration::seconds(request.expires_in),
                     created_at: now,
@@ -613,6 +615,66 @@ impl IssuanceService {
                 ),
             )
             .with("status", i.status.as_str())),
+            Executed::NotFound => Err(Error::not_found("issuance")),
+        }
+    }
+
+    /// Revokes (`Revoked`, final), suspends (`Suspended`) or reinstates (`Valid`) every copy of
+    /// the issuance's credentials; `reason` is recorded with the event. Asking for the status
+    /// the credentials already have returns the issuance unchanged. An issuance without a
+    /// credential, or a revoked one asked to change, is `InvalidState`.
+    pub async fn set_credential_status(
+        &self,
+        who: &Principal,
+        id: &str,
+        to: CredentialStatus,
+        reason: Option<&str>,
+    ) -> Result<Issuance> {
+        who.require(Scope::IssuanceWrite)?;
+        let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+        if let Some(r) = reason
+            && (r.chars().count() > 200 || r.chars().any(char::is_control))
+        {
+            return Err(Error::invalid(vec![FieldViolation::new(
+                "reason",
+                "must be at most 200 characters, without control characters",
+            )]));
+        }
+        let Ok(id) = id.parse::<IssuanceId>() else {
+            return Err(Error::not_found("issuance"));
+        };
+        let command = Command::SetCredentialStatus {
+            to,
+            reason: reason.map(str::to_owned),
+        };
+        match self
+            .lifecycle
+            .execute(who.tenant_id, id, None, &command, self.clock.now())
+            .await?
+        {
+            Executed::Applied(i) => {
+                tracing::info!(
+                    tenant_id = %i.tenant_id,
+                    issuance_id = %i.id,
+                    credential_status = %to,
+                    "credential status changed"
+                );
+                Ok(i)
+            }
+            Executed::Unchanged(i) => Ok(i),
+            Executed::Refused(i, refused) => {
+                let message = match refused {
+                    Refused::CredentialRevoked => {
+                        "the credentials are revoked, which is final".to_owned()
+                    }
+                    _ if i.status == IssuanceStatus::Pending => {
+                        "the issuance is pending: no credential was issued yet (cancel it instead)"
+                            .to_owned()
+                    }
+                    _ => format!("the issuance is {} and no credential was issued", i.status),
+                };
+                Err(Error::new(ErrorCode::InvalidState, message).with("status", i.status.as_str()))
+            }
             Executed::NotFound => Err(Error::not_found("issuance")),
         }
     }

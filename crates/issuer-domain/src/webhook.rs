@@ -21,20 +21,26 @@ pub const ISSUANCE_REJECTED: &str = "issuance.rejected";
 pub const ISSUANCE_ERROR: &str = "issuance.error";
 pub const ISSUANCE_CREATED: &str = "issuance.created";
 pub const ISSUANCE_OFFER_RETRIEVED: &str = "issuance.offer_retrieved";
+pub const CREDENTIAL_REVOKED: &str = "credential.revoked";
+pub const CREDENTIAL_SUSPENDED: &str = "credential.suspended";
+pub const CREDENTIAL_REINSTATED: &str = "credential.reinstated";
 
 /// What an endpoint receives when it names no types: the outcomes.
 pub const DEFAULT_TYPES: [&str; 3] = [ISSUANCE_ACCEPTED, ISSUANCE_REJECTED, ISSUANCE_ERROR];
 /// Every type an endpoint may ask for.
-pub const ALL_TYPES: [&str; 5] = [
+pub const ALL_TYPES: [&str; 8] = [
     ISSUANCE_ACCEPTED,
     ISSUANCE_REJECTED,
     ISSUANCE_ERROR,
     ISSUANCE_CREATED,
     ISSUANCE_OFFER_RETRIEVED,
+    CREDENTIAL_REVOKED,
+    CREDENTIAL_SUSPENDED,
+    CREDENTIAL_REINSTATED,
 ];
 
-/// The webhook type an event announces, if any: status changes by their new status, and the
-/// opt-in `created` and `offer_retrieved`.
+/// The webhook type an event announces, if any: status changes by their new status, changes of
+/// the issued credentials' status, and the opt-in `created` and `offer_retrieved`.
 pub fn event_type(event: &IssuanceEvent, status_changed: bool) -> Option<&'static str> {
     if status_changed {
         return match event.status {
@@ -47,6 +53,9 @@ pub fn event_type(event: &IssuanceEvent, status_changed: bool) -> Option<&'stati
     match event.kind {
         EventKind::Created => Some(ISSUANCE_CREATED),
         EventKind::OfferRetrieved => Some(ISSUANCE_OFFER_RETRIEVED),
+        EventKind::CredentialRevoked => Some(CREDENTIAL_REVOKED),
+        EventKind::CredentialSuspended => Some(CREDENTIAL_SUSPENDED),
+        EventKind::CredentialReinstated => Some(CREDENTIAL_REINSTATED),
         EventKind::Cancelled
         | EventKind::Expired
         | EventKind::TokenIssued
@@ -60,8 +69,8 @@ pub fn event_type(event: &IssuanceEvent, status_changed: bool) -> Option<&'stati
 }
 
 /// The body: `{type, timestamp, data{issuance_id, client_request_id,
-/// credential_configuration_id, status, reason?, sequence}}`. No payload values: webhooks carry
-/// the outcome, not the credential.
+/// credential_configuration_id, status, reason?, credential_status?, sequence}}`. No payload
+/// values: webhooks carry the outcome, not the credential.
 pub fn payload(issuance: &Issuance, event: &IssuanceEvent, event_type: &str) -> Value {
     let mut data = json!({
         "issuance_id": issuance.id.to_string(),
@@ -72,6 +81,9 @@ pub fn payload(issuance: &Issuance, event: &IssuanceEvent, event_type: &str) -> 
     });
     if let Some(reason) = &event.reason {
         data["reason"] = reason.clone().into();
+    }
+    if let Some(credential) = &issuance.credential {
+        data["credential_status"] = credential.status.as_str().into();
     }
     json!({
         "type": event_type,

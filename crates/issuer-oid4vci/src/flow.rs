@@ -21,11 +21,15 @@ use issuer_domain::{
     model::WalletEvent,
     ports::{Clock, CodeSealer, EventNotifier, Store},
     service::hash_code,
+    status::{StatusBlock, StatusRef},
 };
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::{CREDENTIAL_PAYLOAD_CLAIM, ProofPolicy, SdJwtVcInput, issue_sd_jwt_vc, validate_proof};
+use crate::{
+    CREDENTIAL_PAYLOAD_CLAIM, ProofPolicy, SdJwtVcInput, issue_sd_jwt_vc,
+    statuslist::status_list_uri, validate_proofs,
+};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -60,6 +64,10 @@ pub struct WalletSettings {
     pub nonce_ttl: Duration,
     /// Validity of issued credentials.
     pub credential_ttl: Duration,
+    /// The most key proofs (credential copies) one credential request may carry.
+    pub batch_size: usize,
+    /// Entries of each new status list.
+    pub status_list_size: i64,
 }
 
 impl Default for WalletSettings {
@@ -68,6 +76,8 @@ impl Default for WalletSettings {
             tx_code_max_attempts: 5,
             nonce_ttl: Duration::minutes(5),
             credential_ttl: Duration::days(365),
+            batch_size: 10,
+            status_list_size: 131_072,
         }
     }
 }
@@ -90,7 +100,8 @@ pub enum RequestShape {
 
 #[derive(Debug, Clone)]
 pub struct IssuedCredential {
-    pub credential: String,
+    /// One credential per key proof, in the order of the proofs (one for the draft shape).
+    pub credentials: Vec<String>,
     pub notification_id: String,
     pub shape: RequestShape,
 }
@@ -100,11 +111,15 @@ impl IssuedCredential {
     pub fn body(&self) -> Value {
         match self.shape {
             RequestShape::V1 => json!({
-                "credentials": [{"credential": self.credential}],
+                "credentials": self
+                    .credentials
+                    .iter()
+                    .map(|c| json!({"credential": c}))
+                    .collect::<Vec<_>>(),
                 "notification_id": self.notification_id,
             }),
             RequestShape::Draft => json!({
-                "credential": self.credential,
+                "credential": self.credentials.first(),
                 "notification_id": self.notification_id,
             }),
         }
@@ -281,13 +296,17 @@ impl WalletService {
                 "the credential of this offer was already issued, or the offer ended",
             )
         };
-        let notification_id = random_token(16);
-        let issue = Command::IssueCredential {
-            notification_id: notification_id.clone(),
+        // Planned up front (with placeholder copies), so that nothing is allocated or signed
+        // for an issuance that cannot take a credential; applied only once they are signed.
+        let probe = Command::IssueCredential {
+            notification_id: String::new(),
+            copies: vec![StatusRef {
+                list_id: uuid::Uuid::nil(),
+                idx: 0,
+            }],
+            expires_at: now,
         };
-        // Planned up front, so that a credential is not signed for an issuance that cannot
-        // take it; applied only once it is signed.
-        if issuance.plan(&issue, now).is_err() {
+        if issuance.plan(&probe, now).is_err() {
             return Err(not_issuable());
         }
         let config = self
@@ -296,20 +315,104 @@ impl WalletService {
             .ok_or_else(|| {
                 Error::internal("the issuance's credential configuration left the catalog")
             })?;
-        let (shape, proof) = parse_credential_request(config, body)?;
-        let valid = validate_proof(
-            &proof,
+        let (shape, proofs) = parse_credential_request(config, body, self.settings.batch_size)?;
+        let valid = validate_proofs(
+            &proofs,
             &ProofPolicy::new(self.credential_issuer.clone()),
             now,
         )
         .map_err(|e| WalletError::refused(e.code.into(), e.message))?;
-        let nonce = valid.nonce.ok_or_else(|| {
-            WalletError::refused(
-                OAuthCode::InvalidProof,
-                "the proof must carry a nonce from the nonce endpoint",
+        // Every proof carries a nonce of ours; each distinct one is spent once (a batch
+        // usually signs one nonce into every proof).
+        let mut nonces: Vec<&str> = Vec::new();
+        for proof in &valid {
+            let nonce = proof.nonce.as_deref().ok_or_else(|| {
+                WalletError::refused(
+                    OAuthCode::InvalidProof,
+                    "every proof must carry a nonce from the nonce endpoint",
+                )
+            })?;
+            if !nonces.contains(&nonce) {
+                nonces.push(nonce);
+            }
+        }
+        for nonce in nonces {
+            self.spend_nonce(tenant, nonce, now).await?;
+        }
+
+        let payload = issuance
+            .payload
+            .clone()
+            .ok_or_else(|| Error::internal("a pending issuance has no payload"))?;
+        let mut claims = Map::new();
+        claims.insert(CREDENTIAL_PAYLOAD_CLAIM.to_owned(), payload);
+        let copies: Vec<StatusRef> = self
+            .store
+            .allocate_status(valid.len() as i64, self.settings.status_list_size)
+            .await?
+            .iter()
+            .flat_map(StatusBlock::refs)
+            .collect();
+        let expires_at = now + self.settings.credential_ttl;
+        let mut credentials = Vec::with_capacity(valid.len());
+        for (proof, copy) in valid.iter().zip(&copies) {
+            let uri = status_list_uri(&self.credential_issuer, copy.list_id);
+            let issued = issue_sd_jwt_vc(
+                &SdJwtVcInput {
+                    issuer: &self.credential_issuer,
+                    vct: &config.vct,
+                    iat: now,
+                    exp: expires_at,
+                    holder_jwk: &proof.holder_jwk,
+                    claims: &claims,
+                    status_list: Some((copy.idx, &uri)),
+                },
+                &self.credential_key,
             )
-        })?;
-        let nonce_exp = self.check_nonce(&nonce, now).ok_or_else(|| {
+            .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))?;
+            credentials.push(issued.compact);
+        }
+
+        let notification_id = random_token(16);
+        let issue = Command::IssueCredential {
+            notification_id: notification_id.clone(),
+            copies,
+            expires_at,
+        };
+        match self
+            .lifecycle
+            .execute(tenant, id, Some(issuance), &issue, now)
+            .await?
+        {
+            Executed::Applied(_) => {
+                tracing::info!(
+                    tenant_id = %tenant,
+                    issuance_id = %id,
+                    copies = credentials.len(),
+                    "credential issued"
+                );
+                Ok(IssuedCredential {
+                    credentials,
+                    notification_id,
+                    shape,
+                })
+            }
+            // A concurrent request issued it, or the offer was cancelled: these copies are
+            // dropped (their status entries are never used, nor handed out again).
+            Executed::Unchanged(_) | Executed::Refused(..) | Executed::NotFound => {
+                Err(not_issuable())
+            }
+        }
+    }
+
+    /// Spends a nonce of ours: unknown, expired or used before is `invalid_nonce`.
+    async fn spend_nonce(
+        &self,
+        tenant: TenantId,
+        nonce: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), WalletError> {
+        let nonce_exp = self.check_nonce(nonce, now).ok_or_else(|| {
             WalletError::refused(OAuthCode::InvalidNonce, "the nonce is unknown or expired")
         })?;
         let nonce_hash = URL_SAFE_NO_PAD.encode(Sha256::digest(nonce.as_bytes()));
@@ -319,44 +422,7 @@ impl WalletService {
                 "the nonce was already used",
             ));
         }
-
-        let payload = issuance
-            .payload
-            .clone()
-            .ok_or_else(|| Error::internal("a pending issuance has no payload"))?;
-        let mut claims = Map::new();
-        claims.insert(CREDENTIAL_PAYLOAD_CLAIM.to_owned(), payload);
-        let issued = issue_sd_jwt_vc(
-            &SdJwtVcInput {
-                issuer: &self.credential_issuer,
-                vct: &config.vct,
-                iat: now,
-                exp: now + self.settings.credential_ttl,
-                holder_jwk: &valid.holder_jwk,
-                claims: &claims,
-            },
-            &self.credential_key,
-        )
-        .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))?;
-
-        match self
-            .lifecycle
-            .execute(tenant, id, Some(issuance), &issue, now)
-            .await?
-        {
-            Executed::Applied(_) => {
-                tracing::info!(tenant_id = %tenant, issuance_id = %id, "credential issued");
-                Ok(IssuedCredential {
-                    credential: issued.compact,
-                    notification_id,
-                    shape,
-                })
-            }
-            // A concurrent request issued it, or the offer was cancelled: this copy is dropped.
-            Executed::Unchanged(_) | Executed::Refused(..) | Executed::NotFound => {
-                Err(not_issuable())
-            }
-        }
+        Ok(())
     }
 
     /// A wallet's notification about the credential it received.
@@ -397,12 +463,13 @@ impl WalletService {
     }
 }
 
-/// The credential request's shape (1.0 or draft) and its one `jwt` proof, for an offer of
-/// `config`. Refusals use the OID4VCI §8.3.1.2 codes.
+/// The credential request's shape (1.0 or draft) and its `jwt` proofs (1 to `batch_size`, one
+/// for the draft shape), for an offer of `config`. Refusals use the OID4VCI §8.3.1.2 codes.
 pub fn parse_credential_request(
     config: &CredentialConfiguration,
     body: &Value,
-) -> Result<(RequestShape, String), WalletError> {
+    batch_size: usize,
+) -> Result<(RequestShape, Vec<String>), WalletError> {
     let bad = |m: &str| WalletError::refused(OAuthCode::InvalidCredentialRequest, m);
     let obj = body
         .as_object()
@@ -459,12 +526,24 @@ pub fn parse_credential_request(
                     "only the jwt proof type is supported",
                 ));
             }
-            match p.get("jwt").and_then(Value::as_array).map(Vec::as_slice) {
-                Some([one]) => one.as_str().map(str::to_owned),
-                Some([]) | None => None,
-                Some(_) => {
-                    return Err(bad("batch issuance is not supported: send one proof"));
+            match p.get("jwt").and_then(Value::as_array) {
+                Some(jwts) if jwts.len() > batch_size => {
+                    return Err(bad(&format!(
+                        "at most {batch_size} proofs (batch_credential_issuance.batch_size)"
+                    )));
                 }
+                Some(jwts) if !jwts.is_empty() => Some(
+                    jwts.iter()
+                        .map(|j| j.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            WalletError::refused(
+                                OAuthCode::InvalidProof,
+                                "every jwt proof must be a string",
+                            )
+                        })?,
+                ),
+                _ => None,
             }
         }
         (None, Some(proof)) => {
@@ -474,7 +553,10 @@ pub fn parse_credential_request(
                     "only the jwt proof type is supported",
                 ));
             }
-            proof.get("jwt").and_then(Value::as_str).map(str::to_owned)
+            proof
+                .get("jwt")
+                .and_then(Value::as_str)
+                .map(|j| vec![j.to_owned()])
         }
         (None, None) => None,
     };

@@ -12,6 +12,7 @@
 pub mod metadata;
 pub mod proof;
 pub mod sdjwt;
+pub mod statuslist;
 
 pub mod flow;
 #[cfg(test)]

@@ -41,14 +41,17 @@ pub fn credential_issuer_metadata<'a>(
     issuer: &str,
     configurations: impl IntoIterator<Item = &'a ConfigurationView>,
 ) -> Value {
-    credential_issuer_metadata_with_display(issuer, None, configurations)
+    credential_issuer_metadata_with_display(issuer, None, 1, configurations)
 }
 
 /// Credential Issuer metadata (OID4VCI §12.2.4). Endpoints hang off the issuer identifier under
 /// `/oid4vci/v1/`; `issuer_display` is the issuer's own `display` (array or single object).
+/// A `batch_size` of 2 or more is advertised as `batch_credential_issuance` (§12.2.4: the
+/// most key proofs one credential request may carry).
 pub fn credential_issuer_metadata_with_display<'a>(
     issuer: &str,
     issuer_display: Option<&Value>,
+    batch_size: usize,
     configurations: impl IntoIterator<Item = &'a ConfigurationView>,
 ) -> Value {
     // Only the endpoint URLs are normalised; `credential_issuer` itself must stay as given.
@@ -72,6 +75,12 @@ pub fn credential_issuer_metadata_with_display<'a>(
         "notification_endpoint".into(),
         format!("{base}/oid4vci/v1/notification").into(),
     );
+    if batch_size >= 2 {
+        metadata.insert(
+            "batch_credential_issuance".into(),
+            json!({ "batch_size": batch_size }),
+        );
+    }
     if let Some(display) = issuer_display.and_then(display_array) {
         metadata.insert("display".into(), display);
     }
@@ -287,7 +296,9 @@ mod tests {
     #[test]
     fn issuer_display_is_included_when_given() {
         let display = json!([{"name": "Acme Issuer", "locale": "en"}]);
-        let m = credential_issuer_metadata_with_display("https://i.example", Some(&display), []);
+        let m =
+            credential_issuer_metadata_with_display("https://i.example", Some(&display), 10, []);
+        assert_eq!(m["batch_credential_issuance"], json!({"batch_size": 10}));
         assert_eq!(m["display"], display);
         assert_eq!(m["credential_configurations_supported"], json!({}));
         let mut bare = employee();

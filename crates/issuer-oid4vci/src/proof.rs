@@ -34,9 +34,9 @@ use crate::PRIVATE_JWK_MEMBERS;
 /// The `typ` header value OID4VCI requires for `jwt` key proofs.
 pub const PROOF_TYP: &str = "openid4vci-proof+jwt";
 
-/// The most proofs one credential request may carry. The spec leaves batch size to the issuer;
-/// a small cap bounds the signature verifications one request can make us do.
-pub const MAX_PROOFS: usize = 10;
+/// The most proofs one credential request may ever carry, whatever the configured batch size:
+/// it bounds the signature verifications one request can make us do.
+pub const MAX_PROOFS: usize = 100;
 
 const DID_JWK_PREFIX: &str = "did:jwk:";
 
@@ -146,8 +146,9 @@ fn invalid(message: &str) -> ProofError {
     ProofError::invalid_proof(message)
 }
 
-/// Validates every proof of a request; all must pass. Between 1 and [`MAX_PROOFS`] proofs are
-/// accepted: an empty list is a missing proof, a longer one more work than any wallet needs.
+/// Validates every proof of a request; all must pass, each over a key of its own (a key is
+/// bound to one credential at most). Between 1 and [`MAX_PROOFS`] proofs are accepted: an
+/// empty list is a missing proof, a longer one more work than any wallet needs.
 pub fn validate_proofs(
     jwts: &[String],
     policy: &ProofPolicy,
@@ -159,9 +160,16 @@ pub fn validate_proofs(
     if jwts.len() > MAX_PROOFS {
         return Err(invalid("too many key proofs"));
     }
-    jwts.iter()
+    let valid: Vec<ValidProof> = jwts
+        .iter()
         .map(|jwt| validate_proof(jwt, policy, now))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    for (n, proof) in valid.iter().enumerate() {
+        if valid[..n].iter().any(|p| p.holder_jwk == proof.holder_jwk) {
+            return Err(invalid("two key proofs are over the same key"));
+        }
+    }
+    Ok(valid)
 }
 
 /// Validates one `jwt` key proof against `policy` at time `now`.
@@ -801,16 +809,22 @@ mod tests {
     }
 
     #[test]
-    fn batches_need_every_proof_valid_and_at_most_ten() {
+    fn batches_need_every_proof_valid_over_distinct_keys_and_a_cap() {
         let key = WalletKey::p256();
         let good = key.sign(&key.header(), &claims());
         let bad = WalletKey::p256().sign(&key.header(), &claims());
         let policy = ProofPolicy::new(AUD);
+        let other = WalletKey::p256();
+        let second = other.sign(&other.header(), &claims());
         assert_eq!(
-            validate_proofs(&[good.clone(), good.clone()], &policy, now())
+            validate_proofs(&[good.clone(), second], &policy, now())
                 .unwrap()
                 .len(),
             2
+        );
+        assert_invalid_proof(
+            validate_proofs(&[good.clone(), good.clone()], &policy, now()),
+            "same key",
         );
         assert_invalid_proof(
             validate_proofs(&[good.clone(), bad], &policy, now()),

@@ -149,7 +149,7 @@ proptest! {
     fn any_credential_request_is_parsed_or_refused_with_a_documented_code(body in json()) {
         let catalog = Catalog::builtin();
         let config = catalog.get("learcredential.employee.sd.1").unwrap();
-        match parse_credential_request(config, &body) {
+        match parse_credential_request(config, &body, 10) {
             // Parsed: the proof itself is validated next, by `validate_proof`.
             Ok(_) => {}
             Err(WalletError::Refused { code, .. }) => {

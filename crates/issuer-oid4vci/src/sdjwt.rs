@@ -10,7 +10,7 @@
 //!
 //! Invariants:
 //! - The issuer-signed payload holds no claim name or value from the input, only digests; the
-//!   registered claims (`iss`, `iat`, `nbf`, `exp`, `vct`, `cnf`, `_sd_alg`) stay in the clear
+//!   registered claims (`iss`, `iat`, `nbf`, `exp`, `vct`, `cnf`, `status`, `_sd_alg`) stay in the clear
 //!   because verifiers must read them before any disclosure (SD-JWT VC forbids concealing them).
 //! - Every Disclosure's digest is referenced exactly once; no decoy digests are added.
 //! - Each salt is 128 bits from the OS CSPRNG, so a digest cannot be brute-forced back to a
@@ -64,6 +64,9 @@ pub struct SdJwtVcInput<'a> {
     pub holder_jwk: &'a Value,
     /// The credential's own claims, e.g. `{"mandate": {...}}`; all made selectively disclosable.
     pub claims: &'a Map<String, Value>,
+    /// The credential's entry in a status list, `(idx, list URL)`: becomes
+    /// `status.status_list` (in the clear, as SD-JWT VC requires).
+    pub status_list: Option<(i64, &'a str)>,
 }
 
 /// An issued SD-JWT VC in compact form.
@@ -119,6 +122,12 @@ pub fn issue_sd_jwt_vc(
     payload.insert("exp".into(), input.exp.timestamp().into());
     payload.insert("vct".into(), input.vct.into());
     payload.insert("cnf".into(), json!({ "jwk": holder_jwk }));
+    if let Some((idx, uri)) = input.status_list {
+        payload.insert(
+            "status".into(),
+            json!({ "status_list": { "idx": idx, "uri": uri } }),
+        );
+    }
     payload.insert("_sd_alg".into(), "sha-256".into());
     payload.extend(top_level_sd);
 
@@ -452,6 +461,7 @@ mod tests {
                 exp: iat + chrono::Duration::days(365),
                 holder_jwk: &holder,
                 claims,
+                status_list: Some((7, "https://issuer.example.com/status-lists/l1")),
             },
             key,
         )
@@ -472,6 +482,9 @@ mod tests {
         assert_eq!(v.payload["nbf"], 1_750_000_000);
         assert_eq!(v.payload["exp"], 1_750_000_000 + 365 * 86_400);
         assert_eq!(v.payload["cnf"], json!({"jwk": holder()}));
+        let status =
+            json!({"status_list": {"idx": 7, "uri": "https://issuer.example.com/status-lists/l1"}});
+        assert_eq!(v.payload["status"], status);
 
         // mandate 1, its members 5, mandator 6, mandatee 4, power elements 2, their members 4 + 2,
         // action elements 3, flags elements 3.
@@ -486,6 +499,7 @@ mod tests {
             ("nbf", json!(1_750_000_000)),
             ("exp", json!(1_750_000_000 + 365 * 86_400)),
             ("cnf", json!({"jwk": holder()})),
+            ("status", status.clone()),
         ] {
             expected.insert(k.into(), val);
         }
@@ -521,7 +535,10 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            ["_sd", "_sd_alg", "cnf", "exp", "iat", "iss", "nbf", "vct"].into()
+            [
+                "_sd", "_sd_alg", "cnf", "exp", "iat", "iss", "nbf", "status", "vct"
+            ]
+            .into()
         );
         let sd = top["_sd"].as_array().unwrap();
         assert_eq!(sd.len(), 1);
@@ -581,6 +598,7 @@ mod tests {
             exp,
             holder_jwk,
             claims: &claims,
+            status_list: None,
         };
         assert_eq!(
             issue_sd_jwt_vc(&input(&private, iat + chrono::Duration::days(1)), &key),

@@ -19,6 +19,7 @@ use issuer_domain::{
         Reason, Scope, Tenant,
     },
     ports::Store,
+    status::{CredentialStatus, StatusRef},
     webhook::{self, AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::json;
@@ -77,6 +78,7 @@ pub fn sample_issuance(tenant: TenantId, client_request_id: &str) -> (Issuance, 
         tx_code_failures: 0,
         code_redeemed_at: None,
         offer_retrieved_at: None,
+        credential: None,
         notification_id: None,
         expires_at: now + Duration::hours(24),
         created_at: now,
@@ -1284,6 +1286,7 @@ pub async fn plain_event_keeps_status_and_payload(store: &dyn Store) {
     let at = now_with_nanos();
     let retrieved = Issuance {
         offer_retrieved_at: Some(trunc_micros(at)),
+        credential: None,
         version: 2,
         ..stored
     };
@@ -1519,6 +1522,8 @@ pub async fn redemption_applies_once_and_keeps_notification_id(store: &dyn Store
     let issued = Step {
         command: Command::IssueCredential {
             notification_id: "n-1".to_owned(),
+            copies: allocate(store, 1, 1024).await,
+            expires_at: now_with_nanos() + Duration::days(365),
         },
         at: now_with_nanos(),
     };
@@ -2154,4 +2159,214 @@ pub async fn concurrent_grouped_inserts(store: Arc<dyn Store>, groups: usize) {
     )
     .await;
     assert_eq!(listed.len(), KEYS, "the tenant holds one issuance per key");
+}
+
+/// Allocates `count` status entries of lists of `size`, checking what every allocation must
+/// satisfy: each block within its list, each index below its list's size.
+async fn allocate(store: &dyn Store, count: i64, size: i64) -> Vec<StatusRef> {
+    let blocks = store
+        .allocate_status(count, size)
+        .await
+        .unwrap_or_else(|e| panic!("allocate_status failed: {}", e.chain()));
+    assert_eq!(blocks.iter().map(|b| b.count).sum::<i64>(), count);
+    let refs: Vec<StatusRef> = blocks.iter().flat_map(|b| b.refs()).collect();
+    for (block, r) in blocks
+        .iter()
+        .flat_map(|b| b.refs().into_iter().map(move |r| (b, r)))
+    {
+        assert!(
+            block.first >= 0 && block.first + block.count <= block.size,
+            "{block:?}"
+        );
+        assert!((0..block.size).contains(&r.idx), "{r:?} outside {block:?}");
+    }
+    refs
+}
+
+/// Status allocations are never handed out twice, lists fill to the last entry, and a new list
+/// opens when they are full.
+pub async fn status_allocations_are_unique_and_fill_lists(store: &dyn Store) {
+    let mut seen = HashSet::new();
+    for count in [3, 3, 3, 1, 5, 8, 2] {
+        for r in allocate(store, count, 8).await {
+            assert!(seen.insert(r), "{r:?} handed out twice");
+        }
+    }
+    let lists: HashSet<_> = seen.iter().map(|r| r.list_id).collect();
+    assert!(
+        lists.len() >= 4,
+        "25 allocations of 8-entry lists: {lists:?}"
+    );
+    for list in lists {
+        let content = store
+            .status_list(list)
+            .await
+            .unwrap()
+            .expect("the list exists");
+        assert!(content.entries.is_empty(), "nothing was revoked");
+    }
+    assert_eq!(store.status_list(uuid::Uuid::new_v4()).await.unwrap(), None);
+}
+
+/// Allocations racing on the same lists still never share an index.
+pub async fn concurrent_status_allocations(store: Arc<dyn Store>, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { allocate(store.as_ref(), 2, 16).await })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for r in t.await.expect("allocation task") {
+            assert!(seen.insert(r), "{r:?} handed out twice");
+        }
+    }
+    assert_eq!(seen.len(), 2 * n);
+}
+
+/// An issuance that accepted a credential and then suspended, revoked, and purged.
+async fn issue_copies(store: &dyn Store, tenant: TenantId, copies: Vec<StatusRef>) -> Issuance {
+    let (issuance, event) = sample_issuance(tenant, &new_request_id());
+    insert_new(store, &issuance, &event).await;
+    apply(store, tenant, issuance.id, &redeem(now_with_nanos())).await;
+    let issue = Step {
+        command: Command::IssueCredential {
+            notification_id: "n".into(),
+            copies,
+            expires_at: now_with_nanos() + Duration::days(365),
+        },
+        at: now_with_nanos(),
+    };
+    let TransitionOutcome::Applied(accepted) = apply(store, tenant, issuance.id, &issue).await
+    else {
+        panic!("issuing applies");
+    };
+    *accepted
+}
+
+fn set_status(to: CredentialStatus) -> Step {
+    Step {
+        command: Command::SetCredentialStatus {
+            to,
+            reason: Some("left".into()),
+        },
+        at: now_with_nanos(),
+    }
+}
+
+/// Status changes reach every copy's entry and nothing else; the entries outlive the
+/// issuance, which retention keeps while its credentials may still be revoked.
+pub async fn credential_status_changes_reach_every_copy(store: &dyn Store) {
+    let tenant = new_tenant(store).await;
+    let copies = allocate(store, 3, 64).await;
+    let accepted = issue_copies(store, tenant, copies.clone()).await;
+    let credential = accepted.credential.expect("issued");
+    assert_eq!(
+        (credential.status, credential.count),
+        (CredentialStatus::Valid, 3)
+    );
+    assert_eq!(
+        get(store, tenant, accepted.id).await.as_ref(),
+        Some(&accepted)
+    );
+    let neighbour = issue_copies(store, tenant, allocate(store, 1, 64).await).await;
+
+    let mut lists = store.status_lists_of(tenant, accepted.id).await.unwrap();
+    lists.sort();
+    let mut expected: Vec<_> = copies
+        .iter()
+        .map(|r| r.list_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    expected.sort();
+    assert_eq!(lists, expected);
+    assert!(
+        store
+            .status_lists_of(new_tenant(store).await, accepted.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let entries = |list| async move {
+        let mut e = store
+            .status_list(list)
+            .await
+            .unwrap()
+            .expect("list")
+            .entries;
+        e.sort();
+        e
+    };
+    // A list reads out the entries that are not valid.
+    let wanted = |value: u8| {
+        let mut e: Vec<(i64, u8)> = copies
+            .iter()
+            .filter(|r| r.list_id == copies[0].list_id && value != 0)
+            .map(|r| (r.idx, value))
+            .collect();
+        e.sort();
+        e
+    };
+    apply(
+        store,
+        tenant,
+        accepted.id,
+        &set_status(CredentialStatus::Suspended),
+    )
+    .await;
+    assert_eq!(entries(copies[0].list_id).await, wanted(2));
+    apply(
+        store,
+        tenant,
+        accepted.id,
+        &set_status(CredentialStatus::Valid),
+    )
+    .await;
+    assert_eq!(entries(copies[0].list_id).await, wanted(0));
+    let TransitionOutcome::Applied(revoked) = apply(
+        store,
+        tenant,
+        accepted.id,
+        &set_status(CredentialStatus::Revoked),
+    )
+    .await
+    else {
+        panic!("revoking applies");
+    };
+    assert_eq!(entries(copies[0].list_id).await, wanted(1));
+    assert_eq!(
+        revoked.credential.map(|c| (c.status, c.count)),
+        Some((CredentialStatus::Revoked, 3))
+    );
+    let kinds: Vec<EventKind> = events(store, tenant, accepted.id)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .skip(3)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::CredentialSuspended,
+            EventKind::CredentialReinstated,
+            EventKind::CredentialRevoked
+        ]
+    );
+
+    // Retention takes the revoked issuance, keeps the one whose credential is valid, and
+    // leaves every entry: a revoked credential stays revoked in its list.
+    let later = now_with_nanos() + Duration::seconds(1);
+    while store
+        .purge_ended(later, 100)
+        .await
+        .expect("purge_ended")
+        .issuances
+        > 0
+    {}
+    assert_eq!(get(store, tenant, accepted.id).await, None);
+    assert!(get(store, tenant, neighbour.id).await.is_some());
+    assert_eq!(entries(copies[0].list_id).await, wanted(1));
 }

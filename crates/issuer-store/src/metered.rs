@@ -10,7 +10,8 @@ use issuer_domain::{
         ApiClient, Branding, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent, ListFilter,
         Purged, RateLimit, StoreGauges, Tenant,
     },
-    ports::Store,
+    ports::{StatusListContent, Store},
+    status::StatusBlock,
     webhook::{AttemptRecord, WebhookDelivery, WebhookEndpoint},
 };
 use tracing::Instrument;
@@ -111,4 +112,7 @@ metered! {
     fn claim_emails(&self, now: DateTime<Utc>, lease_until: DateTime<Utc>, limit: u32) -> Result<Vec<EmailDelivery>>;
     fn get_email_deliveries(&self, tenant: TenantId, ids: &[IssuanceId]) -> Result<Vec<EmailDelivery>>;
     fn list_events(&self, tenant: TenantId, issuance: IssuanceId, after: i64) -> Result<Vec<IssuanceEvent>>;
+    fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>>;
+    fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>>;
+    fn status_lists_of(&self, tenant: TenantId, issuance: IssuanceId) -> Result<Vec<Uuid>>;
 }

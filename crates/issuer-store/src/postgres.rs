@@ -147,7 +147,9 @@ pub(crate) async fn purge_ended(
 ) -> Result<Purged> {
     let q = Sql::new(
         "WITH doomed AS (SELECT tenant_id, id FROM issuances \
-         WHERE status <> 'pending' AND updated_at < $1 ORDER BY updated_at LIMIT $2 \
+         WHERE status <> 'pending' AND updated_at < $1 AND (credential_status IS NULL \
+         OR credential_status = 'revoked' OR credential_expires_at < $1) \
+         ORDER BY updated_at LIMIT $2 \
          FOR UPDATE SKIP LOCKED), \
          ev AS (DELETE FROM issuance_events e USING doomed d \
          WHERE e.tenant_id = d.tenant_id AND e.issuance_id = d.id RETURNING 1), \

@@ -6,6 +6,7 @@
 
 use std::str::FromStr;
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, SubsecRound, Utc};
 use issuer_domain::{
     Error, ErrorCode,
@@ -14,6 +15,7 @@ use issuer_domain::{
         ApiClient, Branding, Delivery, EmailDelivery, EventKind, Issuance, IssuanceEvent,
         IssuanceStatus, RateLimit, Scope, StoreGauges, Tenant,
     },
+    status::{IssuedCredentials, StatusBlock},
     webhook::{self, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::Value;
@@ -63,6 +65,10 @@ pub(crate) fn as_stored(issuance: &Issuance) -> Issuance {
         updated_at: trunc_micros(issuance.updated_at),
         code_redeemed_at: issuance.code_redeemed_at.map(trunc_micros),
         offer_retrieved_at: issuance.offer_retrieved_at.map(trunc_micros),
+        credential: issuance.credential.map(|c| IssuedCredentials {
+            expires_at: trunc_micros(c.expires_at),
+            ..c
+        }),
         ..issuance.clone()
     }
 }
@@ -84,7 +90,8 @@ macro_rules! issuance_columns {
     () => {
         concat!(
             $crate::rows::issuance_insert_columns!(),
-            ", offer_retrieved_at, version"
+            ", offer_retrieved_at, version, credential_status, credentials_issued, \
+             credential_expires_at"
         )
     };
 }
@@ -343,6 +350,18 @@ pub(crate) fn issuance(row: &impl RowAccess) -> Result<Issuance, Error> {
             code_redeemed_at: row.opt_time("code_redeemed_at")?,
             notification_id: row.opt_text("notification_id")?,
             offer_retrieved_at: row.opt_time("offer_retrieved_at")?,
+            credential: match row.opt_text("credential_status")? {
+                None => None,
+                Some(status) => Some(IssuedCredentials {
+                    status: status
+                        .parse()
+                        .map_err(|e: String| decode_error("credential_status", e))?,
+                    count: row.int("credentials_issued")?,
+                    expires_at: row
+                        .opt_time("credential_expires_at")?
+                        .ok_or_else(|| decode_error("credential_expires_at", "missing"))?,
+                }),
+            },
         })
     };
     map().map_err(Error::internal)
@@ -462,6 +481,30 @@ pub(crate) fn conflict_or_db_error(
 
 /// Whether `t` applies to `current`: its status is one of `from`, and a code redemption finds
 /// the code unredeemed.
+/// The block of `take` allocations that a reservation returned: the list's row after it.
+pub(crate) fn status_block(row: &impl RowAccess, take: i64) -> Result<StatusBlock, Error> {
+    let map = || -> Result<StatusBlock, sqlx::Error> {
+        let seed = URL_SAFE_NO_PAD
+            .decode(row.text("seed")?)
+            .ok()
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or_else(|| decode_error("seed", "not 16 bytes of base64url"))?;
+        Ok(StatusBlock {
+            list_id: row.uuid("id")?,
+            size: row.int("size")?,
+            seed,
+            first: row.int("allocated")? - take,
+            count: take,
+        })
+    };
+    map().map_err(Error::internal)
+}
+
+/// A new list's permutation key: 16 bytes from the OS CSPRNG, base64url.
+pub(crate) fn new_status_seed() -> String {
+    URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,12 +13,13 @@ use issuer_domain::{
     Error,
     error::Result,
     ids::{IssuanceId, TenantId},
-    lifecycle::{EmailChange, Transition, TransitionOutcome, TxCodeAttempt},
+    lifecycle::{EmailChange, StatusEntries, Transition, TransitionOutcome, TxCodeAttempt},
     model::{
         ApiClient, Branding, Delivery, EmailDelivery, InsertOutcome, Issuance, IssuanceEvent,
         ListFilter, Purged, RateLimit, Scope, StoreGauges, Tenant,
     },
-    ports::Store,
+    ports::{StatusListContent, Store},
+    status::{StatusBlock, StatusRef},
     webhook::{AttemptRecord, DeliveryState, WebhookDelivery, WebhookEndpoint},
 };
 use serde_json::Value;
@@ -305,6 +306,36 @@ impl SqlStore {
     }
 }
 
+impl SqlStore {
+    /// `take` allocations of the oldest list with room for them, in one statement: concurrent
+    /// callers serialize on the list's row for that statement only, never for a transaction.
+    async fn reserve_status_block(&self, take: i64) -> Result<Option<StatusBlock>> {
+        let q = Sql::new(
+            "UPDATE status_lists SET allocated = allocated + $1 \
+             WHERE id = (SELECT id FROM status_lists WHERE allocated + $1 <= size \
+             ORDER BY created_at, id LIMIT 1) AND allocated + $1 <= size \
+             RETURNING id, size, seed, allocated",
+        )
+        .int(take);
+        self.optional(&q, |row| rows::status_block(row, take)).await
+    }
+
+    /// Opens a new, empty status list with a fresh id and permutation key.
+    async fn open_status_list(&self, size: i64) -> Result<()> {
+        let q = Sql::new(
+            "INSERT INTO status_lists (id, size, allocated, seed, created_at) \
+             VALUES ($1, $2, 0, $3, $4)",
+        )
+        .id(Uuid::new_v4())
+        .int(size)
+        .text(rows::new_status_seed())
+        .time(Utc::now());
+        self.db.on().execute(&q).await?;
+        tracing::info!(size, "status list opened");
+        Ok(())
+    }
+}
+
 fn conflict_without_row() -> Error {
     Error::internal("insert conflicted on client_request_id but no row holds it")
 }
@@ -426,6 +457,39 @@ async fn append_event(tx: &mut Tx, e: &IssuanceEvent) -> Result<()> {
 
 /// Queues `message` for the tenant's enabled endpoints that asked for its type, inside the
 /// transaction that wrote `event`, with the caller's trace context.
+/// The status-list entries of a credential's copies, all valid, in one statement.
+async fn add_status_entries(
+    tx: &mut Tx,
+    tenant: TenantId,
+    issuance: IssuanceId,
+    copies: &[StatusRef],
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let mut q = Sql::new(
+        "INSERT INTO status_entries (list_id, idx, tenant_id, issuance_id, status, updated_at) \
+         VALUES ",
+    );
+    for (n, copy) in copies.iter().enumerate() {
+        let p = q.next_placeholder();
+        q = q
+            .push(&format!(
+                "{}(${p}, ${}, ${}, ${}, 0, ${})",
+                if n == 0 { "" } else { ", " },
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4
+            ))
+            .id(copy.list_id)
+            .int(copy.idx)
+            .id(tenant.0)
+            .id(issuance.0)
+            .time(at);
+    }
+    tx.on().execute(&q).await?;
+    Ok(())
+}
+
 async fn queue_deliveries(
     tx: &mut Tx,
     issuance: &Issuance,
@@ -799,7 +863,8 @@ impl Store for SqlStore {
         let cas = Sql::new(
             "UPDATE issuances SET status = $3, reason = $4, version = $5, updated_at = $6, \
              payload = CASE WHEN $7 THEN payload ELSE NULL END, code_redeemed_at = $8, \
-             notification_id = $9, offer_retrieved_at = $10 \
+             notification_id = $9, offer_retrieved_at = $10, credential_status = $12, \
+             credentials_issued = $13, credential_expires_at = $14 \
              WHERE tenant_id = $1 AND id = $2 AND version = $11",
         )
         .id(tenant)
@@ -812,7 +877,10 @@ impl Store for SqlStore {
         .opt_time(after.code_redeemed_at)
         .opt_text(after.notification_id.as_deref())
         .opt_time(after.offer_retrieved_at)
-        .int(t.expected_version);
+        .int(t.expected_version)
+        .opt_text(after.credential.map(|c| c.status.as_str()))
+        .int(after.credential.map_or(0, |c| c.count))
+        .opt_time(after.credential.map(|c| c.expires_at));
         if tx.on().execute(&cas).await? == 0 {
             tx.rollback().await?;
             return Ok(TransitionOutcome::Stale);
@@ -847,6 +915,30 @@ impl Store for SqlStore {
                 )
                 .id(tenant)
                 .id(id)
+                .time(event.occurred_at);
+                tx.on().execute(&q).await?;
+            }
+            None => {}
+        }
+        match &t.status_entries {
+            Some(StatusEntries::Add(copies)) => {
+                add_status_entries(
+                    &mut tx,
+                    after.tenant_id,
+                    after.id,
+                    copies,
+                    event.occurred_at,
+                )
+                .await?;
+            }
+            Some(StatusEntries::Set(status)) => {
+                let q = Sql::new(
+                    "UPDATE status_entries SET status = $3, updated_at = $4 \
+                     WHERE tenant_id = $1 AND issuance_id = $2",
+                )
+                .id(tenant)
+                .id(id)
+                .int(i64::from(status.list_value()))
                 .time(event.occurred_at);
                 tx.on().execute(&q).await?;
             }
@@ -1103,5 +1195,77 @@ impl Store for SqlStore {
         .id(issuance.0)
         .int(after);
         self.all(&q, rows::event).await
+    }
+
+    async fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>> {
+        let mut blocks = Vec::new();
+        let mut need = count;
+        let mut opened = 0;
+        while need > 0 {
+            let take = need.min(list_size);
+            // Lists near their end give what they have left, one allocation at a time (the
+            // rare path), before a new list opens.
+            let block = match self.reserve_status_block(take).await? {
+                None if take > 1 => self.reserve_status_block(1).await?,
+                block => block,
+            };
+            match block {
+                Some(block) => {
+                    need -= block.count;
+                    blocks.push(block);
+                }
+                // Each opening is someone's room; only lists filling faster than this
+                // request can take from them keep it going.
+                None if opened < 3 => {
+                    opened += 1;
+                    self.open_status_list(list_size).await?;
+                }
+                None => {
+                    return Err(Error::unavailable(
+                        "status lists kept filling up while allocating; retry",
+                    ));
+                }
+            }
+        }
+        Ok(blocks)
+    }
+
+    async fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>> {
+        let Some(size) = self
+            .optional(
+                &Sql::new("SELECT size FROM status_lists WHERE id = $1").id(list_id),
+                |row| row.int("size").map_err(Error::internal),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let entries = self
+            .all(
+                &Sql::new(
+                    "SELECT idx, status FROM status_entries WHERE list_id = $1 AND status <> 0",
+                )
+                .id(list_id),
+                |row| {
+                    let idx = row.int("idx").map_err(Error::internal)?;
+                    let status = row.int("status").map_err(Error::internal)?;
+                    Ok((idx, u8::try_from(status).map_err(Error::internal)?))
+                },
+            )
+            .await?;
+        Ok(Some(StatusListContent { size, entries }))
+    }
+
+    async fn status_lists_of(&self, tenant: TenantId, issuance: IssuanceId) -> Result<Vec<Uuid>> {
+        self.all(
+            &Sql::new(
+                "SELECT DISTINCT list_id FROM status_entries \
+                 WHERE tenant_id = $1 AND issuance_id = $2",
+            )
+            .id(tenant.0)
+            .id(issuance.0),
+            |row| row.uuid("list_id").map_err(Error::internal),
+        )
+        .await
     }
 }

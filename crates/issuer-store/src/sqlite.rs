@@ -142,7 +142,9 @@ pub(crate) async fn purge_ended(
         .fetch_all(
             &Sql::new(
                 "SELECT tenant_id, id FROM issuances WHERE status <> 'pending' \
-                 AND updated_at < $1 ORDER BY updated_at LIMIT $2",
+                 AND updated_at < $1 AND (credential_status IS NULL \
+                 OR credential_status = 'revoked' OR credential_expires_at < $1) \
+                 ORDER BY updated_at LIMIT $2",
             )
             .time(ended_before)
             .int(i64::from(limit)),

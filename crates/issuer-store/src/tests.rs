@@ -114,6 +114,9 @@ macro_rules! conformance_suite {
             concurrent_mixed_creates(),
             grouped_insert_answers_each_item,
             concurrent_grouped_inserts(8),
+            status_allocations_are_unique_and_fill_lists,
+            concurrent_status_allocations(50),
+            credential_status_changes_reach_every_copy,
         );
     };
 }
