@@ -4,11 +4,13 @@
 //! A replica keeps, per list it has served, the token it built and the list's local *epoch*: a
 //! counter bumped by every announcement that the list changed (from this replica's own status
 //! changes, or from other replicas' through the event hub's Redis channel). A token is served
-//! from the cache while it was built at the current epoch, was checked against the store within
-//! the revalidation period (so a lost announcement delays a change by at most that), and is
-//! not past half its lifetime. Otherwise one request rebuilds it from the store (the others of
-//! that moment wait for it): when the statuses read are those of the cached token, the token
-//! is kept, so its entity tag stays and conditional requests keep answering 304.
+//! from the cache while it was built at the current epoch, the whole list was read within the
+//! revalidation period (so a lost announcement delays a change by at most that), and it is
+//! not past half its lifetime. Otherwise one request rebuilds it (the others of that moment
+//! wait for it): after a change from the entries changed since the last read, applied to the
+//! statuses it keeps, else from the whole list. When the statuses are those of the cached
+//! token, the token is kept, so its entity tag stays and conditional requests keep answering
+//! 304.
 
 use std::{
     collections::HashMap,
@@ -24,15 +26,20 @@ use issuer_auth::SigningKey;
 use issuer_coordination::events::EventHub;
 use issuer_domain::{Error, ports::Store};
 use issuer_oid4vci::statuslist::{
-    StatusListInput, StatusListToken, build_token, digest, pack, status_list_uri,
+    StatusListInput, StatusListToken, build_token, digest, pack, set_entries, status_list_uri,
 };
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 /// How long a token is valid (`exp - iat`) at least; it is rebuilt at half of it.
 const MIN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// How often a cached token is checked against the store at most, even without announcements.
+/// How often a cached token is checked against the whole list at most, even without
+/// announcements.
 const MAX_REVALIDATE: Duration = Duration::from_secs(60);
+/// How far before the last read a read of changes starts: a change is stamped when planned and
+/// visible when committed, on whichever replica's clock; the whole-list read of each
+/// revalidation period catches anything later still.
+const CHANGE_MARGIN: chrono::Duration = chrono::Duration::seconds(10);
 
 /// The published status lists of this replica.
 pub struct StatusLists {
@@ -59,8 +66,14 @@ struct Slot {
 #[derive(Clone)]
 struct Built {
     token: Arc<StatusListToken>,
+    /// The statuses the token holds.
+    packed: Arc<Vec<u8>>,
+    size: i64,
     epoch: u64,
-    checked_at: Instant,
+    /// When the whole list was last read (a rebuild after a change reads only what changed).
+    full_read_at: Instant,
+    /// When the store was last read: the next read of changes starts a margin before it.
+    read_at: chrono::DateTime<Utc>,
 }
 
 impl StatusLists {
@@ -155,13 +168,16 @@ impl StatusLists {
         let built = slot.built.read().expect("lock").clone()?;
         let age = (Utc::now() - built.token.iat).to_std().unwrap_or_default();
         (built.epoch == slot.epoch.load(Ordering::Acquire)
-            && built.checked_at.elapsed() < self.revalidate
+            && built.full_read_at.elapsed() < self.revalidate
             && age < self.lifetime / 2)
             .then_some(built.token)
     }
 
     /// Reads the list and makes its token: the cached one again when the statuses did not
-    /// change and it is not past half its lifetime, else a new one.
+    /// change and it is not past half its lifetime, else a new one. After a change (the cached
+    /// token otherwise current) only the entries changed since the last read are read, from a
+    /// margin before it, so that a change committed late is not missed; the whole list is read
+    /// again once per revalidation period.
     async fn rebuild(
         &self,
         list_id: Uuid,
@@ -169,18 +185,39 @@ impl StatusLists {
     ) -> Result<Option<Arc<StatusListToken>>, Error> {
         // The epoch before the read: an announcement during the read leaves the result stale.
         let epoch = slot.epoch.load(Ordering::Acquire);
-        let Some(content) = self.store.status_list(list_id).await? else {
-            return Ok(None);
-        };
-        let now = Utc::now();
-        let packed = pack(content.size, &content.entries);
         let previous = slot.built.read().expect("lock").clone();
-        let token = match previous {
+        let read_at = Utc::now();
+        let (packed, size, full_read_at) = match previous
+            .as_ref()
+            .filter(|p| p.full_read_at.elapsed() < self.revalidate)
+        {
+            Some(p) => {
+                let since = p.read_at - CHANGE_MARGIN;
+                let Some(changes) = self.store.status_list(list_id, Some(since)).await? else {
+                    return Ok(None);
+                };
+                let mut packed = p.packed.as_ref().clone();
+                set_entries(&mut packed, p.size, &changes.entries);
+                (packed, p.size, p.full_read_at)
+            }
+            None => {
+                let full_read_at = Instant::now();
+                let Some(content) = self.store.status_list(list_id, None).await? else {
+                    return Ok(None);
+                };
+                (
+                    pack(content.size, &content.entries),
+                    content.size,
+                    full_read_at,
+                )
+            }
+        };
+        let token = match &previous {
             Some(p)
                 if p.token.content_digest == digest(&packed)
-                    && (now - p.token.iat).to_std().unwrap_or_default() < self.lifetime / 2 =>
+                    && (read_at - p.token.iat).to_std().unwrap_or_default() < self.lifetime / 2 =>
             {
-                p.token
+                p.token.clone()
             }
             _ => {
                 let uri = status_list_uri(&self.issuer, list_id);
@@ -191,8 +228,8 @@ impl StatusLists {
                         issuer: &self.issuer,
                         uri: &uri,
                         packed: &packed,
-                        iat: now,
-                        exp: now + lifetime,
+                        iat: read_at,
+                        exp: read_at + lifetime,
                         ttl_secs: self.ttl.as_secs(),
                     },
                     &self.key,
@@ -204,8 +241,11 @@ impl StatusLists {
         };
         *slot.built.write().expect("lock") = Some(Built {
             token: token.clone(),
+            packed: Arc::new(packed),
+            size,
             epoch,
-            checked_at: Instant::now(),
+            full_read_at,
+            read_at,
         });
         Ok(Some(token))
     }

@@ -148,6 +148,11 @@ impl BenchService {
         }
     }
 
+    /// The running service, for what a benchmark measures in process.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
     /// Stops the service and drops the database.
     pub fn finish(self) {
         let Self {

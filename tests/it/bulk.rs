@@ -282,17 +282,6 @@ async fn grpc_batch_answers_every_item_embedded() {
     grpc_batch_answers_every_item(&app).await;
 }
 
-/// A raw HTTP/1.1 JSON POST with a bearer token, for [`crate::helpers::race_http1`].
-fn raw_json_post(path: &str, token: &str, body: &Value) -> Vec<u8> {
-    let body = body.to_string();
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
 /// 100 batches of the same 20 keys (each in another order) arrive together, spread over the
 /// `replicas` (sharing Postgres and Redis, or the embedded default's one instance): each key
 /// is created exactly once, and every other answer is a replay of that issuance.
@@ -313,7 +302,7 @@ async fn concurrent_duplicate_batches(replicas: &[&TestApp]) {
                 .map(|b| {
                     let mut items: Vec<Value> = keys.iter().map(|k| create_body(k)).collect();
                     items.rotate_left((r * per_replica + b) % KEYS);
-                    raw_json_post(BATCH, token, &json!({ "issuances": items }))
+                    crate::helpers::raw_json_post(BATCH, token, &json!({ "issuances": items }))
                 })
                 .collect();
             crate::helpers::race_http1(app.addr, requests)

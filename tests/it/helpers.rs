@@ -577,3 +577,14 @@ pub fn raw_form_post(path: &str, form: &[(&str, &str)]) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// A raw HTTP/1.1 JSON POST with a bearer token, for [`race_http1`].
+pub fn raw_json_post(path: &str, token: &str, body: &Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

@@ -661,3 +661,54 @@ async fn a_watch_resumed_after_the_outcome_follows_the_credential() {
     );
     app.stop().await;
 }
+
+/// 50 status changes of one issuance arriving together (25 revocations, 25 suspensions, each
+/// held back by its last byte): the credentials end revoked, with at most one event of each
+/// kind, and every answer agrees with the rules: a revocation always succeeds, a suspension
+/// succeeds unless the revocation came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_status_changes_apply_once() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
+    let (_, token) = app.tenant_token().await;
+    let (id, copies) = accepted_with_copies(&app, &token, "race", 2).await;
+    let requests = (0..50)
+        .map(|n| {
+            let action = if n % 2 == 0 { "revoke" } else { "suspend" };
+            crate::helpers::raw_json_post(
+                &format!("/issuer/api/v1/issuances/{id}/{action}"),
+                &token,
+                &json!({"reason": action}),
+            )
+        })
+        .collect();
+    let answers = crate::helpers::race_http1(app.addr, requests).await;
+    for (n, (status, body)) in answers.iter().enumerate() {
+        let body: Value = serde_json::from_str(body).unwrap_or_default();
+        if n % 2 == 0 {
+            assert_eq!(*status, 200, "revoke: {body}");
+            assert_eq!(body["credential_status"], "revoked", "{body}");
+        } else {
+            assert!(
+                (*status == 200 && body["credential_status"] == "suspended")
+                    || (*status == 409 && body["code"] == "invalid_state"),
+                "suspend: {status} {body}"
+            );
+        }
+    }
+    let kinds: Vec<String> = app.events_rest(&token, &id).await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
+    assert_eq!(count("credential_revoked"), 1, "{kinds:?}");
+    assert!(count("credential_suspended") <= 1, "{kinds:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("credential_revoked"));
+    let jwks = issuer_jwks(&app.http, &format!("{}/issuer", app.base)).await;
+    for (idx, uri) in &copies {
+        assert_eq!(status_at(&app, &jwks, uri, *idx).await, 1);
+    }
+    app.stop().await;
+}

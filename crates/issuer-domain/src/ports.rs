@@ -190,9 +190,14 @@ pub trait Store: Send + Sync + 'static {
     /// credential is never issued is simply never used (nothing is reused). The blocks map
     /// allocations to indices ([`StatusBlock::refs`]).
     async fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>>;
-    /// A status list's size and every entry whose status is not valid (0); `None` when there
-    /// is no such list.
-    async fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>>;
+    /// A status list's size and its entries: without `changed_since`, every entry whose status
+    /// is not valid (0); with it, every entry (of any status) last changed at or after it.
+    /// `None` when there is no such list.
+    async fn status_list(
+        &self,
+        list_id: Uuid,
+        changed_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<StatusListContent>>;
     /// The lists holding entries of the issuance's credentials.
     async fn status_lists_of(&self, tenant: TenantId, issuance: IssuanceId) -> Result<Vec<Uuid>>;
 }
@@ -201,7 +206,7 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusListContent {
     pub size: i64,
-    /// `(idx, status value)` of the entries that are not valid, in no particular order.
+    /// `(idx, status value)` of the entries asked for, in no particular order.
     pub entries: Vec<(i64, u8)>,
 }
 

@@ -36,18 +36,24 @@ pub fn status_list_uri(credential_issuer: &str, list_id: uuid::Uuid) -> String {
 /// The byte array of a list of `size` entries with `entries` (`(idx, value)`) set; entries out
 /// of range are ignored (a store never holds them).
 pub fn pack(size: i64, entries: &[(i64, u8)]) -> Vec<u8> {
-    let size = usize::try_from(size).unwrap_or(0);
-    let mut bytes = vec![0u8; size.div_ceil(4)];
+    let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(0).div_ceil(4)];
+    set_entries(&mut bytes, size, entries);
+    bytes
+}
+
+/// Sets `entries` (`(idx, value)`) in a packed list of `size` entries, the others staying as
+/// they are; entries out of range are ignored.
+pub fn set_entries(packed: &mut [u8], size: i64, entries: &[(i64, u8)]) {
     for &(idx, value) in entries {
-        let Ok(i) = usize::try_from(idx) else {
+        if !(0..size).contains(&idx) {
             continue;
-        };
-        if i < size {
+        }
+        let i = idx as usize;
+        if let Some(byte) = packed.get_mut(i / 4) {
             let shift = 2 * (i % 4);
-            bytes[i / 4] = (bytes[i / 4] & !(0b11 << shift)) | ((value & 0b11) << shift);
+            *byte = (*byte & !(0b11 << shift)) | ((value & 0b11) << shift);
         }
     }
-    bytes
 }
 
 /// `lst`: the packed bytes, ZLIB-compressed, base64url without padding.
@@ -168,8 +174,15 @@ mod tests {
 
     #[test]
     fn entries_out_of_range_are_ignored_and_sizes_round_up() {
-        assert_eq!(pack(5, &[(4, 1), (5, 2), (-1, 1)]), [0, 1]);
+        assert_eq!(pack(5, &[(4, 1), (5, 2), (-1, 1), (8, 1)]), [0, 1]);
         assert_eq!(pack(0, &[]), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn changes_overwrite_entries_in_place() {
+        let mut packed = pack(8, &[(0, 1), (1, 2), (5, 1)]);
+        set_entries(&mut packed, 8, &[(1, 0), (5, 2), (6, 1)]);
+        assert_eq!(packed, pack(8, &[(0, 1), (5, 2), (6, 1)]));
     }
 
     #[test]

@@ -2199,13 +2199,16 @@ pub async fn status_allocations_are_unique_and_fill_lists(store: &dyn Store) {
     );
     for list in lists {
         let content = store
-            .status_list(list)
+            .status_list(list, None)
             .await
             .unwrap()
             .expect("the list exists");
         assert!(content.entries.is_empty(), "nothing was revoked");
     }
-    assert_eq!(store.status_list(uuid::Uuid::new_v4()).await.unwrap(), None);
+    assert_eq!(
+        store.status_list(uuid::Uuid::new_v4(), None).await.unwrap(),
+        None
+    );
 }
 
 /// Allocations racing on the same lists still never share an index.
@@ -2292,7 +2295,7 @@ pub async fn credential_status_changes_reach_every_copy(store: &dyn Store) {
 
     let entries = |list| async move {
         let mut e = store
-            .status_list(list)
+            .status_list(list, None)
             .await
             .unwrap()
             .expect("list")
@@ -2318,6 +2321,7 @@ pub async fn credential_status_changes_reach_every_copy(store: &dyn Store) {
     )
     .await;
     assert_eq!(entries(copies[0].list_id).await, wanted(2));
+    let before_reinstating = now_with_nanos();
     apply(
         store,
         tenant,
@@ -2326,6 +2330,21 @@ pub async fn credential_status_changes_reach_every_copy(store: &dyn Store) {
     )
     .await;
     assert_eq!(entries(copies[0].list_id).await, wanted(0));
+    // Read as changes since a moment: the reinstated entries, valid again, and no other.
+    let mut changed = store
+        .status_list(copies[0].list_id, Some(before_reinstating))
+        .await
+        .unwrap()
+        .expect("list")
+        .entries;
+    changed.sort();
+    let mut reinstated: Vec<(i64, u8)> = copies
+        .iter()
+        .filter(|r| r.list_id == copies[0].list_id)
+        .map(|r| (r.idx, 0))
+        .collect();
+    reinstated.sort();
+    assert_eq!(changed, reinstated);
     let TransitionOutcome::Applied(revoked) = apply(
         store,
         tenant,

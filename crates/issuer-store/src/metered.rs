@@ -113,6 +113,6 @@ metered! {
     fn get_email_deliveries(&self, tenant: TenantId, ids: &[IssuanceId]) -> Result<Vec<EmailDelivery>>;
     fn list_events(&self, tenant: TenantId, issuance: IssuanceId, after: i64) -> Result<Vec<IssuanceEvent>>;
     fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>>;
-    fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>>;
+    fn status_list(&self, list_id: Uuid, changed_since: Option<DateTime<Utc>>) -> Result<Option<StatusListContent>>;
     fn status_lists_of(&self, tenant: TenantId, issuance: IssuanceId) -> Result<Vec<Uuid>>;
 }

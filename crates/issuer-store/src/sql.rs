@@ -1230,7 +1230,11 @@ impl Store for SqlStore {
         Ok(blocks)
     }
 
-    async fn status_list(&self, list_id: Uuid) -> Result<Option<StatusListContent>> {
+    async fn status_list(
+        &self,
+        list_id: Uuid,
+        changed_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<StatusListContent>> {
         let Some(size) = self
             .optional(
                 &Sql::new("SELECT size FROM status_lists WHERE id = $1").id(list_id),
@@ -1240,18 +1244,23 @@ impl Store for SqlStore {
         else {
             return Ok(None);
         };
-        let entries = self
-            .all(
-                &Sql::new(
-                    "SELECT idx, status FROM status_entries WHERE list_id = $1 AND status <> 0",
-                )
-                .id(list_id),
-                |row| {
-                    let idx = row.int("idx").map_err(Error::internal)?;
-                    let status = row.int("status").map_err(Error::internal)?;
-                    Ok((idx, u8::try_from(status).map_err(Error::internal)?))
-                },
+        let q = match changed_since {
+            None => Sql::new(
+                "SELECT idx, status FROM status_entries WHERE list_id = $1 AND status <> 0",
             )
+            .id(list_id),
+            Some(since) => Sql::new(
+                "SELECT idx, status FROM status_entries WHERE list_id = $1 AND updated_at >= $2",
+            )
+            .id(list_id)
+            .time(since),
+        };
+        let entries = self
+            .all(&q, |row| {
+                let idx = row.int("idx").map_err(Error::internal)?;
+                let status = row.int("status").map_err(Error::internal)?;
+                Ok((idx, u8::try_from(status).map_err(Error::internal)?))
+            })
             .await?;
         Ok(Some(StatusListContent { size, entries }))
     }

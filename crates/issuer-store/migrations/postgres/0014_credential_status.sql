@@ -29,5 +29,7 @@ CREATE TABLE status_entries (
     PRIMARY KEY (list_id, idx)
 );
 CREATE INDEX status_entries_issuance_idx ON status_entries (tenant_id, issuance_id);
--- What publishing a list reads: its entries that are not valid.
+-- What publishing a list reads: its entries that are not valid, and after a change the entries
+-- changed since the last read.
 CREATE INDEX status_entries_set_idx ON status_entries (list_id, idx, status) WHERE status <> 0;
+CREATE INDEX status_entries_changed_idx ON status_entries (list_id, updated_at);
