@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    CREDENTIAL_PAYLOAD_CLAIM, ProofPolicy, SdJwtVcInput, issue_sd_jwt_vc,
+    CREDENTIAL_PAYLOAD_CLAIM, ProofPolicy, SdJwtVcInput, ValidProof, issue_sd_jwt_vc,
     statuslist::status_list_uri, validate_proofs,
 };
 
@@ -322,30 +322,11 @@ impl WalletService {
             now,
         )
         .map_err(|e| WalletError::refused(e.code.into(), e.message))?;
-        // Every proof carries a nonce of ours; each distinct one is spent once (a batch
-        // usually signs one nonce into every proof).
-        let mut nonces: Vec<&str> = Vec::new();
-        for proof in &valid {
-            let nonce = proof.nonce.as_deref().ok_or_else(|| {
-                WalletError::refused(
-                    OAuthCode::InvalidProof,
-                    "every proof must carry a nonce from the nonce endpoint",
-                )
-            })?;
-            if !nonces.contains(&nonce) {
-                nonces.push(nonce);
-            }
-        }
-        for nonce in nonces {
-            self.spend_nonce(tenant, nonce, now).await?;
-        }
-
+        self.spend_nonces(tenant, &valid, now).await?;
         let payload = issuance
             .payload
             .clone()
             .ok_or_else(|| Error::internal("a pending issuance has no payload"))?;
-        let mut claims = Map::new();
-        claims.insert(CREDENTIAL_PAYLOAD_CLAIM.to_owned(), payload);
         let copies: Vec<StatusRef> = self
             .store
             .allocate_status(valid.len() as i64, self.settings.status_list_size)
@@ -354,24 +335,8 @@ impl WalletService {
             .flat_map(StatusBlock::refs)
             .collect();
         let expires_at = now + self.settings.credential_ttl;
-        let mut credentials = Vec::with_capacity(valid.len());
-        for (proof, copy) in valid.iter().zip(&copies) {
-            let uri = status_list_uri(&self.credential_issuer, copy.list_id);
-            let issued = issue_sd_jwt_vc(
-                &SdJwtVcInput {
-                    issuer: &self.credential_issuer,
-                    vct: &config.vct,
-                    iat: now,
-                    exp: expires_at,
-                    holder_jwk: &proof.holder_jwk,
-                    claims: &claims,
-                    status_list: Some((copy.idx, &uri)),
-                },
-                &self.credential_key,
-            )
-            .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))?;
-            credentials.push(issued.compact);
-        }
+        let credentials =
+            self.sign_copies(&config.vct, payload, &valid, &copies, now, expires_at)?;
 
         let notification_id = random_token(16);
         let issue = Command::IssueCredential {
@@ -403,6 +368,68 @@ impl WalletService {
                 Err(not_issuable())
             }
         }
+    }
+
+    /// Every proof carries a nonce of ours; each distinct one is spent once (a batch usually
+    /// signs one nonce into every proof).
+    async fn spend_nonces(
+        &self,
+        tenant: TenantId,
+        proofs: &[ValidProof],
+        now: DateTime<Utc>,
+    ) -> Result<(), WalletError> {
+        let mut nonces: Vec<&str> = Vec::new();
+        for proof in proofs {
+            let nonce = proof.nonce.as_deref().ok_or_else(|| {
+                WalletError::refused(
+                    OAuthCode::InvalidProof,
+                    "every proof must carry a nonce from the nonce endpoint",
+                )
+            })?;
+            if !nonces.contains(&nonce) {
+                nonces.push(nonce);
+            }
+        }
+        for nonce in nonces {
+            self.spend_nonce(tenant, nonce, now).await?;
+        }
+        Ok(())
+    }
+
+    /// One SD-JWT VC of `payload` per proof: bound to the proof's key, with its own salts and
+    /// its own status entry of `copies`.
+    fn sign_copies(
+        &self,
+        vct: &str,
+        payload: Value,
+        proofs: &[ValidProof],
+        copies: &[StatusRef],
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Vec<String>, WalletError> {
+        let mut claims = Map::new();
+        claims.insert(CREDENTIAL_PAYLOAD_CLAIM.to_owned(), payload);
+        proofs
+            .iter()
+            .zip(copies)
+            .map(|(proof, copy)| {
+                let uri = status_list_uri(&self.credential_issuer, copy.list_id);
+                issue_sd_jwt_vc(
+                    &SdJwtVcInput {
+                        issuer: &self.credential_issuer,
+                        vct,
+                        iat: now,
+                        exp: expires_at,
+                        holder_jwk: &proof.holder_jwk,
+                        claims: &claims,
+                        status_list: Some((copy.idx, &uri)),
+                    },
+                    &self.credential_key,
+                )
+                .map(|issued| issued.compact)
+                .map_err(|e| WalletError::refused(OAuthCode::InvalidProof, e.to_string()))
+            })
+            .collect()
     }
 
     /// Spends a nonce of ours: unknown, expired or used before is `invalid_nonce`.
