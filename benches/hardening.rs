@@ -20,21 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{BenchService, Stage, drive, env_or, payload};
-
-/// One HTTP/1.1 connection per worker.
-fn clients(conns: usize) -> Arc<Vec<reqwest::Client>> {
-    Arc::new(
-        (0..conns)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .unwrap()
-            })
-            .collect(),
-    )
-}
+use common::{BenchService, Stage, clients, drive, env_or, payload};
 
 fn creates(
     rt: &tokio::runtime::Runtime,

@@ -31,24 +31,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::{BenchService, Stage, drive, env_or, payload, percentile_ms};
+use common::{BenchService, Stage, clients, drive, env_or, payload, percentile_ms};
 
 const BIG: i64 = 1 << 20;
 const DEFAULT: i64 = 131_072;
-
-/// One HTTP/1.1 connection per worker.
-fn clients(conns: usize) -> Arc<Vec<reqwest::Client>> {
-    Arc::new(
-        (0..conns)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .unwrap()
-            })
-            .collect(),
-    )
-}
 
 /// `n` pending issuances of the service's tenant, by batch creates of 500; their ids.
 async fn seed_pending(service: &BenchService, prefix: &str, n: usize) -> Vec<String> {
@@ -81,10 +67,8 @@ async fn seed_pending(service: &BenchService, prefix: &str, n: usize) -> Vec<Str
     ids
 }
 
-/// Opens a list of `size` entries and records one accepted credential per issuance of `ids`
-/// on it (entries 0.. in order; the order does not matter to what is measured), `revoked` of
-/// them revoked.
-async fn accept_on_list(db: &sqlx::PgPool, ids: &[String], size: i64, revoked: usize) -> Uuid {
+/// A status list of `size` entries, all of them allocated.
+async fn full_list_row(db: &sqlx::PgPool, size: i64) -> Uuid {
     let list = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO status_lists (id, size, allocated, seed, created_at) \
@@ -95,6 +79,14 @@ async fn accept_on_list(db: &sqlx::PgPool, ids: &[String], size: i64, revoked: u
     .execute(db)
     .await
     .unwrap();
+    list
+}
+
+/// Opens a list of `size` entries and records one accepted credential per issuance of `ids`
+/// on it (entries 0.. in order; the order does not matter to what is measured), `revoked` of
+/// them revoked.
+async fn accept_on_list(db: &sqlx::PgPool, ids: &[String], size: i64, revoked: usize) -> Uuid {
+    let list = full_list_row(db, size).await;
     let ids: Vec<Uuid> = ids.iter().map(|i| i.parse().unwrap()).collect();
     sqlx::query(
         "UPDATE issuances SET status = 'accepted', payload = NULL, version = version + 1, \
@@ -123,16 +115,7 @@ async fn accept_on_list(db: &sqlx::PgPool, ids: &[String], size: i64, revoked: u
 /// replica knows), each revoked with probability `share`: scattered as revocations are, which
 /// compresses worse than any pattern would.
 async fn full_list(db: &sqlx::PgPool, share: f64) -> Uuid {
-    let list = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO status_lists (id, size, allocated, seed, created_at) \
-         VALUES ($1, $2, $2, 'AAAAAAAAAAAAAAAAAAAAAA', now())",
-    )
-    .bind(list)
-    .bind(BIG)
-    .execute(db)
-    .await
-    .unwrap();
+    let list = full_list_row(db, BIG).await;
     sqlx::query(
         "INSERT INTO status_entries (list_id, idx, tenant_id, issuance_id, status, updated_at) \
          SELECT $1, n, gen_random_uuid(), gen_random_uuid(), \

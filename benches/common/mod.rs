@@ -13,6 +13,20 @@ use issuer::{App, Settings, admin, admin::ClientCredentials, config::Secret};
 use issuer_domain::model::Scope;
 use serde_json::Value;
 
+/// One HTTP/1.1 connection per worker.
+pub fn clients(conns: usize) -> Arc<Vec<reqwest::Client>> {
+    Arc::new(
+        (0..conns)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .unwrap()
+            })
+            .collect(),
+    )
+}
+
 /// The payload of every benchmark's creates.
 pub fn payload() -> Value {
     serde_json::json!({

@@ -406,67 +406,53 @@ async fn revoke_suspend_and_reinstate_reach_every_copy_on_the_embedded_default()
 /// The same calls over gRPC, with the credential status on the message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credentials_are_revoked_over_grpc_too() {
+    use pb::issuance::CredentialStatus as S;
     let db = TestDb::new().await;
     let app = TestApp::spawn(pg_settings(&db.url, Some(&redis_url()))).await;
     let (_, token) = app.tenant_token().await;
     let (id, copies) = accepted_with_copies(&app, &token, "grpc-status", 2).await;
-    let mut grpc = app.grpc().await;
-    let suspended = grpc
-        .suspend_credential(authed(
-            &token,
-            pb::SuspendCredentialRequest {
-                issuance_id: id.clone(),
-                reason: "audit".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        suspended.credential_status(),
-        pb::issuance::CredentialStatus::Suspended
-    );
-    assert_eq!(suspended.credentials_issued, 2);
-    let reinstated = grpc
-        .reinstate_credential(authed(
-            &token,
-            pb::ReinstateCredentialRequest {
-                issuance_id: id.clone(),
-                reason: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        reinstated.credential_status(),
-        pb::issuance::CredentialStatus::Valid
-    );
-    let revoked = grpc
-        .revoke_credential(authed(
-            &token,
-            pb::RevokeCredentialRequest {
-                issuance_id: id.clone(),
-                reason: "left".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        revoked.credential_status(),
-        pb::issuance::CredentialStatus::Revoked
-    );
-    let refused = grpc
-        .reinstate_credential(authed(
-            &token,
-            pb::ReinstateCredentialRequest {
-                issuance_id: id.clone(),
-                reason: String::new(),
-            },
-        ))
-        .await
-        .unwrap_err();
+    let grpc = app.grpc().await;
+    // One call by its target status, as the service names it.
+    let call = |to: S, reason: &str| {
+        let (mut grpc, token, issuance_id, reason) =
+            (grpc.clone(), token.clone(), id.clone(), reason.to_owned());
+        async move {
+            match to {
+                S::Suspended => {
+                    let req = pb::SuspendCredentialRequest {
+                        issuance_id,
+                        reason,
+                    };
+                    grpc.suspend_credential(authed(&token, req)).await
+                }
+                S::Valid => {
+                    let req = pb::ReinstateCredentialRequest {
+                        issuance_id,
+                        reason,
+                    };
+                    grpc.reinstate_credential(authed(&token, req)).await
+                }
+                _ => {
+                    let req = pb::RevokeCredentialRequest {
+                        issuance_id,
+                        reason,
+                    };
+                    grpc.revoke_credential(authed(&token, req)).await
+                }
+            }
+            .map(tonic::Response::into_inner)
+        }
+    };
+    for (to, reason) in [
+        (S::Suspended, "audit"),
+        (S::Valid, ""),
+        (S::Revoked, "left"),
+    ] {
+        let changed = call(to, reason).await.unwrap();
+        assert_eq!(changed.credential_status(), to);
+        assert_eq!(changed.credentials_issued, 2);
+    }
+    let refused = call(S::Valid, "").await.unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,
@@ -476,15 +462,13 @@ async fn credentials_are_revoked_over_grpc_too() {
     for (idx, uri) in &copies {
         assert_eq!(status_at(&app, &jwks, uri, *idx).await, 1);
     }
-    let events = grpc
+    let read = grpc
+        .clone()
         .get_issuance(authed(&token, pb::GetIssuanceRequest { issuance_id: id }))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        events.credential_status(),
-        pb::issuance::CredentialStatus::Revoked
-    );
+    assert_eq!(read.credential_status(), S::Revoked);
     app.stop().await;
 }
 
