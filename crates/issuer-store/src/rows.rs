@@ -500,9 +500,9 @@ pub(crate) fn status_block(row: &impl RowAccess, take: i64) -> Result<StatusBloc
     map().map_err(Error::internal)
 }
 
-/// A new list's permutation key: 16 bytes from the OS CSPRNG, base64url.
-pub(crate) fn new_status_seed() -> String {
-    URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+/// How a list's permutation key is stored: base64url.
+pub(crate) fn status_seed_text(seed: &[u8; 16]) -> String {
+    URL_SAFE_NO_PAD.encode(seed)
 }
 
 #[cfg(test)]

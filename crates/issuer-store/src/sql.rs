@@ -320,19 +320,28 @@ impl SqlStore {
         self.optional(&q, |row| rows::status_block(row, take)).await
     }
 
-    /// Opens a new, empty status list with a fresh id and permutation key.
-    async fn open_status_list(&self, size: i64) -> Result<()> {
+    /// Opens a new status list with a fresh id and permutation key, its first `take`
+    /// allocations taken by the caller.
+    async fn open_status_list(&self, size: i64, take: i64) -> Result<StatusBlock> {
+        let (id, seed) = (Uuid::new_v4(), rand::random::<[u8; 16]>());
         let q = Sql::new(
             "INSERT INTO status_lists (id, size, allocated, seed, created_at) \
-             VALUES ($1, $2, 0, $3, $4)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
-        .id(Uuid::new_v4())
+        .id(id)
         .int(size)
-        .text(rows::new_status_seed())
+        .int(take)
+        .text(rows::status_seed_text(&seed))
         .time(Utc::now());
         self.db.on().execute(&q).await?;
         tracing::info!(size, "status list opened");
-        Ok(())
+        Ok(StatusBlock {
+            list_id: id,
+            size,
+            seed,
+            first: 0,
+            count: take,
+        })
     }
 }
 
@@ -1200,32 +1209,22 @@ impl Store for SqlStore {
     async fn allocate_status(&self, count: i64, list_size: i64) -> Result<Vec<StatusBlock>> {
         let mut blocks = Vec::new();
         let mut need = count;
-        let mut opened = 0;
         while need > 0 {
             let take = need.min(list_size);
             // Lists near their end give what they have left, one allocation at a time (the
-            // rare path), before a new list opens.
+            // rare path); when no list has room, a new one opens with this request's block
+            // already taken, so that every turn of the loop makes progress however many
+            // requests race for the lists.
             let block = match self.reserve_status_block(take).await? {
                 None if take > 1 => self.reserve_status_block(1).await?,
                 block => block,
             };
-            match block {
-                Some(block) => {
-                    need -= block.count;
-                    blocks.push(block);
-                }
-                // Each opening is someone's room; only lists filling faster than this
-                // request can take from them keep it going.
-                None if opened < 3 => {
-                    opened += 1;
-                    self.open_status_list(list_size).await?;
-                }
-                None => {
-                    return Err(Error::unavailable(
-                        "status lists kept filling up while allocating; retry",
-                    ));
-                }
-            }
+            let block = match block {
+                Some(block) => block,
+                None => self.open_status_list(list_size, take).await?,
+            };
+            need -= block.count;
+            blocks.push(block);
         }
         Ok(blocks)
     }
