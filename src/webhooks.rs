@@ -52,6 +52,12 @@ pub enum WebhookEventType {
     Error,
     #[serde(rename = "issuance.offer_retrieved")]
     OfferRetrieved,
+    #[serde(rename = "credential.revoked")]
+    CredentialRevoked,
+    #[serde(rename = "credential.suspended")]
+    CredentialSuspended,
+    #[serde(rename = "credential.reinstated")]
+    CredentialReinstated,
 }
 
 #[derive(ToSchema)]

@@ -34,6 +34,17 @@ async fn the_committed_document_is_the_served_one() {
     );
     let doc: Value = serde_json::from_str(&served).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
+    // The webhook event types documented are those an endpoint may subscribe to.
+    let mut documented: Vec<&str> = doc["components"]["schemas"]["WebhookEventType"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let mut accepted = issuer_domain::webhook::ALL_TYPES.to_vec();
+    documented.sort();
+    accepted.sort();
+    assert_eq!(documented, accepted);
 }
 
 /// Every documented operation reaches a handler (no 404/405 from the router, no gRPC
