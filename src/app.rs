@@ -140,6 +140,12 @@ impl App {
             Duration::from_secs(settings.status_list_ttl_secs),
             hub.clone(),
         );
+        // Whatever changes credential status tells this replica's lists directly.
+        let announcer: Arc<dyn issuer_domain::ports::EventNotifier> =
+            Arc::new(crate::status_lists::Announcer {
+                hub: hub.clone(),
+                lists: status_lists.clone(),
+            });
         let wallet = WalletService::new(
             store.clone(),
             clock.clone(),
@@ -212,7 +218,7 @@ impl App {
                 lock: lock.clone(),
                 sealer: sealer.clone(),
                 clock: clock.clone(),
-                notifier: hub.clone(),
+                notifier: announcer.clone(),
             },
             catalog,
             &settings.public_url,
@@ -241,7 +247,7 @@ impl App {
         };
         Ok(Self {
             client_credentials,
-            lifecycle: Lifecycle::new(store.clone(), hub.clone()),
+            lifecycle: Lifecycle::new(store.clone(), announcer),
             hasher: SecretHasher::new(&secret),
             settings,
             store,

@@ -2,8 +2,9 @@
 //! cached, on every replica.
 //!
 //! A replica keeps, per list it has served, the token it built and the list's local *epoch*: a
-//! counter bumped by every announcement that the list changed (from this replica's own status
-//! changes, or from other replicas' through the event hub's Redis channel). A token is served
+//! counter bumped by every announcement that the list changed: this replica's own status
+//! changes mark it before their request answers ([`Announcer`]), other replicas' arrive through
+//! the event hub's Redis channel. A token is served
 //! from the cache while it was built at the current epoch, the whole list was read within the
 //! revalidation period (so a lost announcement delays a change by at most that), and it is
 //! not past half its lifetime. Otherwise one request rebuilds it (the others of that moment
@@ -24,7 +25,11 @@ use std::{
 use chrono::Utc;
 use issuer_auth::SigningKey;
 use issuer_coordination::events::EventHub;
-use issuer_domain::{Error, ports::Store};
+use issuer_domain::{
+    Error,
+    ids::{IssuanceId, TenantId},
+    ports::{EventNotifier, Store},
+};
 use issuer_oid4vci::statuslist::{
     StatusListInput, StatusListToken, build_token, digest, pack, set_entries, status_list_uri,
 };
@@ -127,7 +132,18 @@ impl StatusLists {
                 .or_default()
                 .clone(),
         };
-        let _rebuilding = slot.rebuild.lock().await;
+        let _rebuilding = match slot.rebuild.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // Another request is rebuilding. When only the revalidation period is over
+                // (no change announced), the current token is still the list as last known:
+                // serve it rather than wait.
+                if let Some(token) = self.unchanged(&slot) {
+                    return Ok(Some(token));
+                }
+                slot.rebuild.lock().await
+            }
+        };
         if let Some(token) = self.fresh(&slot) {
             return Ok(Some(token));
         }
@@ -164,12 +180,23 @@ impl StatusLists {
         }
     }
 
+    /// The cached token, while it may be served without asking the store.
     fn fresh(&self, slot: &Slot) -> Option<Arc<StatusListToken>> {
+        self.cached(slot, true)
+    }
+
+    /// The cached token while no change was announced since it was built and it is not past
+    /// half its lifetime, whenever the whole list was last read.
+    fn unchanged(&self, slot: &Slot) -> Option<Arc<StatusListToken>> {
+        self.cached(slot, false)
+    }
+
+    fn cached(&self, slot: &Slot, read_recently: bool) -> Option<Arc<StatusListToken>> {
         let built = slot.built.read().expect("lock").clone()?;
         let age = (Utc::now() - built.token.iat).to_std().unwrap_or_default();
         (built.epoch == slot.epoch.load(Ordering::Acquire)
-            && built.full_read_at.elapsed() < self.revalidate
-            && age < self.lifetime / 2)
+            && age < self.lifetime / 2
+            && (!read_recently || built.full_read_at.elapsed() < self.revalidate))
             .then_some(built.token)
     }
 
@@ -251,7 +278,27 @@ impl StatusLists {
     }
 }
 
-/// Follows the hub's status-list announcements for as long as `lists` lives.
+/// The notifier of whatever changes credential status on this replica: the hub announces
+/// events and list changes to the other replicas, and this replica's lists are marked changed
+/// at once, so that a request that changed a status answers only when this replica serves the
+/// change.
+pub struct Announcer {
+    pub hub: Arc<EventHub>,
+    pub lists: Arc<StatusLists>,
+}
+
+impl EventNotifier for Announcer {
+    fn notify(&self, tenant: TenantId, issuance: IssuanceId) {
+        self.hub.notify(tenant, issuance);
+    }
+
+    fn status_lists_changed(&self, lists: &[Uuid]) {
+        self.lists.changed(lists);
+        self.hub.status_lists_changed(lists);
+    }
+}
+
+/// Follows the other replicas' status-list announcements for as long as `lists` lives.
 async fn follow(hub: Arc<EventHub>, lists: Weak<StatusLists>) {
     let mut changes = hub.subscribe_status_lists();
     drop(hub);

@@ -70,7 +70,7 @@ impl EventHub {
         self.local.subscribe()
     }
 
-    /// Status lists whose entries changed, announced on any replica.
+    /// Status lists whose entries changed, announced by other replicas.
     pub fn subscribe_status_lists(&self) -> broadcast::Receiver<Uuid> {
         self.lists.subscribe()
     }
@@ -95,9 +95,11 @@ impl EventNotifier for EventHub {
         self.publish(format!("{tenant}|{issuance}"));
     }
 
+    /// Tells the other replicas; this replica's own subscribers are not told here (they hear
+    /// other replicas' announcements only): whoever serves status lists here is told by the
+    /// caller at once, before its request answers.
     fn status_lists_changed(&self, lists: &[Uuid]) {
         for list in lists {
-            let _ = self.lists.send(*list);
             self.publish(format!("{LIST_PREFIX}{list}"));
         }
     }
