@@ -9,6 +9,7 @@
 //!   It does IO only through the domain's ports (`Store`, `Clock`, `EventNotifier`), never
 //!   through a driver.
 
+pub mod dpop;
 pub mod metadata;
 pub mod proof;
 pub mod sdjwt;

@@ -190,7 +190,7 @@ pub fn validate_proof(
         return Err(invalid("unsupported crit header"));
     }
 
-    let alg = proof_alg(&header, policy)?;
+    let alg = signing_alg(&header, &policy.allowed_algs)?;
     let jwk = header_key(&header)?;
     let holder_jwk = public_jwk_for(&jwk, alg)?;
 
@@ -232,7 +232,7 @@ pub fn validate_proof(
     })
 }
 
-fn decode_header(jwt: &str) -> Result<Map<String, Value>, ProofError> {
+pub(crate) fn decode_header(jwt: &str) -> Result<Map<String, Value>, ProofError> {
     let mut parts = jwt.split('.');
     let (Some(header), Some(_payload), Some(_signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -248,7 +248,12 @@ fn decode_header(jwt: &str) -> Result<Map<String, Value>, ProofError> {
     }
 }
 
-fn proof_alg(header: &Map<String, Value>, policy: &ProofPolicy) -> Result<Algorithm, ProofError> {
+/// The header's `alg`, when it is one we can tie to a key type (ES256, ES384, EdDSA) and
+/// `allowed` lists it; `none` and MAC algorithms never pass.
+pub(crate) fn signing_alg(
+    header: &Map<String, Value>,
+    allowed: &[Algorithm],
+) -> Result<Algorithm, ProofError> {
     let Some(name) = header.get("alg").and_then(Value::as_str) else {
         return Err(invalid("alg missing"));
     };
@@ -261,7 +266,7 @@ fn proof_alg(header: &Map<String, Value>, policy: &ProofPolicy) -> Result<Algori
         return Err(invalid("symmetric alg is not allowed"));
     }
     if !matches!(alg, Algorithm::ES256 | Algorithm::ES384 | Algorithm::EdDSA)
-        || !policy.allowed_algs.contains(&alg)
+        || !allowed.contains(&alg)
     {
         return Err(invalid("alg not allowed"));
     }
@@ -308,7 +313,10 @@ fn resolve_did_jwk(kid: &str) -> Result<Map<String, Value>, ProofError> {
 }
 
 /// Checks the key fits `alg` and returns its public members only.
-fn public_jwk_for(jwk: &Map<String, Value>, alg: Algorithm) -> Result<Value, ProofError> {
+pub(crate) fn public_jwk_for(
+    jwk: &Map<String, Value>,
+    alg: Algorithm,
+) -> Result<Value, ProofError> {
     if PRIVATE_JWK_MEMBERS.iter().any(|m| jwk.contains_key(*m)) {
         return Err(invalid("header key contains private key material"));
     }
@@ -359,7 +367,7 @@ fn alg_name(alg: Algorithm) -> &'static str {
         Algorithm::ES256 => "ES256",
         Algorithm::ES384 => "ES384",
         Algorithm::EdDSA => "EdDSA",
-        // Unreachable after `proof_alg`; a name no JWK uses keeps the comparison failing closed.
+        // Unreachable after `signing_alg`; a name no JWK uses keeps the comparison failing closed.
         _ => "",
     }
 }
@@ -404,7 +412,7 @@ fn check_times(
 }
 
 /// RFC 7519 NumericDate: seconds since the epoch, possibly fractional.
-fn numeric_date(value: &Value) -> Option<DateTime<Utc>> {
+pub(crate) fn numeric_date(value: &Value) -> Option<DateTime<Utc>> {
     if let Some(secs) = value.as_i64() {
         return DateTime::from_timestamp(secs, 0);
     }
@@ -426,7 +434,7 @@ fn check_issuer(claims: &Map<String, Value>, required: Option<&str>) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use aws_lc_rs::{
         rand::SystemRandom,
@@ -442,17 +450,17 @@ mod tests {
 
     /// A wallet key, signing with aws-lc-rs directly so proofs with any header we like (including
     /// malformed ones jsonwebtoken would refuse to build) can be made.
-    enum WalletKey {
+    pub(crate) enum WalletKey {
         Ec(EcdsaKeyPair, &'static str, usize),
         Ed(Ed25519KeyPair),
     }
 
     impl WalletKey {
-        fn p256() -> Self {
+        pub(crate) fn p256() -> Self {
             Self::ec(&ECDSA_P256_SHA256_FIXED_SIGNING, "P-256", 32)
         }
 
-        fn p384() -> Self {
+        pub(crate) fn p384() -> Self {
             Self::ec(&ECDSA_P384_SHA384_FIXED_SIGNING, "P-384", 48)
         }
 
@@ -469,12 +477,12 @@ mod tests {
             )
         }
 
-        fn ed25519() -> Self {
+        pub(crate) fn ed25519() -> Self {
             let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
             Self::Ed(Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap())
         }
 
-        fn alg(&self) -> &'static str {
+        pub(crate) fn alg(&self) -> &'static str {
             match self {
                 Self::Ec(_, "P-256", _) => "ES256",
                 Self::Ec(..) => "ES384",
@@ -482,7 +490,7 @@ mod tests {
             }
         }
 
-        fn jwk(&self) -> Value {
+        pub(crate) fn jwk(&self) -> Value {
             match self {
                 Self::Ec(pair, crv, len) => {
                     let point = pair.public_key().as_ref();
@@ -499,7 +507,7 @@ mod tests {
             }
         }
 
-        fn sign(&self, header: &Value, claims: &Value) -> String {
+        pub(crate) fn sign(&self, header: &Value, claims: &Value) -> String {
             let input = format!(
                 "{}.{}",
                 URL_SAFE_NO_PAD.encode(header.to_string()),
