@@ -1,5 +1,5 @@
 //! Coordination between replicas, on Redis or in-process. `events`: fan-out of "new events"
-//! announcements. `ratelimit`: request budgets. Idempotency locks: `RedisLock` for replicas
+//! announcements. `ratelimit`: request budgets. `replay`: single-use values (DPoP `jti`s). Idempotency locks: `RedisLock` for replicas
 //! sharing a Redis (`SET NX PX`, released by a compare-and-delete script) and `InProcessLock`
 //! for the embedded default. Both only spare
 //! duplicate work; the store's unique constraint is what makes creates idempotent, so every
@@ -8,6 +8,7 @@
 
 pub mod events;
 pub mod ratelimit;
+pub mod replay;
 
 use std::{
     collections::HashMap,

@@ -262,6 +262,16 @@ pub trait IdempotencyLock: Send + Sync + 'static {
     }
 }
 
+/// Remembers single-use values (the `jti` of DPoP proofs) across replicas until they expire,
+/// so that a captured proof cannot be replayed on any replica within its acceptance window.
+#[async_trait]
+pub trait ReplayCache: Send + Sync + 'static {
+    /// Records `key` until `until`; `false` when it is already recorded (a replay). An error
+    /// means the cache cannot answer; callers then refuse the value rather than accept a
+    /// possible replay.
+    async fn first_use(&self, key: &str, until: DateTime<Utc>) -> Result<bool, LockError>;
+}
+
 /// Encrypts secrets that must be shown again later (the pre-authorized code in a repeatedly
 /// fetched offer) so the database alone never reveals them.
 pub trait CodeSealer: Send + Sync + 'static {
