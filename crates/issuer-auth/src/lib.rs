@@ -14,4 +14,4 @@ pub use keys::SigningKey;
 pub use secrets::{
     AesSealer, SecretHasher, ServerSecret, generate_client_id, generate_client_secret,
 };
-pub use tokens::{IssuedToken, TokenError, TokenService};
+pub use tokens::{IssuedToken, TokenError, TokenService, WalletGrant};

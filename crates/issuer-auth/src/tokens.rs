@@ -250,14 +250,33 @@ struct WalletClaims {
     jti: String,
     tenant_id: String,
     issuance_id: String,
+    /// RFC 9449 §6: the thumbprint of the key the token is bound to (`{"jkt": ...}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cnf: Option<Confirmation>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Confirmation {
+    jkt: String,
+}
+
+/// What a verified wallet token grants: one issuance, and the key it is bound to, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletGrant {
+    pub tenant: TenantId,
+    pub issuance: IssuanceId,
+    /// The JWK thumbprint of the DPoP key the token is bound to; `None` for a bearer token.
+    pub jkt: Option<String>,
 }
 
 impl TokenService {
-    /// An access token for the wallet redeeming `issuance`'s pre-authorized code.
+    /// An access token for the wallet redeeming `issuance`'s pre-authorized code, bound to the
+    /// DPoP key with thumbprint `jkt` when given (RFC 9449 `cnf.jkt`).
     pub fn issue_wallet(
         &self,
         tenant: TenantId,
         issuance: IssuanceId,
+        jkt: Option<&str>,
         now: DateTime<Utc>,
     ) -> IssuedToken {
         let claims = WalletClaims {
@@ -270,6 +289,9 @@ impl TokenService {
             jti: Uuid::new_v4().to_string(),
             tenant_id: tenant.to_string(),
             issuance_id: issuance.to_string(),
+            cnf: jkt.map(|jkt| Confirmation {
+                jkt: jkt.to_owned(),
+            }),
         };
         IssuedToken {
             access_token: self.sign(&claims),
@@ -279,14 +301,18 @@ impl TokenService {
     }
 
     /// Verifies a wallet token like `verify` does a management token, with the credential
-    /// issuer as audience; returns the issuance it is bound to.
-    pub fn verify_wallet(&self, token: &str) -> Result<(TenantId, IssuanceId), TokenError> {
+    /// issuer as audience; returns the issuance it is bound to and its key binding.
+    pub fn verify_wallet(&self, token: &str) -> Result<WalletGrant, TokenError> {
         let key = self.header_key(token)?;
         let data = jsonwebtoken::decode::<WalletClaims>(token, key, &self.validation(&self.issuer))
             .map_err(describe)?;
         let c = data.claims;
         match (c.tenant_id.parse(), c.issuance_id.parse()) {
-            (Ok(t), Ok(i)) => Ok((t, i)),
+            (Ok(tenant), Ok(issuance)) => Ok(WalletGrant {
+                tenant,
+                issuance,
+                jkt: c.cnf.map(|c| c.jkt),
+            }),
             _ => Err(TokenError("the access token is invalid".into())),
         }
     }
@@ -342,6 +368,34 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn wallet_tokens_carry_their_key_binding() {
+        let key = SigningKey::generate();
+        let s = service(&key);
+        let (tenant, issuance) = (TenantId::new(), IssuanceId::new());
+        let bearer = s.issue_wallet(tenant, issuance, None, Utc::now());
+        let grant = s.verify_wallet(&bearer.access_token).unwrap();
+        assert_eq!(
+            (grant.tenant, grant.issuance, grant.jkt),
+            (tenant, issuance, None)
+        );
+        let bound = s.issue_wallet(tenant, issuance, Some("thumb"), Utc::now());
+        let grant = s.verify_wallet(&bound.access_token).unwrap();
+        assert_eq!(grant.jkt.as_deref(), Some("thumb"));
+        use base64::Engine;
+        let payload = bound.access_token.split('.').nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["cnf"], serde_json::json!({"jkt": "thumb"}));
+        // A management token is no wallet token.
+        let management = s.issue(tenant, "c", &[], Utc::now());
+        assert!(s.verify_wallet(&management.access_token).is_err());
     }
 
     #[test]

@@ -225,7 +225,7 @@ impl WalletService {
         else {
             return Err(invalid_grant());
         };
-        let token = self.tokens.issue_wallet(tenant, id, now);
+        let token = self.tokens.issue_wallet(tenant, id, None, now);
         tracing::info!(tenant_id = %tenant, issuance_id = %id, "wallet token issued");
         Ok(WalletToken {
             access_token: token.access_token,
@@ -273,6 +273,7 @@ impl WalletService {
     fn wallet(&self, access_token: &str) -> Result<(TenantId, IssuanceId), WalletError> {
         self.tokens
             .verify_wallet(access_token)
+            .map(|grant| (grant.tenant, grant.issuance))
             .map_err(|e| WalletError::refused(OAuthCode::InvalidToken, e.0))
     }
 
