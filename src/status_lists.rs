@@ -174,8 +174,15 @@ impl StatusLists {
 
     /// After the hub lost its subscription for a while, nothing cached is trusted.
     fn catch_up(&self) {
+        // Every request looks; only a request that sees a new generation writes.
         let now = self.hub.generation();
-        if self.generation.swap(now, Ordering::AcqRel) != now {
+        let seen = self.generation.load(Ordering::Acquire);
+        if seen != now
+            && self
+                .generation
+                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             self.all_changed();
         }
     }

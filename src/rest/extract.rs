@@ -63,11 +63,7 @@ impl FromRequest<AppState> for JsonBody {
             })
             .unwrap_or(false);
         if !is_json {
-            return Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "send the body as Content-Type: application/json",
-            )
-            .into());
+            return Err(not_json().into());
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -104,11 +100,15 @@ impl FromRequest<AppState> for OptionalJsonBody {
         if bytes.is_empty() {
             Ok(Self(None))
         } else {
-            Err(Error::new(
-                ErrorCode::UnsupportedMediaType,
-                "send the body as Content-Type: application/json",
-            )
-            .into())
+            Err(not_json().into())
         }
     }
+}
+
+/// A body that is not sent as JSON.
+fn not_json() -> Error {
+    Error::new(
+        ErrorCode::UnsupportedMediaType,
+        "send the body as Content-Type: application/json",
+    )
 }
